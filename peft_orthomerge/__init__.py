@@ -1,0 +1,55 @@
+"""peft-orthomerge: merge OFT adapters, LoRA adapters and full fine-tunes on the orthogonal group.
+
+Public API (imported lazily so that ``import peft_orthomerge`` and the CLI start fast):
+
+- `merge_oft_adapters`, `merge_oft_checkpoints`: OFT adapters merged in so(b).
+- `merge_lora_adapters`, `merge_models`: orthogonal-residual decoupling of LoRA adapters / full fine-tunes.
+- `push_to_hub`: upload a finished output directory.
+- `MergeReport`, `OrthoMergeError` and its subclasses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    ConfigError,
+    IncompatibleInputsError,
+    InputError,
+    NumericalError,
+    OrthoMergeError,
+    OutputError,
+    UnsafeInputError,
+)
+from .report import MergeReport, ModuleStats
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "merge_oft_adapters": "peft_orthomerge.oft.api",
+    "merge_oft_checkpoints": "peft_orthomerge.oft.api",
+    "merge_lora_adapters": "peft_orthomerge.decouple.api",
+    "merge_models": "peft_orthomerge.decouple.api",
+    "push_to_hub": "peft_orthomerge.hub",
+}
+
+__all__ = [
+    "ConfigError",
+    "IncompatibleInputsError",
+    "InputError",
+    "MergeReport",
+    "ModuleStats",
+    "NumericalError",
+    "OrthoMergeError",
+    "OutputError",
+    "UnsafeInputError",
+    "__version__",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peft_orthomerge' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""I/O: reading adapters and checkpoints lazily, writing outputs atomically. Knows nothing of merging."""

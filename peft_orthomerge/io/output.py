@@ -1,0 +1,198 @@
+"""Atomic output directories and sharded safetensors writing.
+
+Every output is built in a hidden temporary sibling of the target and renamed into place only
+when complete, so an error, a full disk or Ctrl-C never leaves a half-written output, and an
+input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import OrthoMergeError, OutputError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
+    """Validate ``output_dir`` before any work starts; return it resolved.
+
+    Refused: an output equal to, inside, or containing an input; an existing non-empty directory
+    (unless ``overwrite``); an existing file; a parent that cannot be written.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    for inp in inputs:
+        src = Path(inp).expanduser()
+        if not src.exists():
+            continue  # Hub ids live in the cache, never under the output
+        src = src.resolve()
+        if out == src or src in out.parents:
+            raise OutputError("output directory is an input or lies inside one", path=out, hint=f"Input: {src}")
+        if out in src.parents:
+            raise OutputError("output directory contains an input", path=out, hint=f"Input: {src}")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError("output path exists and is not a directory", path=out)
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError("output directory exists and is not empty", path=out, hint="Pass overwrite=True (CLI: --overwrite) or choose another path.")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write to the parent directory", path=parent)
+    return out
+
+
+@contextmanager
+def atomic_output_dir(
+    output_dir: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces ``output_dir`` atomically.
+
+    On any exception (including ``KeyboardInterrupt``) the temporary directory is removed and
+    ``output_dir`` is left as it was. ``OSError`` from the writer becomes `OutputError`.
+    """
+    out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OrthoMergeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing the output failed ({exc}); nothing was written", path=out) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tensor_nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes``, then an index.
+
+    Tensors are buffered until a shard is full, then written and released, so memory stays
+    bounded by one shard. File names follow transformers: ``model.safetensors`` when one shard
+    suffices, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+    ``shard_tag`` (e.g. ``"rank0"``) lets several processes write into one directory; their
+    shards are renamed and indexed together by `finalize_shards`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        prefix: str = "model",
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        shard_tag: str = "part",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.shard_tag = shard_tag
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []
+        self._names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise OutputError("tensor written twice", path=self.directory, tensor=name)
+        self._names.add(name)
+        size = _tensor_nbytes(tensor)
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self._buffer[name] = tensor.detach().to("cpu").contiguous()
+        self._buffer_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        file = f"{self.prefix}.{self.shard_tag}{len(self._written):05d}.safetensors"
+        save_file(self._buffer, str(self.directory / file), metadata=self.metadata)
+        self._written.append((file, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def close(self) -> list[tuple[str, list[str]]]:
+        """Flush; return ``[(temporary file name, tensor names)]`` for `finalize_shards`."""
+        self.flush()
+        return self._written
+
+
+def finalize_shards(
+    directory: str | os.PathLike, parts: list[tuple[str, list[str]]], *, prefix: str = "model", total_bytes: int | None = None
+) -> None:
+    """Rename temporary shards to transformers' names and write the index when there are several."""
+    directory = Path(directory)
+    n = len(parts)
+    if n == 0:
+        raise OutputError("no tensors were written", path=directory)
+    if n == 1:
+        (directory / parts[0][0]).rename(directory / f"{prefix}.safetensors")
+        return
+    weight_map: dict[str, str] = {}
+    for i, (file, names) in enumerate(parts, start=1):
+        final = f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
+        (directory / file).rename(directory / final)
+        weight_map.update({name: final for name in names})
+    if total_bytes is None:
+        total_bytes = sum((directory / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# Files copied from a base model directory into a folded / merged full-model output.
+BASE_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+def copy_base_side_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy config and tokenizer files (never weights, never code) from the base; return names copied."""
+    copied = []
+    for name in BASE_SIDE_FILES:
+        src = Path(base_dir) / name
+        if src.is_file():
+            shutil.copy2(src, Path(out_dir) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,52 @@
+"""Resolve a user reference (local path or Hugging Face Hub repo id) to a local directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    """True for strings shaped like ``org/name`` that contain no path traversal."""
+    return bool(_REPO_ID.match(ref)) and ".." not in ref.split("/")
+
+
+def resolve_source(
+    ref: str | os.PathLike,
+    *,
+    allow_patterns: Sequence[str] | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Return a local directory holding ``ref``.
+
+    A path that exists locally wins. Otherwise a string shaped like ``org/name`` is fetched with
+    `huggingface_hub.snapshot_download` (which serves from the local cache, and only from it when
+    ``HF_HUB_OFFLINE=1``), restricted to ``allow_patterns``. Anything else is an `InputError`.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError("expected a directory, found a file", path=path)
+        return path.resolve()
+    text = str(ref)
+    if not looks_like_repo_id(text):
+        raise InputError("no such directory, and not a Hugging Face Hub repo id", path=text)
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id=text, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None
+        )
+    except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
+        raise InputError(
+            f"not a local directory, and the Hub repo could not be fetched ({type(exc).__name__})",
+            path=text,
+            hint="Check the repo id, your network or HF_HUB_OFFLINE, and your access token.",
+        ) from exc
+    return Path(local)

@@ -1,4 +1,12 @@
-"""Model cards (``README.md`` with Hub metadata) for every output the library writes."""
+"""Model cards (``README.md`` with Hub metadata) for every output the library writes.
+
+The front matter follows the Hub's model card metadata: ``library_name`` (``peft`` for adapters,
+``transformers`` for full models), ``base_model`` (only when it is a Hub repo id; local paths are
+named in the text instead, since the Hub rejects them), ``base_model_relation`` and
+``tags: [merge, orthomerge, ...]``. The body lists inputs and weights, the method and its
+parameters, the library version and a per-module table capped at `MAX_TABLE_ROWS` rows (the full
+statistics are in ``orthomerge_report.json``).
+"""
 
 from __future__ import annotations
 
@@ -6,50 +14,110 @@ from pathlib import Path
 
 import yaml
 
-from .report import MergeReport
+from .io.resolve import looks_like_repo_id
+from .report import REPORT_FILE, MergeReport
 
 PAPER = "Orthogonal Model Merging (Yang, Shi, Liu, ICML 2026)"
+MAX_TABLE_ROWS = 24
+TITLES = {"oft": "Merged OFT adapter", "lora": "Merged LoRA adapters", "full": "Merged model"}
+
+
+def _is_hub_id(ref: str | None) -> bool:
+    return bool(ref) and looks_like_repo_id(ref) and not Path(ref).expanduser().exists()
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_model_card(report: MergeReport, *, base_model: str | None = None, library_name: str | None = None) -> str:
-    """Return a model card: YAML front matter for the Hub, then inputs, method and a module table."""
+    """Return a model card: YAML front matter for the Hub, then inputs, method, usage and a module table.
+
+    ``library_name="peft"`` marks an adapter (the card shows how to load it with `PeftModel`);
+    anything else is a full model loadable with transformers.
+    """
     from . import __version__
 
-    meta: dict = {"tags": ["merge", "orthomerge", "peft-orthomerge"]}
-    if library_name:
-        meta["library_name"] = library_name
-    if base_model:
+    is_adapter = library_name == "peft"
+    meta: dict = {"library_name": library_name or "transformers"}
+    if _is_hub_id(base_model):
         meta["base_model"] = base_model
+        meta["base_model_relation"] = "adapter" if is_adapter else "merge"
+    meta["tags"] = ["merge", "orthomerge", "peft-orthomerge", report.kind]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
-    title = {"oft": "Merged OFT adapter", "lora": "Merged LoRA adapters", "full": "Merged model"}.get(report.kind, "Merged model")
-    lines += [f"# {title}", "", f"Produced by peft-orthomerge {__version__} with method `{report.method}` ({PAPER}).", ""]
+    title = TITLES.get(report.kind, "Merged model")
+    lines += [
+        f"# {title}",
+        "",
+        f"Merged with peft-orthomerge {__version__}, method `{report.method}`, "
+        f"following {PAPER}.",
+        "",
+    ]
     if base_model:
         lines += [f"Base model: `{base_model}`", ""]
-    lines += ["## Inputs", "", "| input | weight |", "|---|---|"]
-    lines += [f"| `{ref}` | {w:.4f} |" for ref, w in zip(report.inputs, report.weights)]
-    lines += ["", "## Method", "", f"- method: `{report.method}`"]
-    lines += [f"- {k}: `{v}`" for k, v in report.params.items()]
+    lines += ["## Inputs", "", "| # | input | weight |", "|---|---|---|"]
+    lines += [f"| {i} | `{_cell(ref)}` | {w:.4f} |" for i, (ref, w) in enumerate(zip(report.inputs, report.weights))]
+    lines += ["", "Weights are normalised to sum to 1.", "", "## Method", "", f"- method: `{report.method}`"]
+    lines += [f"- {k}: `{_cell(v)}`" for k, v in report.params.items()]
+    lines.append(f"- peft-orthomerge version: `{__version__}`")
     stats = report.summary_stats()
     if "c_mean" in stats:
-        lines += [
+        lines.append(
             f"- magnitude factor c over {int(stats['modules'])} modules: mean {stats['c_mean']:.4f}, "
             f"min {stats['c_min']:.4f}, max {stats['c_max']:.4f}"
+        )
+    if "orthogonality_error_max" in stats:
+        lines.append(f"- largest orthogonality error of a merged rotation: {stats['orthogonality_error_max']:.2e}")
+    lines += ["", "## Usage", "", "```python"]
+    load_base = base_model or "BASE_MODEL"
+    if is_adapter:
+        lines += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{load_base}")',
+            'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_ADAPTER")',
         ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_OF_THIS_MODEL")',
+        ]
+    lines += ["```", ""]
     if report.modules:
-        lines += ["", "## Per-module summary", "", "| module | c | mean input norm | merged norm | orthogonality error |", "|---|---|---|---|---|"]
-        for m in report.modules:
-            mean_in = sum(m.input_norms) / len(m.input_norms) if m.input_norms else float("nan")
-            c = "-" if m.magnitude_factor is None else f"{m.magnitude_factor:.4f}"
-            err = "-" if m.orthogonality_error is None else f"{m.orthogonality_error:.2e}"
-            lines.append(f"| `{m.name}` | {c} | {mean_in:.4g} | {m.merged_norm:.4g} | {err} |")
+        lines += _module_table(report)
     if report.passthrough:
-        lines += ["", "Tensors merged by weighted mean: " + ", ".join(f"`{n}`" for n in report.passthrough)]
+        shown = report.passthrough[:MAX_TABLE_ROWS]
+        more = len(report.passthrough) - len(shown)
+        lines += ["", "Tensors merged by weighted mean: " + ", ".join(f"`{n}`" for n in shown) + (f" and {more} more" if more else "")]
     if report.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
-    return "\n".join(lines) + "\n"
+        lines += ["", "## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _module_table(report: MergeReport) -> list[str]:
+    modules = report.modules
+    lines = [
+        "## Per-module summary",
+        "",
+        "| module | c | mean input norm | merged norm | orthogonality error |",
+        "|---|---|---|---|---|",
+    ]
+    half = MAX_TABLE_ROWS // 2
+    shown = modules if len(modules) <= MAX_TABLE_ROWS else modules[:half] + modules[-half:]
+    for i, m in enumerate(shown):
+        if len(modules) > MAX_TABLE_ROWS and i == half:
+            lines.append(f"| ... {len(modules) - MAX_TABLE_ROWS} more modules (see `{REPORT_FILE}`) | | | | |")
+        mean_in = sum(m.input_norms) / len(m.input_norms) if m.input_norms else float("nan")
+        c = "-" if m.magnitude_factor is None else f"{m.magnitude_factor:.4f}"
+        err = "-" if m.orthogonality_error is None else f"{m.orthogonality_error:.2e}"
+        lines.append(f"| `{_cell(m.name)}` | {c} | {mean_in:.4g} | {m.merged_norm:.4g} | {err} |")
+    return lines
 
 
 def write_model_card(directory: str | Path, report: MergeReport, **kwargs) -> Path:
+    """Write ``README.md`` into ``directory``; keyword arguments as in `render_model_card`."""
     path = Path(directory) / "README.md"
     path.write_text(render_model_card(report, **kwargs))
     return path

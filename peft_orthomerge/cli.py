@@ -1,13 +1,130 @@
-"""Command line interface: ``peft-orthomerge`` (also ``python -m peft_orthomerge``)."""
+"""Command line interface: ``peft-orthomerge`` (also ``python -m peft_orthomerge``).
+
+Commands: ``merge RECIPE.yaml``, ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``demo``.
+Every error exits with code 2 and one line on stderr (``error: ...``); ``--debug`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
+from .errors import ConfigError, OrthoMergeError
 
-@click.group()
-def main() -> None:
+_DEBUG = False
+
+
+class _Group(click.Group):
+    """A click group whose errors are one line on stderr and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        global _DEBUG
+        argv = list(sys.argv[1:] if args is None else args)
+        _DEBUG = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
+        try:
+            super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(f"{exc.format_message()}{hint}")
+        except click.Abort:
+            _fail("aborted", code=130)
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except OrthoMergeError as exc:
+            if _DEBUG:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            if _DEBUG:
+                raise
+            _fail("interrupted; nothing was written", code=130)
+        except Exception as exc:  # an unexpected bug: still one line, traceback with --debug
+            if _DEBUG:
+                raise
+            text = " ".join(str(exc).split())
+            _fail(f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)")
+        sys.exit(0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="peft-orthomerge", prog_name="peft-orthomerge")
+def main(debug: bool) -> None:
     """Merge OFT adapters, LoRA adapters and full fine-tunes on the orthogonal group."""
+
+
+@main.command()
+@click.argument("recipe", metavar="RECIPE.yaml")
+@click.option("--out", "out", metavar="DIR", help="Output directory (overrides output.path of the recipe).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where the math runs.")
+@click.option("--dry-run", is_flag=True, help="Validate the recipe, check inputs and output, print the plan; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the output path.")
+def merge(recipe: str, out: str | None, device: str, dry_run: bool, overwrite: bool, push_repo: str | None, private: bool, quiet: bool) -> None:
+    """Run the merge described by RECIPE.yaml."""
+    from .io.resolve import looks_like_repo_id
+    from .recipe import load_recipe, run_recipe
+
+    if private and not push_repo:
+        raise click.UsageError("--private only applies with --push-to-hub")
+    if push_repo and not looks_like_repo_id(push_repo):
+        raise ConfigError(f"invalid Hub repo id {push_repo!r} for --push-to-hub; expected 'namespace/name'")
+    parsed = load_recipe(recipe)
+    result = run_recipe(parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet)
+    if dry_run:
+        click.echo(f"dry run: {parsed.kind} merge of {len(parsed.inputs)} inputs -> {result.output_dir}")
+        click.echo(result.describe())
+        if push_repo:
+            click.echo(f"then push_to_hub({str(result.output_dir)!r}, {push_repo!r}, private={private})")
+        click.echo("nothing was written")
+        return
+    click.echo(result.output_path if quiet else str(result))
+    if push_repo:
+        from .hub import push_to_hub
+
+        url = push_to_hub(result.output_path, push_repo, private=private)
+        click.echo(f"pushed to {url}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, metavar="PATH_OR_ID...")
+@click.option("--base", metavar="PATH_OR_ID", help="Base model, for task vectors of full checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(sources: tuple[str, ...], base: str | None, as_json: bool) -> None:
+    """Describe adapters or checkpoints and, for several, how they relate."""
+    from .inspection import format_inspection, inspect_sources
+
+    result = inspect_sources(list(sources), base=base)
+    click.echo(json.dumps(result, indent=2, allow_nan=False) if as_json else format_inspection(result))
+
+
+@main.command()
+@click.argument("output_dir", metavar="OUTPUT_DIR")
+@click.option("--to", "to", metavar="DIR", help="Where to write report.json and plots [OUTPUT_DIR/diagnostics].")
+@click.option("--no-plots", is_flag=True, help="Only report.json (no matplotlib needed).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing diagnostics directory.")
+def report(output_dir: str, to: str | None, no_plots: bool, overwrite: bool) -> None:
+    """Diagnostics of a finished merge: report.json and PNG plots."""
+    from .diagnostics import run_diagnostics
+
+    written = run_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
+    for path in written:
+        click.echo(str(path))
 
 
 @main.command()

@@ -1,0 +1,383 @@
+"""``peft-orthomerge report OUTPUT_DIR``: diagnostics of a finished merge, as JSON and PNG plots.
+
+Read from ``orthomerge_report.json`` (always available):
+
+- magnitude factor ``c`` per layer and module type (OFT merges);
+- input norms against the merged norm per layer (root of the sum of squares over the layer's modules);
+- for decoupled merges, the norms of the orthogonal part, the residual and the full task vector
+  per module type (means over modules and inputs; from `ModuleStats.extra`).
+
+Computed when the inputs / base model recorded with the merge are reachable:
+
+- the task-by-task cosine matrix (`peft_orthomerge.inspection.relate`);
+- how far the merged weights moved from the base, per weight matrix: relative change of the
+  spectral norm ``(s1(W) - s1(W0)) / s1(W0)`` (exact up to 1024 rows/columns, else 100 power
+  iterations; at most `MAX_DRIFT_MATRICES` matrices, evenly spaced over the depth) and of the hyperspherical energy
+  ``HE(W) = sum_{i != j} 1 / ||w_i/|w_i| - w_j/|w_j|||`` over the rows (neurons, torch layout
+  ``(out, in)``; at most `HE_MAX_ROWS` rows, the same rows for ``W`` and ``W0``). Rotating the
+  input side (``W0 @ R^T`` with orthogonal ``R``) leaves both unchanged, so an exact-Cayley OFT
+  merge shows zero up to rounding, the Neumann series its truncation error.
+
+Plots need matplotlib (``pip install 'peft-orthomerge[plots]'``); the Agg backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, InputError, OrthoMergeError
+from .io.output import atomic_output_dir
+from .io.resolve import resolve_source
+from .io.tensors import TensorReader
+from .progress import progress
+from .report import REPORT_FILE, MergeReport, ModuleStats
+
+HE_MAX_ROWS = 512
+EXACT_SPECTRAL_MAX_DIM = 1024  # larger matrices: power iteration
+POWER_ITERATIONS = 100
+MAX_DRIFT_MATRICES = 256
+DIAGNOSTICS_DIR = "diagnostics"
+# `ModuleStats.extra` key prefixes of decoupled merges (peft_orthomerge.ops.decouple.DecoupleStats):
+# ``<prefix>_<i>`` for input i.
+DECOUPLED_KEYS = {"orthogonal part": "orth_part_norm", "residual": "residual_norm", "full task vector": "task_vector_norm"}
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_and_type(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.self_attn.q_proj(.weight)`` -> ``(3, "self_attn.q_proj")``; no index -> ``(None, name)``."""
+    name = name.removesuffix(".weight")
+    match = _LAYER.search(name)
+    if match is None:
+        return None, name
+    return int(match.group(1)), name[match.end() :]
+
+
+# -- statistics from the report -------------------------------------------------------------------
+def per_layer_stats(report: MergeReport) -> dict[str, Any]:
+    """c per (module type, layer), and per-layer input / merged norms (root of sums of squares)."""
+    c: dict[str, dict[int, float]] = defaultdict(dict)
+    n_inputs = len(report.inputs)
+    sq_in: dict[int, list[float]] = defaultdict(lambda: [0.0] * n_inputs)
+    sq_merged: dict[int, float] = defaultdict(float)
+    indexed = any(layer_and_type(m.name)[0] is not None for m in report.modules)
+    for i, m in enumerate(report.modules):
+        layer, mtype = layer_and_type(m.name)
+        if layer is None:
+            if indexed:
+                continue  # embeddings, lm_head, ...: not part of a layer (still in the report)
+            layer = i
+        if m.magnitude_factor is not None:
+            c[mtype][layer] = m.magnitude_factor
+        for k, v in enumerate(m.input_norms[:n_inputs]):
+            sq_in[layer][k] += v * v
+        sq_merged[layer] += m.merged_norm**2
+    layers = sorted(sq_merged)
+    return {
+        "axis": "layer" if indexed else "module index",
+        "layers": layers,
+        "magnitude_factor": {t: {str(k): v for k, v in sorted(d.items())} for t, d in sorted(c.items())},
+        "input_norms": [[math.sqrt(sq_in[layer][k]) for layer in layers] for k in range(n_inputs)],
+        "merged_norm": [math.sqrt(sq_merged[layer]) for layer in layers],
+    }
+
+
+def decoupled_stats(modules: list[ModuleStats]) -> dict[str, dict[str, float]]:
+    """Mean norm (over modules and inputs) of the orthogonal part ``||W0 P_i - W0||``, the residual
+    ``||rho_i||`` and the full task vector ``||W_i - W0||``, per module type."""
+    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for m in modules:
+        values = {label: [v for k, v in m.extra.items() if re.fullmatch(rf"{prefix}_\d+", k)] for label, prefix in DECOUPLED_KEYS.items()}
+        if not all(values.values()):
+            continue
+        _, mtype = layer_and_type(m.name)
+        for label, vs in values.items():
+            sums[mtype][label].extend(float(v) for v in vs)
+    return {t: {label: sum(v) / len(v) for label, v in d.items()} for t, d in sorted(sums.items())}
+
+
+# -- drift from the base --------------------------------------------------------------------------
+def hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+    """``sum_{i != j} 1 / ||w_i/|w_i| - w_j/|w_j|||`` over the rows ``rows`` (all if ``None``) of ``weight``."""
+    w = weight.reshape(weight.shape[0], -1).double()
+    if rows is not None:
+        w = w[rows]
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    dist = torch.cdist(w, w)
+    off = ~torch.eye(w.shape[0], dtype=torch.bool)
+    return float((1.0 / dist[off].clamp_min(1e-12)).sum())
+
+
+def spectral_norm(weight: torch.Tensor) -> float:
+    """Largest singular value: exact (SVD) up to `EXACT_SPECTRAL_MAX_DIM`, else power iteration.
+
+    The iteration runs on ``W W^T`` from a fixed start vector, so two weights that differ by a
+    rotation of the input side (``W0 @ R^T``) follow the same iterates and compare exactly.
+    """
+    w = weight.reshape(weight.shape[0], -1).double()
+    if min(w.shape) <= EXACT_SPECTRAL_MAX_DIM:
+        return float(torch.linalg.matrix_norm(w, ord=2))
+    w = w.float()
+    u = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+    for _ in range(POWER_ITERATIONS):
+        u = w @ (w.T @ u)
+        u = u / u.norm().clamp_min(1e-30)
+    return float((w.T @ u).norm())
+
+
+def drift(base: torch.Tensor, merged: torch.Tensor) -> dict[str, float]:
+    """Relative change of spectral norm and hyperspherical energy from ``base`` to ``merged``."""
+    w0 = base.reshape(base.shape[0], -1).double()
+    w = merged.reshape(merged.shape[0], -1).double()
+    s0 = spectral_norm(w0)
+    s1 = spectral_norm(w)
+    rows = None
+    if w0.shape[0] > HE_MAX_ROWS:
+        rows = torch.linspace(0, w0.shape[0] - 1, HE_MAX_ROWS).round().long()
+    he0 = hyperspherical_energy(w0, rows)
+    he1 = hyperspherical_energy(w, rows)
+    return {
+        "spectral_norm_base": s0,
+        "spectral_norm_rel_change": (s1 - s0) / s0 if s0 else 0.0,
+        "he_rel_change": (he1 - he0) / he0 if he0 else 0.0,
+        "relative_frobenius_change": float((w - w0).norm() / w0.norm()) if float(w0.norm()) else 0.0,
+    }
+
+
+def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
+    """Yield ``(tensor name, merged weight)`` for the merged 2-D weights of the output."""
+    if (output_dir / "adapter_config.json").is_file():
+        config = json.loads((output_dir / "adapter_config.json").read_text())
+        peft_type = str(config.get("peft_type", "")).upper()
+        if peft_type == "OFT":
+            from .oft.fold import fold_weight
+            from .oft.reader import read_adapter_dir
+            from .ops.skew import peft_rotation, vec_to_skew
+
+            adapter = read_adapter_dir(str(output_dir), output_dir)
+            for name, mod in adapter.modules.items():
+                key = f"{name}.weight"
+                if key in base:
+                    rotation = peft_rotation(vec_to_skew(adapter.canonical(name), mod.b), adapter.use_cayley_neumann, adapter.terms)
+                    yield key, lambda key=key, rotation=rotation, kind=mod.kind: fold_weight(base.get(key), rotation, kind, name=key)
+            return
+        if peft_type == "LORA":
+            from .decouple.lora_reader import read_adapter_dir as read_lora_dir
+
+            adapter = read_lora_dir(str(output_dir), output_dir)
+            fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+            for name in adapter.modules:
+                key = f"{name}.weight"
+                if key in base:
+                    yield key, lambda key=key, name=name: adapter.expert_weight(name, base.get(key).double(), fan_in_fan_out=fan_in_fan_out)
+            return
+        raise InputError(f"unsupported adapter type {config.get('peft_type')!r}", path=output_dir)
+    merged = TensorReader.from_dir(output_dir, "model")
+    for key in merged.keys():
+        if key in base and len(base.shape(key)) == 2 and base.shape(key) == merged.shape(key):
+            yield key, lambda key=key: merged.get(key)
+
+
+def drift_stats(output_dir: Path, report: MergeReport, base: TensorReader) -> list[dict[str, Any]]:
+    items = list(_merged_weights(output_dir, report, base))
+    if len(items) > MAX_DRIFT_MATRICES:  # evenly spaced sample over the depth
+        idx = torch.linspace(0, len(items) - 1, MAX_DRIFT_MATRICES).round().long().tolist()
+        items = [items[i] for i in sorted(set(idx))]
+    out = []
+    for key, load in progress(items, desc="drift from base", unit="matrix"):
+        layer, mtype = layer_and_type(key)
+        out.append({"name": key, "layer": layer, "type": mtype, **drift(base.get(key), load())})
+    return out
+
+
+# -- orchestration --------------------------------------------------------------------------------
+def _recorded_base(output_dir: Path, report: MergeReport) -> str | None:
+    for key in ("base_model", "fold_into", "base"):
+        if isinstance(report.params.get(key), str):
+            return report.params[key]
+    recipe = output_dir / "orthomerge_recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(recipe.read_text())
+            if isinstance(data, dict) and data.get("base_model"):
+                return str(data["base_model"])
+        except yaml.YAMLError:
+            pass
+    config = output_dir / "adapter_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("base_model_name_or_path") or None
+    return None
+
+
+def compute_diagnostics(output_dir: str | Path) -> dict[str, Any]:
+    """All diagnostics of a finished output as a JSON-able dict (nothing written)."""
+    output_dir = Path(output_dir).expanduser()
+    report_file = output_dir / REPORT_FILE
+    if not report_file.is_file():
+        raise InputError(f"no {REPORT_FILE}: not a finished peft-orthomerge output", path=output_dir)
+    try:
+        report = MergeReport.from_json(report_file)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"invalid merge report ({type(exc).__name__}: {exc})", path=report_file) from None
+    result: dict[str, Any] = {
+        "kind": report.kind,
+        "method": report.method,
+        "inputs": report.inputs,
+        "weights": report.weights,
+        "summary": report.summary_stats(),
+        "per_layer": per_layer_stats(report),
+        "decoupled": decoupled_stats(report.modules),
+        "notes": [],
+    }
+    base_ref = _recorded_base(output_dir, report)
+    base = None
+    if base_ref:
+        try:
+            base = TensorReader.from_dir(resolve_source(base_ref, allow_patterns=["*.json", "*.safetensors"]), "model")
+        except OrthoMergeError as exc:
+            result["notes"].append(f"base model not reachable, drift not computed: {exc}")
+    else:
+        result["notes"].append("no base model recorded, drift not computed")
+    if report.kind in ("oft", "lora") or base is not None:
+        from .inspection import inspect_sources
+
+        try:
+            rel = inspect_sources(list(report.inputs), base=base_ref if report.kind == "full" else None).get("relations")
+            if rel:
+                result["cosine"] = rel["cosine"]
+                result["conflicting_row_share"] = rel["conflicting_row_share"]
+        except OrthoMergeError as exc:
+            result["notes"].append(f"inputs not reachable, cosine matrix not computed: {exc}")
+    if base is not None:
+        result["drift"] = drift_stats(output_dir, report, base)
+    return result
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(
+            "plots need matplotlib, which is not installed",
+            hint="pip install 'peft-orthomerge[plots]', or run with --no-plots for report.json only.",
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_diagnostics(output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False) -> list[Path]:
+    """Write ``report.json`` and PNG plots (default: ``OUTPUT_DIR/diagnostics``, replaced on rerun)."""
+    plt = _require_matplotlib() if plots else None
+    output_dir = Path(output_dir).expanduser()
+    data = compute_diagnostics(output_dir)
+    target = Path(out).expanduser() if out else output_dir / DIAGNOSTICS_DIR
+    with atomic_output_dir(target, overwrite=overwrite or out is None) as tmp:
+        names = write_plots(plt, data, tmp) if plt is not None else []
+        data["plots"] = names
+        (tmp / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    target = target.resolve()
+    return [target / "report.json", *(target / n for n in names)]
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def _short(ref: str, width: int = 18) -> str:
+    name = Path(ref).name or ref
+    return name if len(name) <= width else name[: width - 1] + "~"
+
+
+def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
+    """Write the PNG plots whose data is present; return their file names."""
+    written: list[str] = []
+
+    from matplotlib.ticker import MaxNLocator
+
+    def save(fig: Any, name: str) -> None:
+        for ax in fig.axes:
+            if ax.get_xlabel() in ("layer", "module index"):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    per_layer = data["per_layer"]
+    xlabel = per_layer["axis"]
+    if per_layer["magnitude_factor"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for mtype, values in per_layer["magnitude_factor"].items():
+            xs = [int(k) for k in values]
+            ax.plot(xs, list(values.values()), marker="o", label=mtype)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(title="Magnitude factor c per layer", xlabel=xlabel, ylabel="c = sum w_i |Q_i| / |sum w_i Q_i|")
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
+        save(fig, "magnitude_factor.png")
+    if per_layer["layers"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for ref, norms in zip(data["inputs"], per_layer["input_norms"]):
+            ax.plot(per_layer["layers"], norms, marker=".", alpha=0.8, label=f"input {_short(ref)}")
+        ax.plot(per_layer["layers"], per_layer["merged_norm"], color="black", linewidth=2.2, marker="o", label="merged")
+        ax.set(title="Input norms vs merged norm per layer", xlabel=xlabel, ylabel="Frobenius norm (all modules of the layer)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "norms_per_layer.png")
+    if data.get("cosine"):
+        cos = data["cosine"]
+        n = len(cos)
+        labels = [f"[{i}] {_short(r)}" for i, r in enumerate(data["inputs"])]
+        fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.1 * n + 2))
+        im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{cos[i][j]:.2f}", ha="center", va="center", color="white" if abs(cos[i][j]) > 0.6 else "black")
+        ax.set_xticks(range(n), labels, rotation=30, ha="right")
+        ax.set_yticks(range(n), labels)
+        ax.set(title="Task-by-task cosine similarity", xlabel="task", ylabel="task")
+        fig.colorbar(im, ax=ax, label="cosine")
+        save(fig, "task_cosine.png")
+    if data.get("decoupled"):
+        types = list(data["decoupled"])
+        labels = list(DECOUPLED_KEYS)
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(types) + 2), 4))
+        width = 0.8 / len(labels)
+        for k, label in enumerate(labels):
+            xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(types))]
+            ax.bar(xs, [data["decoupled"][t][label] for t in types], width=width, label=label)
+        ax.set_xticks(range(len(types)), types, rotation=20, ha="right")
+        ax.set(title="Decoupled task vectors: orthogonal part vs residual", xlabel="module type", ylabel="mean Frobenius norm")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        save(fig, "decoupled_norms.png")
+    if data.get("drift"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        indexed = any(row["layer"] is not None for row in data["drift"])
+        for i, row in enumerate(data["drift"]):
+            if row["layer"] is None and indexed:
+                continue  # not part of a layer; listed in report.json
+            by_type[row["type"]].append({**row, "x": i if row["layer"] is None else row["layer"]})
+        for mtype, rows in by_type.items():
+            xs = [r["x"] for r in rows]
+            axes[0].plot(xs, [r["spectral_norm_rel_change"] for r in rows], marker="o", label=mtype)
+            axes[1].plot(xs, [r["he_rel_change"] for r in rows], marker="o", label=mtype)
+        axes[0].set(title="Spectral norm: change from base", xlabel="layer", ylabel="relative change (s1(W) - s1(W0)) / s1(W0)")
+        axes[1].set(title="Hyperspherical energy: change from base", xlabel="layer", ylabel="relative change of HE")
+        for ax in axes:
+            ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.grid(alpha=0.3)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        axes[0].legend(fontsize=8, ncol=2)
+        fig.suptitle("How far the merged weights moved from the base (orthogonal merges: 0 up to rounding)", fontsize=10)
+        save(fig, "drift_from_base.png")
+    return written

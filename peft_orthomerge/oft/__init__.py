@@ -1,0 +1,1 @@
+"""OFT adapters: reading PEFT checkpoints, the merge plan, adapter / folded-model writers, public API."""

@@ -1,0 +1,146 @@
+"""Public API for OFT adapters: `merge_oft_adapters` (in memory) and `merge_oft_checkpoints` (files).
+
+Both build the same `OftPlan` (validated before any work), merge each module's rotations in
+so(b) (see `peft_orthomerge.ops.so_merge`) and write an ordinary PEFT OFT adapter, or, with
+``fold_into``, the full folded model (``W0 @ blockdiag(R)^T`` per Linear weight, streamed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..io.output import atomic_output_dir, check_output_dir
+from ..io.resolve import resolve_source
+from ..io.tensors import TensorReader
+from ..report import MergeReport
+from .plan import build_plan
+from .reader import OftAdapter, read_adapter_dir, read_loaded_adapter
+from .writer import check_fold_targets, new_report, write_adapter, write_folded
+
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+Ref = str | os.PathLike
+
+
+def _refs(adapters: Ref | Sequence[Ref]) -> list[Ref]:
+    if isinstance(adapters, (str, os.PathLike)):
+        return [adapters]
+    refs = list(adapters)
+    if not refs:
+        raise ConfigError("no adapters to merge", hint="Pass at least one OFT adapter directory or Hub id.")
+    return refs
+
+
+def merge_oft_adapters(
+    model: Any,
+    adapters: Ref | Sequence[Ref],
+    weights: Sequence[float] | None = None,
+    *,
+    adapter_name: str = "merged",
+    method: str = "orthomerge",
+    granularity: str = "module",
+    cayley: str = "auto",
+    scale: float = 1.0,
+    device: str = "cpu",
+):
+    """Merge OFT adapters into a new adapter ``adapter_name`` of a `peft.PeftModel` and activate it.
+
+    Args:
+        model: a transformers model (the base), or a `PeftModel` already holding adapters.
+        adapters: adapter directories, Hub repo ids, or names of adapters loaded in ``model``.
+        weights: task weights (normalised to sum 1; default uniform).
+        adapter_name: name of the merged adapter (must be new).
+        method: ``"orthomerge"`` (magnitude-corrected so(b) merge), ``"mean_q"``, ``"product_r"``
+            (``"mean_r"`` and Euclidean methods give no rotation: use `merge_oft_checkpoints` with ``fold_into``).
+        granularity: ``"module"`` or ``"block"``: over what the magnitude correction takes norms.
+        cayley: ``"auto"`` (the inputs' common ``use_cayley_neumann``; exact Cayley if they differ),
+            ``"exact"`` or ``"neumann"``: the merged adapter's flag.
+        scale: multiplies the merged skew blocks.
+        device: where the so(b) arithmetic runs.
+
+    Returns:
+        The `PeftModel` (``model`` itself if it was one); ``.orthomerge_report`` holds the `MergeReport`.
+        PEFT's ``save_pretrained`` / ``push_to_hub`` / ``merge_and_unload`` work on it unchanged.
+    """
+    from peft import PeftModel
+
+    refs = _refs(adapters)
+    is_peft = isinstance(model, PeftModel)
+    loaded = set(model.peft_config) if is_peft else set()
+    if adapter_name in loaded:
+        raise ConfigError(f"adapter name {adapter_name!r} is already used in the model", hint="Pass another adapter_name.")
+    sources: list[OftAdapter] = []
+    for ref in refs:
+        if isinstance(ref, str) and ref in loaded:
+            sources.append(read_loaded_adapter(model, ref))
+        else:
+            sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
+    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export="memory", device=device)
+    report = new_report(plan, [str(r) for r in refs], None)
+    base = model.get_base_model() if is_peft else model
+    base_name = getattr(base, "name_or_path", None) or None
+    with tempfile.TemporaryDirectory(prefix="orthomerge-") as tmp:
+        write_adapter(plan, tmp, report, base_model=base_name)
+        if is_peft:
+            model.load_adapter(tmp, adapter_name=adapter_name)
+            model.set_adapter(adapter_name)
+            result = model
+        else:
+            result = PeftModel.from_pretrained(model, tmp, adapter_name=adapter_name)
+    result.orthomerge_report = report
+    return result
+
+
+def merge_oft_checkpoints(
+    adapters: Ref | Sequence[Ref],
+    output_dir: Ref,
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "orthomerge",
+    granularity: str = "module",
+    cayley: str = "auto",
+    scale: float = 1.0,
+    fold_into: Ref | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+) -> MergeReport:
+    """Merge OFT adapter files tensor by tensor, without building a model; write atomically.
+
+    Without ``fold_into``: a PEFT adapter directory (``adapter_config.json``,
+    ``adapter_model.safetensors``, ``README.md`` model card, ``orthomerge_report.json``).
+    With ``fold_into=<base model dir or Hub id>``: the full model with the merged rotation folded
+    in (safetensors shards, config and tokenizer files), loadable with
+    ``AutoModel*.from_pretrained``. Only folded export accepts ``method="mean_r"`` and the
+    Euclidean baselines of `peft_orthomerge.ops.registry` (e.g. ``"ta"``, ``"ties"``), which
+    merge the task vectors ``W_i - W0`` of the folded adapters.
+
+    Other arguments as in `merge_oft_adapters`; ``overwrite`` replaces a non-empty
+    ``output_dir``; ``allow_pickle`` lets ``adapter_model.bin`` / ``model.bin`` load with
+    ``torch.load(weights_only=True)``. Returns the `MergeReport`.
+    """
+    refs = _refs(adapters)
+    dirs = [resolve_source(r, allow_patterns=ADAPTER_PATTERNS) for r in refs]
+    sources = [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)]
+    base_dir = resolve_source(fold_into, allow_patterns=BASE_PATTERNS) if fold_into is not None else None
+    export = "folded" if base_dir is not None else "adapter"
+    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export=export, device=device)
+    inputs: list[Path] = [*dirs, *([base_dir] if base_dir is not None else [])]
+    out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
+    base = None
+    if base_dir is not None:
+        base = TensorReader.from_dir(base_dir, "model", allow_pickle=allow_pickle)
+        check_fold_targets(plan, base)
+    report = new_report(plan, [str(r) for r in refs], str(out))
+    with atomic_output_dir(out, inputs=inputs, overwrite=overwrite) as tmp:
+        if base is None:
+            write_adapter(plan, tmp, report)
+        else:
+            write_folded(plan, base, base_dir, tmp, report, base_ref=str(fold_into))
+    return report

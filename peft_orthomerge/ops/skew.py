@@ -1,0 +1,139 @@
+"""Skew-symmetric blocks, PEFT's vector layout, and the Cayley maps between so(b) and SO(b).
+
+Layout (PEFT >= 0.16): a module's OFT parameter is a tensor of shape ``(r, n)`` with
+``n = b(b-1)/2``; row ``k`` holds the strict upper triangle of block ``k`` in the order of
+``torch.triu_indices(b, b, 1)``, and the skew block is ``Q = U - U^T`` (no factor 1/2).
+
+**Canonical convention of this library.** Every skew block handled by the merge code is
+*canonical*: it describes the rotation
+
+    R = Cayley(Q) = (I + Q)(I - Q)^-1        (exactly orthogonal for skew Q)
+
+PEFT stores vectors in two opposite conventions, depending on ``use_cayley_neumann``:
+
+- ``True``: PEFT builds ``R = I + 2Q + 2Q^2 + ... + 2Q^(t-2) + Q^(t-1)``, a truncation of the
+  canonical Cayley map. The stored vector *is* canonical.
+- ``False``: PEFT builds ``R = (I - Q)(I + Q)^-1 = Cayley(-Q)``. The stored vector is the
+  *negated* canonical vector; `to_canonical` / `from_canonical` flip it on the way in and out.
+
+PEFT applies ``R`` to the input: per block ``x_blk -> x_blk @ R_k``, so a Linear weight ``W``
+of shape ``(out, in)`` becomes ``W @ blockdiag(R)^T``.
+
+All functions are batched over blocks (leading dimension ``r``) and compute in float64 (the
+rotation maps accept ``dtype=torch.float32`` where speed matters more than the last digits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError, NumericalError
+
+
+def block_size_from_n(n: int) -> int:
+    """Return ``b`` with ``n = b(b-1)/2``; `InputError` if ``n`` is not a triangular number."""
+    b = int(round((1 + math.sqrt(1 + 8 * n)) / 2))
+    if n < 1 or b * (b - 1) // 2 != n:
+        raise InputError(f"OFT vector length {n} is not b(b-1)/2 for any block size b")
+    return b
+
+
+def vec_to_skew(vec: torch.Tensor, b: int | None = None, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(r, n)`` vectors -> ``(r, b, b)`` skew blocks ``Q = U - U^T`` (float64 unless ``dtype``)."""
+    b = block_size_from_n(vec.shape[-1]) if b is None else b
+    rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
+    q = torch.zeros(vec.shape[0], b, b, dtype=dtype, device=vec.device)
+    q[:, rows, cols] = vec.to(dtype)
+    return q - q.transpose(-2, -1)
+
+
+def skew_to_vec(q: torch.Tensor) -> torch.Tensor:
+    """``(r, b, b)`` skew blocks -> ``(r, n)`` strict upper triangles (``triu_indices`` order)."""
+    b = q.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+    return q[:, rows, cols]
+
+
+def skew_norm(vec: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:
+    """Frobenius norm of the skew block(s) ``U - U^T`` given their vectors: ``sqrt(2) * ||vec||``."""
+    vec = vec.to(torch.float64)
+    return math.sqrt(2.0) * (torch.linalg.vector_norm(vec) if dim is None else torch.linalg.vector_norm(vec, dim=dim))
+
+
+def to_canonical(vec: torch.Tensor, use_cayley_neumann: bool) -> torch.Tensor:
+    """A stored PEFT vector -> canonical float64 vector (negated for the exact-Cayley flag)."""
+    vec = vec.to(torch.float64)
+    return vec if use_cayley_neumann else -vec
+
+
+def from_canonical(vec: torch.Tensor, use_cayley_neumann: bool) -> torch.Tensor:
+    """A canonical vector -> the vector PEFT must store under ``use_cayley_neumann``."""
+    return vec if use_cayley_neumann else -vec
+
+
+def neumann_rotation(q: torch.Tensor, terms: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """PEFT's Cayley-Neumann map (>= 0.18) of canonical blocks ``q``, term for term as PEFT computes it.
+
+    ``terms`` = ``num_cayley_neumann_terms`` = t: ``I`` (t = 1), ``I + 2Q`` (t = 2), and for
+    t >= 3 ``I + 2(Q + ... + Q^m) + Q^(m+1)`` with ``m = max(2, t - 2)``.
+    """
+    q = q.to(dtype)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    r = eye.clone()
+    if terms > 1:
+        r = r + 2.0 * q
+        if terms > 2:
+            power = q @ q
+            r = r + 2.0 * power
+            for _ in range(3, terms - 1):
+                power = power @ q
+                r = r + 2.0 * power
+            r = r + power @ q
+    return r
+
+
+def cayley(q: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Exact canonical Cayley map ``R = (I + Q)(I - Q)^-1`` (defined for every skew ``Q``)."""
+    q = q.to(dtype)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+def peft_rotation(
+    q: torch.Tensor, use_cayley_neumann: bool, terms: int = 5, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The rotation PEFT builds for canonical blocks ``q`` stored under the given flag (in ``dtype``)."""
+    return neumann_rotation(q, terms, dtype=dtype) if use_cayley_neumann else cayley(q, dtype=dtype)
+
+
+def inverse_cayley(r: torch.Tensor, *, tol: float = 1e-10) -> torch.Tensor:
+    """Canonical ``Q = (R - I)(R + I)^-1``; `NumericalError` where ``R`` has eigenvalue -1.
+
+    The result is skew-symmetrised (exactly skew for orthogonal ``R``; the projection only
+    removes rounding noise).
+    """
+    r = r.to(torch.float64)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    plus = r + eye
+    smallest = torch.linalg.svdvals(plus)[..., -1]
+    if bool((smallest <= tol).any()):
+        bad = int(torch.argmin(smallest))
+        raise NumericalError(
+            f"inverse Cayley map undefined: rotation block {bad} has an eigenvalue at -1 "
+            f"(smallest singular value of R + I: {float(smallest[bad]):.2e})",
+            hint="The rotations are too far apart (a half turn); merge in so(b) instead (method='orthomerge').",
+        )
+    q = torch.linalg.solve(plus, r - eye, left=False)
+    return 0.5 * (q - q.transpose(-2, -1))
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """``max_k ||R_k^T R_k - I||_F`` over the blocks of ``r`` (0.0 for an empty batch), in ``r``'s
+    floating dtype (float32 input: float32 rounding, as in PEFT's own float32 forward)."""
+    if r.shape[0] == 0:
+        return 0.0
+    r = r if r.dtype in (torch.float32, torch.float64) else r.to(torch.float64)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    return float(torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye).max())

@@ -1,0 +1,196 @@
+"""Merging the OFT rotations of one module across N tasks, in so(b) or on the rotations themselves.
+
+Inputs are the module's *canonical* skew blocks (see `peft_orthomerge.ops.skew`), one ``(r, n)``
+float64 vector tensor per task (row k = strict upper triangle of block k; ``||Q||_F =
+sqrt(2) ||vec||``), and normalised task weights ``w_i`` (sum 1). A task that does not target the
+module contributes a zero vector (identity rotation).
+
+Methods (registry `SO_METHODS`, name -> `SoMethod`):
+
+- ``"orthomerge"`` (paper Eq. 7-8, magnitude correction): ``S = sum_i w_i Q_i``,
+  ``Q = (sum_i w_i ||Q_i||_F) * S / ||S||_F``. Granularity ``"module"`` takes the norms over all
+  blocks of the module (the reference code), ``"block"`` per block. ``S = 0`` (all inputs zero, or
+  exact cancellation) gives ``Q = 0`` (identity), never NaN.
+- ``"mean_q"``: ``Q = sum_i w_i Q_i`` (plain mean in so(b); shrinks the rotation angle).
+- ``"mean_r"``: ``R = sum_i w_i Cayley(Q_i)``, the Euclidean mean of the rotations. Not orthogonal,
+  so it cannot be stored as an OFT adapter (folded export only).
+- ``"product_r"``: ``R = R_1 @ R_2 @ ... @ R_N`` with ``R_i = Cayley(N w_i Q_i)`` (uniform weights:
+  the plain product), i.e. applying the tasks one after the other to the input
+  (``x -> x @ R_1 @ R_2 ...``); back to so(b) by the inverse Cayley map.
+- ``"karcher"``: the weighted Karcher mean of the rotations ``Cayley(Q_i)`` on SO(b), per block,
+  back to so(b) by the inverse Cayley map.
+
+Rotation-space methods receive exact Cayley rotations of the canonical blocks, shape
+``(r, b, b)``, and return ``(r, b, b)``. A new one is added with one line, e.g.
+``SO_METHODS["name"] = SoMethod(fn, space="rotation", orthogonal=True)``.
+
+``scale`` multiplies the merged Q (for ``mean_r``, which has no Q, only ``scale=1`` is allowed).
+Statistics: input norms ``||Q_i||_F`` over the module; merged norm ``||Q||_F`` (``mean_r``:
+``||R - I||_F``); magnitude factor ``c`` for ``orthomerge`` (``None`` when ``S = 0``; with
+``"block"`` granularity the effective module-level ``||Q|| / ||S||``, block range in ``extra``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..errors import ConfigError
+from .skew import block_size_from_n, cayley, inverse_cayley, skew_norm, skew_to_vec, vec_to_skew
+
+Granularity = Literal["module", "block"]
+ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i|| counts as an exact cancellation
+
+
+@dataclass
+class SoMethod:
+    """A registered method. ``space="skew"``: ``fn(vecs, weights, granularity) -> (vec, stats)``;
+    ``space="rotation"``: ``fn(rotations, weights) -> rotation``. ``orthogonal``: the result is a
+    rotation and can be stored as an OFT adapter."""
+
+    fn: Callable
+    space: Literal["skew", "rotation"]
+    orthogonal: bool = True
+
+
+@dataclass
+class ModuleMerge:
+    """Result for one module: ``vec`` (merged canonical ``(r, n)``) or, for non-orthogonal
+    methods, ``rotation`` (``(r, b, b)``); plus statistics for `ModuleStats`."""
+
+    vec: torch.Tensor | None
+    rotation: torch.Tensor | None
+    input_norms: list[float]
+    merged_norm: float
+    magnitude_factor: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _weighted_sum(vecs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros_like(vecs[0])
+    for v, w in zip(vecs, weights):
+        if w:
+            total.add_(v, alpha=w)
+    return total
+
+
+def orthomerge(vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module"):
+    """Magnitude-corrected merge; returns ``(vec, stats)`` with ``c`` and (block) c range."""
+    s = _weighted_sum(vecs, weights)
+    if granularity == "module":
+        target = sum(w * float(skew_norm(v)) for v, w in zip(vecs, weights))
+        s_norm = float(skew_norm(s))
+        if s_norm <= ZERO_RTOL * target or s_norm == 0.0:
+            return torch.zeros_like(s), {"c": None}
+        return s * (target / s_norm), {"c": target / s_norm}
+    if granularity == "block":
+        target = sum(w * skew_norm(v, dim=-1) for v, w in zip(vecs, weights))  # (r,)
+        s_norm = skew_norm(s, dim=-1)
+        zero = (s_norm <= ZERO_RTOL * target) | (s_norm == 0)
+        c = torch.where(zero, torch.zeros_like(s_norm), target / torch.where(zero, torch.ones_like(s_norm), s_norm))
+        merged = s * c[:, None]
+        live = c[~zero]
+        stats: dict = {"c": None}
+        s_total = float(skew_norm(s))
+        if s_total > 0 and not bool(zero.all()):
+            stats["c"] = float(skew_norm(merged)) / s_total
+            stats["c_block_min"] = float(live.min())
+            stats["c_block_max"] = float(live.max())
+        return merged, stats
+    raise ConfigError(f"unknown granularity {granularity!r}; valid: 'module', 'block'")
+
+
+def mean_q(vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module"):
+    """Plain weighted mean in so(b)."""
+    return _weighted_sum(vecs, weights), {}
+
+
+def mean_r(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Euclidean weighted mean of the rotation blocks (not orthogonal in general)."""
+    return _weighted_sum(rotations, weights)
+
+
+def product_r(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``R_1 @ ... @ R_N``; the caller passes ``R_i = Cayley(N w_i Q_i)`` (see `merge_module`)."""
+    out = rotations[0]
+    for r in rotations[1:]:
+        out = out @ r
+    return out
+
+
+def karcher(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted Karcher (Frechet) mean of the rotation blocks on SO(b) (`peft_orthomerge.ops.karcher`)."""
+    from .karcher import karcher_mean
+
+    return karcher_mean(torch.stack(list(rotations)), list(weights))
+
+
+SO_METHODS: dict[str, SoMethod] = {
+    "orthomerge": SoMethod(orthomerge, space="skew"),
+    "mean_q": SoMethod(mean_q, space="skew"),
+    "mean_r": SoMethod(mean_r, space="rotation", orthogonal=False),
+    "product_r": SoMethod(product_r, space="rotation"),
+    "karcher": SoMethod(karcher, space="rotation"),
+}
+
+
+def so_methods() -> list[str]:
+    return sorted(SO_METHODS)
+
+
+def get_so_method(name: str) -> SoMethod:
+    try:
+        return SO_METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown OFT merge method {name!r}; valid: {', '.join(sorted(SO_METHODS))}") from None
+
+
+def merge_module(
+    vecs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    method: str = "orthomerge",
+    granularity: Granularity = "module",
+    scale: float = 1.0,
+) -> ModuleMerge:
+    """Merge one module's canonical vectors ``vecs`` (each ``(r, n)``, same shape) with ``weights``."""
+    spec = get_so_method(method)
+    vecs = [v.to(torch.float64) for v in vecs]
+    input_norms = [float(skew_norm(v)) for v in vecs]
+    if spec.space == "skew":
+        vec, stats = spec.fn(vecs, weights, granularity)
+        vec = vec * scale
+        extra = {k: v for k, v in stats.items() if k != "c"}
+        return ModuleMerge(vec, None, input_norms, float(skew_norm(vec)), stats.get("c"), extra)
+    b = block_size_from_n(vecs[0].shape[-1])
+    n = len(vecs)
+    if method == "product_r":
+        rotations = [cayley(vec_to_skew(v * (n * w), b)) for v, w in zip(vecs, weights)]
+    else:
+        rotations = [cayley(vec_to_skew(v, b)) for v in vecs]
+    rot = spec.fn(rotations, weights)
+    if not spec.orthogonal:
+        if scale != 1.0:
+            raise ConfigError(f"scale={scale} is not defined for method {method!r} (it has no so(b) element to scale)")
+        eye = torch.eye(b, dtype=rot.dtype, device=rot.device)
+        return ModuleMerge(None, rot, input_norms, float(torch.linalg.matrix_norm(rot - eye).square().sum().sqrt()))
+    vec = skew_to_vec(inverse_cayley(rot)) * scale
+    return ModuleMerge(vec, None, input_norms, float(skew_norm(vec)))
+
+
+def is_orthogonal_method(name: str) -> bool:
+    return get_so_method(name).orthogonal
+
+
+__all__ = [
+    "SO_METHODS",
+    "ModuleMerge",
+    "SoMethod",
+    "get_so_method",
+    "is_orthogonal_method",
+    "merge_module",
+    "so_methods",
+]

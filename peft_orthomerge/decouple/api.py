@@ -1,0 +1,492 @@
+"""Public API of orthogonal-residual decoupling: `merge_lora_adapters` and `merge_models`.
+
+Both build the same per-tensor work: every selected 2-D weight goes through
+`peft_orthomerge.ops.decouple.decouple_merge` (Procrustes rotation + so(in) merge + Euclidean
+residual merge), every other floating tensor through the Euclidean method alone. Layout: the
+rotation acts on the input side of the torch-layout weight ``(out, in)``; embeddings and
+``lm_head`` (``(vocab, hidden)``) are rotated on the hidden side; GPT-2 ``Conv1D`` weights
+(stored ``(in, out)``) are transposed for the math when the model is known (LoRA path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..card import write_model_card
+from ..device import resolve_device, to_output
+from ..errors import ConfigError, IncompatibleInputsError, NumericalError, OrthoMergeError
+from ..io.output import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    check_output_dir,
+    copy_base_side_files,
+    finalize_shards,
+)
+from ..io.resolve import resolve_source
+from ..io.tensors import TensorReader
+from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
+from ..ops.procrustes import check_solver
+from ..ops.registry import get_euclidean
+from ..ops.weights import normalize_weights
+from ..report import REPORT_FILE, MergeReport, ModuleStats
+from .lora_reader import ADAPTER_PATTERNS, LoraAdapter, read_adapter_dir, read_loaded_adapter
+
+Ref = str | os.PathLike
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+EXPORTS = ("model", "lora")
+MIN_SHARD_BYTES = 16 * 1024**2
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+
+def _refs(items: Ref | Sequence[Ref]) -> list[Ref]:
+    if isinstance(items, (str, os.PathLike)):
+        return [items]
+    return list(items)
+
+
+def _check_options(target: Any, residual: str, residual_kwargs: Mapping[str, Any] | None, solver: str) -> dict[str, Any]:
+    """Validate the method options before any work; return the residual kwargs (``seed`` kept)."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; valid: 'global', 'conflict', None")
+    check_solver(solver)
+    fn = get_euclidean(residual)
+    if residual_kwargs is not None and not isinstance(residual_kwargs, Mapping):
+        raise ConfigError(f"residual_kwargs must be a mapping, got {type(residual_kwargs).__name__}")
+    kwargs = dict(residual_kwargs or {})
+    probe = {k: v for k, v in kwargs.items() if k != "seed"}
+    probe_tensor = torch.ones(2, 2, dtype=torch.float64)
+    try:  # dry run on a tiny input: unknown or invalid options fail here, before any work
+        fn([probe_tensor], [1.0], base=probe_tensor, **probe)
+    except TypeError as exc:
+        raise ConfigError(f"invalid residual_kwargs for {residual!r}: {exc}") from None
+    except OrthoMergeError:
+        raise
+    except Exception:  # noqa: BLE001  (a method may dislike the toy input; the real run reports)
+        pass
+    return kwargs
+
+
+def _generator(kwargs: Mapping[str, Any], name: str, device: torch.device) -> torch.Generator:
+    """A per-tensor generator: results do not depend on the order tensors are processed in."""
+    seed = int(kwargs.get("seed", 0))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _method_name(target: str | None, residual: str) -> str:
+    return residual if target is None else f"orthomerge-{target}+{residual}"
+
+
+def _stats(name: str, stats: DecoupleStats, merged_delta_norm: float) -> ModuleStats:
+    extra = stats.as_extra()
+    extra["merged_delta_norm"] = merged_delta_norm
+    return ModuleStats(
+        name=name,
+        input_norms=list(stats.skew_norms) if stats.skew_norms else list(stats.task_vector_norms),
+        merged_norm=stats.merged_skew_norm if stats.skew_norms else merged_delta_norm,
+        magnitude_factor=stats.magnitude_factor,
+        orthogonality_error=stats.solver_error if stats.skew_norms else None,
+        extra=extra,
+    )
+
+
+def _merge_tensor(
+    name: str,
+    w0: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    decoupled: bool,
+    target: str | None,
+    residual: str,
+    kwargs: Mapping[str, Any],
+    solver: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, DecoupleStats]:
+    """Merge one tensor on ``device`` in float64; returns the merged full tensor and statistics."""
+    base = w0.to(device=device, dtype=torch.float64)
+    full = [e.to(device=device, dtype=torch.float64) for e in experts]
+    gen = _generator(kwargs, name, device)
+    rkw = {k: v for k, v in kwargs.items() if k != "seed"}
+    if decoupled:
+        return decouple_merge(base, full, weights, target, residual, rkw, solver, generator=gen, name=name)
+    fn = get_euclidean(residual)
+    taus = [f - base for f in full]
+    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.vector_norm(t)) for t in taus], solver="none")
+    return base + fn(taus, list(weights), base=base, generator=gen, **rkw).to(torch.float64), stats
+
+
+def _finite_output(tensor: torch.Tensor, name: str, path: Any = None) -> torch.Tensor:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NumericalError("merged tensor is not finite (overflow in the output dtype?)", path=path, tensor=name)
+    return tensor
+
+
+# -- LoRA adapters -------------------------------------------------------------------------------
+
+
+def merge_lora_adapters(
+    model: Any,
+    adapters: Ref | Sequence[Ref],
+    weights: Sequence[float] | None = None,
+    *,
+    target: str | None = "global",
+    residual: str = "ta",
+    residual_kwargs: Mapping[str, Any] | None = None,
+    solver: str = "auto",
+    export: str = "model",
+    rank: int | None = None,
+):
+    """Merge LoRA adapters by orthogonal-residual decoupling (paper Algorithm 2).
+
+    Each adapted weight ``W_i = W0 + delta_i`` (PEFT's exact fold: scaling, rsLoRA, rank/alpha
+    patterns, ``fan_in_fan_out``, embeddings, DoRA) is split into a rotation ``W0 @ P_i`` and a
+    residual; rotations merge in so(in), residuals with ``residual``. A module an adapter does not
+    touch has a zero task vector for that adapter; adapters may have different ranks and targets.
+
+    Args:
+        model: the base transformers model, or a `PeftModel` holding LoRA adapters (its LoRA layers
+            are removed with ``unload()``; the base weights are used).
+        adapters: adapter directories, Hub ids, or names of adapters loaded in ``model``.
+        weights: task weights (normalised to sum 1; default uniform).
+        target: ``"global"`` (``W_i``), ``"conflict"`` (conflict-aware rows) or ``None`` (plain
+            Euclidean merge of the task vectors, the baseline).
+        residual: ``"ta"``, ``"ties"``, ``"dare_ta"``, ``"dare_ties"``, ``"tsvm"`` (defaults in
+            `peft_orthomerge.ops.euclidean`; ``"ta"`` with ``{"lam": L}`` gives ``L * sum rho_i``
+            for uniform weights, default ``L = 1/N``). ``seed`` seeds DARE.
+        solver: polar solver, ``"auto"``, ``"svd"`` or ``"newton_schulz"``.
+        export: ``"model"``: the transformers model with merged weights in place; ``"lora"``: a
+            `PeftModel` whose adapter ``"default"`` (rank ``rank``, ``lora_alpha = rank``) is the
+            truncated SVD of each merged delta; the relative approximation error is reported.
+        rank: LoRA rank for ``export="lora"``.
+
+    Returns:
+        The model (``export="model"``) or a new `PeftModel` (``export="lora"``), with
+        ``.orthomerge_report`` holding the `MergeReport`.
+    """
+    from peft import PeftModel
+
+    refs = _refs(adapters)
+    weights_n = normalize_weights(weights, len(refs))
+    kwargs = _check_options(target, residual, residual_kwargs, solver)
+    if export not in EXPORTS:
+        raise ConfigError(f"unknown export {export!r}; valid: 'model', 'lora'")
+    if export == "lora" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ConfigError(f"export='lora' needs a positive integer rank, got {rank!r}")
+    is_peft = isinstance(model, PeftModel)
+    loaded = set(model.peft_config) if is_peft else set()
+    sources: list[LoraAdapter] = []
+    for ref in refs:
+        if isinstance(ref, str) and ref in loaded:
+            sources.append(read_loaded_adapter(model, ref))
+        else:
+            sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
+    base = model.unload() if is_peft else model
+    plan = _lora_plan(base, sources)
+
+    report = MergeReport(
+        kind="lora",
+        method=_method_name(target, residual),
+        inputs=[str(r) for r in refs],
+        weights=weights_n,
+        params=dict(target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver, export=export, rank=rank),
+    )
+    merged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, (module, fan_in_fan_out) in plan.items():
+            w0 = module.weight.detach()
+            experts = [
+                s.expert_weight(key, w0, fan_in_fan_out=fan_in_fan_out) if key in s.modules else w0.to(torch.float64)
+                for s in sources
+            ]
+            if fan_in_fan_out:
+                w0, experts = w0.T, [e.T for e in experts]
+            out, stats = _merge_tensor(
+                f"{key}.weight", w0, experts, weights_n, decoupled=target is not None, target=target,
+                residual=residual, kwargs=kwargs, solver=solver, device=w0.device,
+            )
+            delta = out - w0.to(torch.float64)
+            report.modules.append(_stats(f"{key}.weight", stats, float(torch.linalg.matrix_norm(delta))))
+            merged[key] = (out.T if fan_in_fan_out else out)
+            bias_taus = [s.bias_delta(key) if key in s.modules else None for s in sources]
+            if any(b is not None for b in bias_taus):
+                _merge_bias(key, module, bias_taus, weights_n, residual, kwargs, report, export)
+        if export == "model":
+            for key, (module, _) in plan.items():
+                w = _finite_output(merged[key].to(module.weight.dtype), f"{key}.weight")
+                module.weight.data.copy_(w)
+            base.orthomerge_report = report
+            return base
+        result = _export_lora(base, plan, merged, rank, report)
+    result.orthomerge_report = report
+    return result
+
+
+def _lora_plan(base: Any, sources: Sequence[LoraAdapter]) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """Module key -> (base module, fan_in_fan_out) for every module any adapter touches."""
+    from transformers.pytorch_utils import Conv1D
+
+    owners: dict[int, list[str]] = {}
+    for pname, param in base.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    plan: dict[str, tuple[torch.nn.Module, bool]] = {}
+    for src in sources:
+        for key, mod in src.modules.items():
+            if key in plan:
+                continue
+            try:
+                module = base.get_submodule(key)
+            except AttributeError:
+                module = None
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and (not weight.is_floating_point() or weight.is_meta):
+                raise IncompatibleInputsError(
+                    f"base weight is {'on the meta device' if weight.is_meta else f'quantized ({weight.dtype})'}; "
+                    "merging needs the real floating-point weights",
+                    path=src.label,
+                    tensor=f"{key}.weight",
+                    hint="Load the base model unquantized, on cpu or cuda.",
+                )
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise IncompatibleInputsError(
+                    "LoRA target module is missing from the base model (or has no 2-D weight)",
+                    path=src.label,
+                    tensor=mod.parts["A"],
+                    hint="Was this adapter trained on another base model?",
+                )
+            is_embedding = isinstance(module, torch.nn.Embedding)
+            if is_embedding != (mod.kind == "embedding"):
+                raise IncompatibleInputsError(
+                    f"adapter has {mod.kind} LoRA weights but the base module is {type(module).__name__}",
+                    path=src.label,
+                    tensor=mod.parts["A"],
+                )
+            if len(owners.get(id(weight), [])) > 1:
+                raise IncompatibleInputsError(
+                    f"the weight of this module is tied ({', '.join(owners[id(weight)])}); merging into it would change both",
+                    path=src.label,
+                    tensor=mod.parts["A"],
+                    hint="Untie the weights (config.tie_word_embeddings=False) or drop the module from the adapters.",
+                )
+            plan[key] = (module, isinstance(module, Conv1D))
+    return plan
+
+
+def _merge_bias(key, module, bias_taus, weights, residual, kwargs, report, export) -> None:
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        raise IncompatibleInputsError("adapter trains a LoRA bias but the base module has none", tensor=f"{key}.bias")
+    if export == "lora":
+        raise ConfigError("LoRA biases (lora_bias=True) cannot be exported as a LoRA adapter; use export='model'", tensor=f"{key}.bias")
+    taus = [t.to(bias.device) if t is not None else torch.zeros(bias.shape, dtype=torch.float64, device=bias.device) for t in bias_taus]
+    name = f"{key}.bias"
+    fn = get_euclidean(residual)
+    rkw = {k: v for k, v in kwargs.items() if k != "seed"}
+    delta = fn(taus, list(weights), base=bias.detach().double(), generator=_generator(kwargs, name, bias.device), **rkw)
+    bias.data.copy_(_finite_output((bias.detach().double() + delta).to(bias.dtype), name))
+    report.passthrough.append(name)
+
+
+def _export_lora(base: Any, plan, merged: dict[str, torch.Tensor], rank: int, report: MergeReport):
+    """A `PeftModel` whose LoRA adapter is the rank-``rank`` truncated SVD of each merged delta."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(plan), lora_dropout=0.0, init_lora_weights=True)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    worst = 0.0
+    for key, (module, fan_in_fan_out) in plan.items():
+        delta = merged[key] - module.weight.detach().to(torch.float64)
+        is_embedding = isinstance(module, torch.nn.Embedding)
+        mat = delta.T if (fan_in_fan_out or is_embedding) else delta  # B @ A in PEFT's layout
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        k = min(rank, s.numel())
+        b = torch.zeros(mat.shape[0], rank, dtype=mat.dtype, device=mat.device)
+        a = torch.zeros(rank, mat.shape[1], dtype=mat.dtype, device=mat.device)
+        b[:, :k] = u[:, :k] * s[:k]
+        a[:k] = vh[:k]
+        total = float(torch.linalg.vector_norm(s))
+        err = float(torch.linalg.vector_norm(s[k:])) / total if total > 0 else 0.0
+        worst = max(worst, err)
+        for stat in report.modules:
+            if stat.name == f"{key}.weight":
+                stat.extra["lora_relative_error"] = err
+        factors[key] = (a, b)
+    peft_model = get_peft_model(base, config)
+    for key, (a, b) in factors.items():
+        layer = peft_model.base_model.model.get_submodule(key)
+        if hasattr(layer, "lora_embedding_A") and "default" in layer.lora_embedding_A:
+            layer.lora_embedding_A["default"].data.copy_(a.to(layer.lora_embedding_A["default"].dtype))
+            layer.lora_embedding_B["default"].data.copy_(b.to(layer.lora_embedding_B["default"].dtype))
+        else:
+            layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
+            layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
+    report.params["lora_max_relative_error"] = worst
+    report.warnings.append(
+        f"export='lora': rank-{rank} truncated SVD of the merged deltas; max relative Frobenius error {worst:.3e}"
+    )
+    return peft_model
+
+
+# -- full checkpoints ----------------------------------------------------------------------------
+
+
+def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"invalid {what} regex {p!r}: {exc}") from None
+    return out
+
+
+def _open_checkpoint(ref: Ref, allow_pickle: bool) -> tuple[Path, TensorReader]:
+    """``model.safetensors`` (or shards); else transformers' pickle ``pytorch_model.bin``, refused
+    unless ``allow_pickle`` (then read with ``weights_only=True``)."""
+    patterns = CHECKPOINT_PATTERNS + (["*.bin"] if allow_pickle else [])
+    directory = resolve_source(ref, allow_patterns=patterns)
+    legacy = directory / "pytorch_model.bin"
+    has_safetensors = any(directory.glob("model*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    if legacy.is_file() and not has_safetensors:
+        return directory, TensorReader.from_file(legacy, allow_pickle=allow_pickle)
+    return directory, TensorReader.from_dir(directory, "model", allow_pickle=allow_pickle)
+
+
+def _validate_checkpoints(base: TensorReader, experts: Sequence[TensorReader]) -> None:
+    """Same tensor names and shapes everywhere (headers only); raises naming file and tensor."""
+    names = set(base.keys())
+    for reader in experts:
+        extra = sorted(set(reader.keys()) - names)
+        missing = sorted(names - set(reader.keys()))
+        if extra or missing:
+            key = (missing or extra)[0]
+            what = "missing from the fine-tuned checkpoint" if missing else "not in the base checkpoint"
+            raise IncompatibleInputsError(
+                f"tensor {what} ({len(missing)} missing, {len(extra)} extra)",
+                path=reader.files[0],
+                tensor=key,
+                hint="Is this a fine-tune of the same base model?",
+            )
+        for key in base.keys():
+            if base.shape(key) != reader.shape(key):
+                raise IncompatibleInputsError(
+                    f"shape mismatch: base {base.shape(key)} vs fine-tuned {reader.shape(key)}",
+                    path=reader.file_of(key),
+                    tensor=key,
+                    hint="Is this a fine-tune of the same base model?",
+                )
+
+
+def merge_models(
+    base: Ref,
+    finetuned: Ref | Sequence[Ref],
+    output_dir: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    target: str | None = "global",
+    residual: str = "ta",
+    residual_kwargs: Mapping[str, Any] | None = None,
+    solver: str = "auto",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> MergeReport:
+    """Merge full fine-tuned checkpoints of ``base`` by orthogonal-residual decoupling, streaming.
+
+    Tensors are read, merged and written one at a time (the base's and each expert's copy of one
+    tensor alive at once, plus one output shard), so memory stays near one checkpoint. Every 2-D
+    floating tensor (embeddings and ``lm_head`` included; tied weights appear once in the file and
+    are merged once) whose name matches ``include`` (default: all) and not ``exclude`` is
+    decoupled; all other floating tensors (norms, biases, excluded matrices) are merged by
+    ``residual`` on their task vectors; non-floating tensors are copied from the base.
+
+    The output directory gets safetensors shards in the base dtype, the base's config and
+    tokenizer files, ``README.md`` (model card) and ``orthomerge_report.json``; it loads with
+    ``AutoModelForCausalLM.from_pretrained``. It is written atomically: on any error nothing is
+    left behind, and inputs are never overwritten.
+
+    Args:
+        base: base model directory or Hub id.
+        finetuned: fine-tuned checkpoints (directories or Hub ids) of the same architecture.
+        output_dir: where to write (must not exist or be empty unless ``overwrite``).
+        weights, target, residual, residual_kwargs, solver: as in `merge_lora_adapters`.
+        include, exclude: regexes (``re.search``) over tensor names selecting what is decoupled.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the math runs (float64).
+        overwrite: replace a non-empty ``output_dir``.
+        allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The `MergeReport` (also written to ``orthomerge_report.json``), with per-tensor
+        `ModuleStats` (``extra``: task vector, orthogonal part and residual norms per input).
+    """
+    refs = _refs(finetuned)
+    weights_n = normalize_weights(weights, len(refs))
+    kwargs = _check_options(target, residual, residual_kwargs, solver)
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    dev = resolve_device(device)
+    base_dir, base_reader = _open_checkpoint(base, allow_pickle)
+    opened = [_open_checkpoint(r, allow_pickle) for r in refs]
+    readers = [r for _, r in opened]
+    check_output_dir(output_dir, inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite)
+    _validate_checkpoints(base_reader, readers)
+
+    report = MergeReport(
+        kind="full",
+        method=_method_name(target, residual),
+        inputs=[str(r) for r in refs],
+        weights=weights_n,
+        output_path=str(Path(output_dir).expanduser().resolve()),
+        params=dict(
+            base=str(base), target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver,
+            include=include, exclude=exclude, device=str(dev),
+        ),
+    )
+    shard_bytes = min(DEFAULT_MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, base_reader.nbytes() // 16))
+    with atomic_output_dir(output_dir, inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
+        with torch.no_grad():
+            for name in base_reader.keys():
+                w0 = base_reader.get(name)
+                if not w0.is_floating_point():
+                    writer.add(name, w0)
+                    continue
+                experts = [r.get(name) for r in readers]
+                decoupled = (
+                    target is not None
+                    and w0.dim() == 2
+                    and (not inc or any(p.search(name) for p in inc))
+                    and not any(p.search(name) for p in exc)
+                )
+                out, stats = _merge_tensor(
+                    name, w0, experts, weights_n, decoupled=decoupled, target=target,
+                    residual=residual, kwargs=kwargs, solver=solver, device=dev,
+                )
+                del experts
+                result = _finite_output(to_output(out, w0.dtype), name, base_reader.file_of(name))
+                if decoupled:
+                    delta = float(torch.linalg.vector_norm(out - w0.to(device=dev, dtype=torch.float64)))
+                    report.modules.append(_stats(name, stats, delta))
+                else:
+                    report.passthrough.append(name)
+                del out
+                writer.add(name, result)
+        finalize_shards(tmp, writer.close(), total_bytes=writer.total_bytes)
+        copy_base_side_files(base_dir, tmp)
+        report.to_json(tmp / REPORT_FILE)
+        write_model_card(tmp, report, base_model=str(base))
+    return report

@@ -1,0 +1,429 @@
+"""Orthogonal-residual decoupling of one weight matrix (paper Algorithm 2, DESIGN section 4).
+
+Conventions: torch layout, ``W`` is ``(out, in)``, ``y = x @ W.T``. A rotation ``P`` (``in x in``)
+acts on the input side: ``W0 @ P`` (the paper's ``R W0`` with ``R = P^T`` in its ``d_in x d_out``
+layout).
+
+For expert weights ``W_i`` and the base ``W0``:
+
+1. ``P_i = argmin_{P in SO(in)} ||T_i - W0 @ P||_F`` with target ``T_i`` (``"global"``: ``W_i``;
+   ``"conflict"``: ``W0 + tau_i * mask_i``, rows of ``tau_i = W_i - W0`` whose cosine with the
+   weighted-mean task vector is negative, cosine per output row, torch ``dim=1``).
+   The optimum maximises ``tr(P^T M)``, ``M = W0^T T_i``. With ``M = U S V^T`` of rank ``k`` the
+   optimal set is ``P = U_1 V_1^T + U_2 Z V_2^T`` (``Z`` any orthogonal map between the
+   complements). We take the one **closest to the identity**: ``Z = polar(U_2^T V_2)``, i.e.
+   ``P = polar(M + c (I - U_1 U_1^T)(I - V_1 V_1^T))`` for any ``c > 0``. Then ``W0`` against
+   itself gives ``P = I``, and a rank-deficient layer (``out < in``: GQA k/v, ``down_proj``) gets
+   no arbitrary rotation on its null space. If ``det P = -1`` the sign of ``Z``'s weakest
+   direction is flipped (free when ``k < in``), else of ``M``'s weakest (Kabsch), so ``P`` is in SO(in).
+2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = 2 out`` dimensional span
+   ``B_i = [Q0, Q_i]`` of the rows of ``W0`` (``Q0``, one complete QR of ``W0^T`` shared by all
+   tasks) and of ``T_i`` (``Q_i``, a QR inside the complement of ``Q0``); ``P = I + B (C - I) B^T``
+   with an ``m x m`` core ``C``, found with two ``out x out`` SVDs (range / null-space split of
+   ``M``, `_thin_closest_polar_svd`) instead of one ``in x in`` SVD (plus one of the null space).
+   Tasks are processed one at a time, so one task's basis is alive at a time.
+3. ``Q_i = (P_i - I)(P_i + I)^-1 = B Q_c B^T`` (skew); an eigenvalue of ``P_i`` within 1e-6 of -1
+   (``||Q_i||_F > 1e6``) raises `NumericalError` naming the module.
+4. ``Q = (sum_i w_i ||Q_i||_F) S / ||S||_F``, ``S = sum_i w_i Q_i`` (as for OFT; ``S = 0`` gives
+   ``Q = 0``); ``P = (I + Q)(I - Q)^-1``.
+5. Residuals ``rho_i = W_i - W0 @ P_i`` merged with a Euclidean method (`registry`); the result
+   is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``.
+
+Everything is computed in float64 by default (``dtype``); results come back in that dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, IncompatibleInputsError, NumericalError
+from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
+from .registry import get_euclidean
+
+TARGETS = ("global", "conflict", None)
+RANK_RTOL = 1e-11  # singular values of M below this fraction of the largest count as zero
+CAYLEY_LIMIT = 1e6  # ||Q||_F above this: P has an eigenvalue within ~2e-6 of -1
+ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i||: exact cancellation
+
+
+@dataclass
+class Rotation:
+    """An orthogonal ``P = I + B (C - I) B^T`` stored compactly.
+
+    ``basis`` ``B`` is ``(in, m)`` with orthonormal columns, or ``None`` for the standard basis
+    (``m = in``, ``P = C``). ``core`` ``C`` is ``(m, m)`` orthogonal.
+    """
+
+    basis: torch.Tensor | None
+    core: torch.Tensor
+    n: int
+
+    def dense(self) -> torch.Tensor:
+        if self.basis is None:
+            return self.core.clone()
+        eye = torch.eye(self.n, dtype=self.core.dtype, device=self.core.device)
+        m = self.core.shape[-1]
+        if m == 0:
+            return eye
+        delta = self.core - torch.eye(m, dtype=self.core.dtype, device=self.core.device)
+        return eye + self.basis @ delta @ self.basis.T
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """``w @ P`` without forming ``P``."""
+        if self.basis is None:
+            return w @ self.core
+        if self.core.shape[-1] == 0:
+            return w.clone()
+        wb = w @ self.basis
+        return w + (wb @ self.core - wb) @ self.basis.T
+
+    def skew(self, name: str | None = None) -> torch.Tensor:
+        """Dense ``Q = (P - I)(P + I)^-1 = B Q_c B^T`` with ``Q_c`` the inverse Cayley map of the core."""
+        qc = inverse_cayley(self.core, name=name)
+        if self.basis is None:
+            return qc
+        return self.basis @ qc @ self.basis.T
+
+
+@dataclass
+class ProcrustesInfo:
+    solver: str
+    orthogonality_error: float
+    iterations: int = 0
+    fallback: int = 0
+
+
+@dataclass
+class DecoupleStats:
+    """Numbers for the report: per expert and for the merged result."""
+
+    task_vector_norms: list[float] = field(default_factory=list)
+    orth_part_norms: list[float] = field(default_factory=list)  # ||W0 @ P_i - W0||_F
+    residual_norms: list[float] = field(default_factory=list)  # ||rho_i||_F
+    skew_norms: list[float] = field(default_factory=list)  # ||Q_i||_F
+    merged_skew_norm: float = 0.0
+    magnitude_factor: float | None = None
+    solver: str = ""
+    solver_error: float = 0.0
+    solver_fallback: int = 0
+    rows_kept: list[int] = field(default_factory=list)  # conflict target only
+
+    def as_extra(self) -> dict[str, float]:
+        out: dict[str, float] = {"solver_error": self.solver_error, "solver_fallback": float(self.solver_fallback)}
+        names = {"task_vector_norms": "task_vector_norm", "orth_part_norms": "orth_part_norm",
+                 "residual_norms": "residual_norm", "rows_kept": "rows_kept"}
+        for key, label in names.items():
+            for i, v in enumerate(getattr(self, key)):
+                out[f"{label}_{i}"] = float(v)
+        return out
+
+
+# -- Procrustes -----------------------------------------------------------------------------------
+
+
+def _closest_polar_svd(m: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Closest-to-identity optimal orthogonal factor of one square ``m``, in SO(n) (see module doc)."""
+    n = m.shape[-1]
+    u, s, vh = torch.linalg.svd(m)
+    smax = float(s[0]) if n else 0.0
+    k = int((s > rtol * smax).sum()) if smax > 0 else 0
+    v = vh.T
+    u1v1 = u[:, :k] @ vh[:k]
+    if k == n:
+        p = u1v1 + 0  # copy
+        if float(torch.linalg.det(p)) < 0:
+            u = u.clone()
+            u[:, -1] = -u[:, -1]
+            p = u @ vh
+        return p
+    u2, v2 = u[:, k:], v[:, k:]
+    uz, _, vzh = torch.linalg.svd(u2.T @ v2)
+    p = u1v1 + u2 @ (uz @ vzh) @ v2.T
+    if float(torch.linalg.det(p)) < 0:
+        uz = uz.clone()
+        uz[:, -1] = -uz[:, -1]
+        p = u1v1 + u2 @ (uz @ vzh) @ v2.T
+    return p
+
+
+def _thin_closest_polar_svd(a: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor | None:
+    """Same answer as `_closest_polar_svd` of ``M = a^T b`` for ``a, b`` of shape ``(out, m)``,
+    ``out < m``, when ``rank(M) = out``; two ``out x out`` SVDs instead of one ``m x m``.
+
+    ``range(M) = rows(a)`` and ``corange(M) = rows(b)``, so ``U_1 V_1^T`` comes from the SVD of the
+    core ``Q_a^T M Q_b`` and the completion from the polar factor of ``U_2^T V_2`` with ``U_2, V_2``
+    the orthogonal complements from complete QRs. Returns ``None`` when ``rank(M) < out``.
+    """
+    out = a.shape[0]
+    qa, ra = torch.linalg.qr(a.T, mode="complete")
+    qb, rb = torch.linalg.qr(b.T, mode="complete")
+    core = ra[:out] @ rb[:out].T  # Q_a^T (a^T b) Q_b
+    uc, sc, vch = torch.linalg.svd(core)
+    if not float(sc[-1]) > rtol * float(sc[0]):
+        return None
+    u1 = qa[:, :out] @ uc
+    v1 = qb[:, :out] @ vch.T
+    u2, v2 = qa[:, out:], qb[:, out:]
+    uz, _, vzh = torch.linalg.svd(u2.T @ v2)
+    p = u1 @ v1.T + u2 @ (uz @ vzh) @ v2.T
+    if float(torch.linalg.det(p)) < 0:
+        uz = uz.clone()
+        uz[:, -1] = -uz[:, -1]
+        p = u1 @ v1.T + u2 @ (uz @ vzh) @ v2.T
+    return p
+
+
+def _complement_projector(x: torch.Tensor) -> torch.Tensor:
+    """``I - Q Q^T`` for ``Q`` an orthonormal basis of the columns of ``x`` (``(..., m, r)``, r < m)."""
+    q = torch.linalg.qr(x).Q
+    eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+    return eye - q @ q.transpose(-2, -1)
+
+
+def iter_procrustes(
+    w0: torch.Tensor,
+    targets: Iterable[torch.Tensor],
+    *,
+    solver: str = "auto",
+    rtol: float = RANK_RTOL,
+    tol: float | None = None,
+    max_iter: int = 60,
+) -> Iterator[tuple[Rotation, ProcrustesInfo]]:
+    """Closest-to-identity ``P_i`` in SO(in) minimising ``||T_i - W0 @ P_i||_F``, one target at a time.
+
+    ``w0`` and each target are ``(out, in)`` in the same dtype (use fp64). Work shared by all
+    targets (the QR of ``W0^T``) is done once; only one target's basis is alive at a time. No
+    shortcut for ``T_i = W0``: the formula itself returns ``P = I`` there (to rounding).
+    """
+    solver = resolve_solver(check_solver(solver), w0.device)
+    out, n = w0.shape
+    reduced = 2 * out < n
+    if reduced:
+        # B_i = [Q0, Q_i]: Q0 spans the rows of W0 (one QR shared by all tasks), Q_i the part of
+        # the rows of T_i outside it; then W0 = a B_i^T and T_i = b_i B_i^T exactly.
+        qfull, rfull = torch.linalg.qr(w0.T, mode="complete")  # (n, n), (n, out)
+        q0, q0c = qfull[:, :out], qfull[:, out:]
+        a = torch.cat([rfull[:out].T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+        del rfull
+    for target in targets:
+        if reduced:
+            tt = target.T
+            # Q_i from a QR inside the complement of Q0, so it stays orthogonal to Q0 even where
+            # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
+            qi = q0c @ torch.linalg.qr(q0c.T @ tt).Q  # (n, out)
+            b = torch.cat([q0.T @ tt, qi.T @ tt], dim=0).T  # (out, 2 out)
+            basis: torch.Tensor | None = torch.cat([q0, qi], dim=-1)
+            del qi, tt
+        else:
+            a, b, basis = w0, target, None
+        m = a.T @ b
+        size = m.shape[-1]
+        info = ProcrustesInfo(solver, 0.0)
+        core = None
+        if solver != "svd":
+            amat = m
+            if out < size:
+                scale = torch.linalg.matrix_norm(m) / min(out, size) ** 0.5
+                amat = m + scale * (_complement_projector(a.T) @ _complement_projector(b.T))
+            x, err, info.iterations = newton_schulz(amat, tol=tol, max_iter=max_iter)
+            limit = default_tol(m.dtype, size) if tol is None else tol
+            if float(err) <= limit and float(torch.linalg.det(x)) > 0:
+                core = x
+            else:
+                info.fallback = 1
+        if core is None:
+            core = _thin_closest_polar_svd(a, b, rtol) if out < size else None
+            if core is None:
+                core = _closest_polar_svd(m, rtol)
+        eye = torch.eye(size, dtype=m.dtype, device=m.device)
+        info.orthogonality_error = float(torch.linalg.matrix_norm(core.T @ core - eye))
+        del m
+        yield Rotation(basis, core, n), info
+
+
+def procrustes_batch(
+    w0: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor], **kwargs: Any
+) -> tuple[list[Rotation], ProcrustesInfo]:
+    """All of `iter_procrustes` at once; the info aggregates (max error, total fallbacks)."""
+    rotations, total = [], None
+    for rot, info in iter_procrustes(w0, targets, **kwargs):
+        rotations.append(rot)
+        total = info if total is None else _combine(total, info)
+    return rotations, total or ProcrustesInfo(resolve_solver(kwargs.get("solver", "auto"), w0.device), 0.0)
+
+
+def _combine(a: ProcrustesInfo, b: ProcrustesInfo) -> ProcrustesInfo:
+    return ProcrustesInfo(a.solver, max(a.orthogonality_error, b.orthogonality_error), max(a.iterations, b.iterations), a.fallback + b.fallback)
+
+
+def procrustes_rotation(
+    w0: torch.Tensor, w_target: torch.Tensor, *, solver: str = "auto", rtol: float = RANK_RTOL
+) -> torch.Tensor:
+    """Dense orthogonal ``P`` (``in x in``, det +1) minimising ``||w_target - w0 @ P||_F``, closest to I.
+
+    Computed in float64; ``w_target == w0`` gives exactly the identity.
+    """
+    _check_pair(w0, w_target)
+    w0d = w0.to(torch.float64)
+    wt = w_target.to(device=w0.device, dtype=torch.float64)
+    if torch.equal(w0d, wt):
+        return torch.eye(w0.shape[1], dtype=torch.float64, device=w0.device)
+    rots, _ = procrustes_batch(w0d, wt[None], solver=solver, rtol=rtol)
+    return rots[0].dense()
+
+
+def _check_pair(w0: torch.Tensor, w: torch.Tensor, name: str | None = None) -> None:
+    if w0.dim() != 2 or tuple(w.shape) != tuple(w0.shape):
+        raise IncompatibleInputsError(
+            f"shape mismatch: base {tuple(w0.shape)} vs expert {tuple(w.shape)}; decoupling needs equal 2-D shapes",
+            tensor=name,
+        )
+
+
+# -- Cayley maps ---------------------------------------------------------------------------------
+
+
+def inverse_cayley(p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT) -> torch.Tensor:
+    """``Q = (P - I)(P + I)^-1`` made exactly skew; `NumericalError` (naming ``name``) when ``P``
+    has an eigenvalue at or within about ``2/limit`` of -1."""
+    n = p.shape[-1]
+    eye = torch.eye(n, dtype=p.dtype, device=p.device)
+    q, status = torch.linalg.solve_ex(p + eye, p - eye, left=False)
+    norm = float(torch.linalg.matrix_norm(q)) if n else 0.0
+    if int(status.max() if status.numel() else 0) != 0 or not norm < limit:
+        raise NumericalError(
+            "orthogonal factor has an eigenvalue at -1 (a half turn); the inverse Cayley map is undefined",
+            tensor=name,
+            hint="The expert is too far from the base for rotation merging; use target=None (plain Euclidean) for it, or exclude this tensor.",
+        )
+    return 0.5 * (q - q.transpose(-2, -1))
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """``P = (I + Q)(I - Q)^-1 = 2 (I - Q)^-1 - I`` (orthogonal for skew ``Q``, defined for every skew
+    ``Q``: ``I - Q`` has singular values >= 1). Written to hold few ``in x in`` matrices at once."""
+    a = q.neg()
+    a.diagonal(dim1=-2, dim2=-1).add_(1)
+    p = torch.linalg.inv(a)
+    del a
+    p.mul_(2).diagonal(dim1=-2, dim2=-1).sub_(1)
+    return p
+
+
+def _magnitude_factor(skew_sum: torch.Tensor | None, total: float) -> float | None:
+    """``c = (sum_i w_i ||Q_i||) / ||S||`` for ``S = sum_i w_i Q_i``; ``None`` when ``S = 0`` (no rotation)."""
+    if skew_sum is None or total == 0.0:
+        return None
+    s_norm = float(torch.linalg.matrix_norm(skew_sum))
+    return None if s_norm <= ZERO_RTOL * total else total / s_norm
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+def conflict_mask(task_vectors: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Rows (``dim=1`` cosine) of each ``tau_i`` pointing against the weighted mean task vector.
+
+    ``task_vectors`` ``(N, out, in)``; returns a bool ``(N, out)`` mask, True where cosine < 0.
+    A zero row has cosine 0 and is not kept.
+    """
+    w = torch.tensor(list(weights), dtype=task_vectors.dtype, device=task_vectors.device)
+    mean = (w[:, None, None] * task_vectors).sum(0)
+    cos = torch.nn.functional.cosine_similarity(task_vectors, mean.expand_as(task_vectors), dim=2)
+    return cos < 0
+
+
+# -- one weight ----------------------------------------------------------------------------------
+
+
+def decouple_merge(
+    w0: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    target: str | None = "global",
+    residual: str = "ta",
+    residual_kwargs: Mapping[str, Any] | None = None,
+    solver: str = "auto",
+    *,
+    generator: torch.Generator | None = None,
+    name: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    rtol: float = RANK_RTOL,
+) -> tuple[torch.Tensor, DecoupleStats]:
+    """Merge the expert weights ``experts`` (full weights ``W_i``, torch layout) of one 2-D tensor.
+
+    ``weights`` must be normalised (sum 1). Returns ``(merged weight in dtype, stats)``. An expert
+    equal to the base (zero task vector, e.g. a module an adapter does not touch) contributes
+    ``P_i = I``, ``Q_i = 0``, ``rho_i = 0``. See the module docstring for the formulas.
+    """
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; valid: 'global', 'conflict', None")
+    check_solver(solver)
+    if len(experts) != len(weights) or not experts:
+        raise ConfigError(f"got {len(weights)} weights for {len(experts)} experts")
+    for e in experts:
+        _check_pair(w0, e, name)
+    merge_fn = get_euclidean(residual)
+    kwargs = dict(residual_kwargs or {})
+    base = w0.to(dtype)
+    full = [e.to(device=base.device, dtype=dtype) for e in experts]
+    if not all(bool(torch.isfinite(t).all()) for t in (base, *full)):
+        raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
+    taus = [f - base for f in full]
+    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.matrix_norm(t)) for t in taus])
+    if target is None:
+        merged_tau = merge_fn(taus, list(weights), base=base, generator=generator, **kwargs)
+        stats.residual_norms = list(stats.task_vector_norms)
+        stats.solver = "none"
+        return base + merged_tau.to(dtype), stats
+
+    if target == "global":
+        targets = full
+    else:
+        mask = conflict_mask(torch.stack(taus), weights)
+        stats.rows_kept = [int(x) for x in mask.sum(1)]
+        targets = [base + t * k[:, None] for t, k in zip(taus, mask)]
+    active = [i for i in range(len(experts)) if not torch.equal(targets[i], base)]
+    solved = iter_procrustes(base, (targets[i] for i in active), solver=solver, rtol=rtol)
+
+    # one task at a time: its rotation, skew matrix and basis are dropped before the next
+    skew_sum: torch.Tensor | None = None
+    total, infos = 0.0, []
+    residuals = list(taus)  # rho_i = tau_i where P_i = I
+    stats.skew_norms = [0.0] * len(experts)
+    stats.orth_part_norms = [0.0] * len(experts)
+    for i, (rot, info) in zip(active, solved):
+        infos.append(info)
+        q = rot.skew(name)
+        norm = float(torch.linalg.matrix_norm(q))
+        stats.skew_norms[i] = norm
+        total += weights[i] * norm
+        skew_sum = weights[i] * q if skew_sum is None else skew_sum.add_(q, alpha=weights[i])
+        del q
+        rotated = rot.apply(base)
+        stats.orth_part_norms[i] = float(torch.linalg.matrix_norm(rotated - base))
+        residuals[i] = full[i] - rotated
+        del rot, rotated
+    del full, taus, targets, solved  # the generator holds the shared QR of W0^T
+    if infos:
+        stats.solver = infos[0].solver
+        stats.solver_error = max(x.orthogonality_error for x in infos)
+        stats.solver_fallback = sum(x.fallback for x in infos)
+    else:
+        stats.solver = "identity"
+    stats.residual_norms = [float(torch.linalg.matrix_norm(r)) for r in residuals]
+    rho = merge_fn(residuals, list(weights), base=base, generator=generator, **kwargs).to(dtype)
+    del residuals
+    c = _magnitude_factor(skew_sum, total)
+    stats.magnitude_factor = c
+    if c is None:
+        return base + rho, stats
+    skew_sum.mul_(c)  # the merged Q, with ||Q||_F = sum_i w_i ||Q_i||_F by construction
+    stats.merged_skew_norm = total
+    rotation = cayley(skew_sum)
+    del skew_sum
+    return base @ rotation + rho, stats

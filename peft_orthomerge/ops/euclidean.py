@@ -1,0 +1,138 @@
+"""Euclidean merges of task vectors (or decoupled residuals): TA, TIES, DARE, TSV-M.
+
+Every method has the registry signature (see `registry`)::
+
+    fn(task_vectors, weights, *, base=None, generator=None, **kwargs) -> merged task vector
+
+``task_vectors`` are same-shaped tensors ``tau_i`` of ONE tensor of the model; ``weights`` are
+normalised (sum 1). All trimming / dropping / SVD truncation is done **per tensor** (never over
+the whole model). Non-uniform weights enter as relative weights ``N w_i`` (mean 1, so uniform
+weights give the methods' textbook form). ``base`` is accepted and unused. Computation is in
+the task vectors' dtype (callers pass fp32 or fp64).
+
+Defaults (the paper's setup):
+
+- ``"ta"``: ``lam * sum_i (N w_i) tau_i``; ``lam`` defaults to ``1/N``, i.e. the weighted mean
+  ``sum_i w_i tau_i``. With uniform weights ``lam = L`` gives ``L * sum_i tau_i``.
+- ``"ties"``: trim each ``tau_i`` to its top ``density`` (0.2) fraction by magnitude, elect the
+  sign per entry by summed (weighted) mass, average the entries agreeing with it (disjoint mean),
+  times ``lam`` (1.0).
+- ``"dare_ta"`` / ``"dare_ties"``: drop each entry with probability ``p`` (0.5), rescale the
+  survivors by ``1/(1-p)``, then TA (``lam`` default ``1/N``) or TIES' sign election and disjoint
+  mean (no magnitude trim; ``lam`` 1.0). Seeded: ``generator``, else ``torch.Generator`` seeded
+  with ``seed`` (0), so results are reproducible.
+- ``"tsvm"`` (TSV-M): per matrix ``(m, n)`` each task keeps its top ``k = max(1, min(m, n) // N)``
+  singular triplets (singular values scaled by ``N w_i``); the concatenated ``U`` and ``V`` are
+  replaced by their polar factors; merged ``= lam * U diag(S) V^T`` with ``lam`` 1.0. 1-D (and
+  other non-matrix) tensors fall back to the weighted mean.
+
+Sign election and disjoint merging reuse PEFT's `peft.utils.merge_utils` helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
+
+from ..errors import ConfigError
+from .registry import register_euclidean
+
+
+def _relative(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Relative weights ``N w_i`` (mean 1), shaped to broadcast against the stacked tensors."""
+    w = torch.tensor([len(weights) * float(x) for x in weights], dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _stack(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    if not task_vectors or len(task_vectors) != len(weights):
+        raise ConfigError(f"got {len(weights)} weights for {len(task_vectors)} task vectors")
+    return torch.stack(list(task_vectors))
+
+
+def _check_fraction(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
+    value = float(value)
+    ok = (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        raise ConfigError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value}")
+    return value
+
+
+def _generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _sign_elect_mean(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """TIES' sign election (summed weighted mass) and disjoint mean over agreeing non-zero entries."""
+    weighted = stack * _relative(weights, stack)
+    mask = calculate_majority_sign_mask(weighted, method="total")
+    return disjoint_merge(weighted, mask)
+
+
+@register_euclidean("ta")
+def task_arithmetic(task_vectors, weights, *, base=None, generator=None, lam: float | None = None):
+    """Task arithmetic, per tensor: ``lam * sum_i (N w_i) tau_i``; ``lam`` default ``1/N`` (weighted mean)."""
+    stack = _stack(task_vectors, weights)
+    lam = 1.0 / len(weights) if lam is None else float(lam)
+    return lam * (stack * _relative(weights, stack)).sum(0)
+
+
+@register_euclidean("ties")
+def ties(task_vectors, weights, *, base=None, generator=None, density: float = 0.2, lam: float = 1.0):
+    """TIES, per tensor: top-``density`` magnitude trim per task (0.2), sign election, disjoint mean, ``lam`` (1.0)."""
+    density = _check_fraction("density", density, low_open=True, high_open=False)
+    stack = _stack(task_vectors, weights)
+    if density < 1:
+        stack = torch.stack([magnitude_based_pruning(t, density) for t in stack])
+    return float(lam) * _sign_elect_mean(stack, weights)
+
+
+def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None, seed: int) -> torch.Tensor:
+    p = _check_fraction("p", p, low_open=False, high_open=True)
+    if p == 0:
+        return stack
+    gen = _generator(generator, seed, stack.device)
+    keep = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=torch.float64) >= p
+    return stack * keep.to(stack.dtype) / (1.0 - p)
+
+
+@register_euclidean("dare_ta")
+def dare_ta(task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float | None = None, seed: int = 0):
+    """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N)."""
+    stack = _dare_drop(_stack(task_vectors, weights), p, generator, seed)
+    return task_arithmetic(list(stack), weights, lam=lam)
+
+
+@register_euclidean("dare_ties")
+def dare_ties(task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float = 1.0, seed: int = 0):
+    """DARE + TIES, per tensor: drop ``p`` (0.5) and rescale, sign election, disjoint mean, ``lam`` (1.0)."""
+    stack = _dare_drop(_stack(task_vectors, weights), p, generator, seed)
+    return float(lam) * _sign_elect_mean(stack, weights)
+
+
+def _polar_thin(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+@register_euclidean("tsvm")
+def tsvm(task_vectors, weights, *, base=None, generator=None, lam: float = 1.0):
+    """TSV-M, per matrix: top ``min(m,n)//N`` triplets per task, polar-orthogonalised U and V, ``lam`` (1.0).
+
+    Non-matrix tensors: weighted mean.
+    """
+    stack = _stack(task_vectors, weights)
+    if stack.dim() != 3:
+        return (stack * (_relative(weights, stack) / len(weights))).sum(0)
+    count, rows, cols = stack.shape
+    k = max(1, min(rows, cols) // count)
+    u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    rel = _relative(weights, s[:, :1]).view(-1, 1)
+    u_cat = torch.cat(list(u[:, :, :k].unbind(0)), dim=1)  # (m, N k)
+    v_cat = torch.cat(list(vh[:, :k, :].transpose(-2, -1).unbind(0)), dim=1)  # (n, N k)
+    s_cat = (s[:, :k] * rel).reshape(-1)
+    return float(lam) * (_polar_thin(u_cat) * s_cat) @ _polar_thin(v_cat).T

@@ -1,0 +1,213 @@
+"""`ops.decouple` against an independent dense float64 implementation (full SVDs, explicit formulas).
+
+The reference works in the full ``in x in`` space with explicit inverses, no reduced basis, no
+batching, no shortcuts: if the library's reduced-basis / Newton-Schulz path is wrong anywhere,
+these disagree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
+
+from conftest import build_tiny_llama
+from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
+from peft_orthomerge.ops.decouple import decouple_merge, procrustes_batch, procrustes_rotation
+
+F64 = torch.float64
+
+
+# -- independent reference -------------------------------------------------------------------------
+
+
+def ref_rotation(w0: torch.Tensor, wt: torch.Tensor, rtol: float = 1e-11) -> torch.Tensor:
+    """Closest-to-identity optimal P in SO(n): full SVD of M, polar of the complement block, det fix."""
+    m = w0.T @ wt
+    n = m.shape[0]
+    u, s, vh = torch.linalg.svd(m)
+    v = vh.T
+    k = int((s > rtol * s[0]).sum())
+    p = u[:, :k] @ v[:, :k].T
+    if k < n:
+        c = u[:, k:].T @ v[:, k:]
+        uz, _, vzh = torch.linalg.svd(c)
+        z = uz @ vzh
+        if torch.linalg.det(p + u[:, k:] @ z @ v[:, k:].T) < 0:
+            uz[:, -1] *= -1
+            z = uz @ vzh
+        p = p + u[:, k:] @ z @ v[:, k:].T
+    elif torch.linalg.det(p) < 0:
+        u[:, -1] *= -1
+        p = u @ vh
+    return p
+
+
+def ref_merge(w0, experts, weights, target="global", lam=None):
+    """Paper Algorithm 2 with TA residuals, written out densely in float64."""
+    w0 = w0.to(F64)
+    experts = [e.to(F64) for e in experts]
+    n = w0.shape[1]
+    eye = torch.eye(n, dtype=F64)
+    taus = [e - w0 for e in experts]
+    mean_tau = sum(w * t for w, t in zip(weights, taus))
+    qs, rhos = [], []
+    for e, t in zip(experts, taus):
+        if target == "conflict":
+            rows = []
+            for r in range(t.shape[0]):
+                denom = t[r].norm() * mean_tau[r].norm()
+                cos = float(t[r] @ mean_tau[r] / denom) if denom > 0 else 0.0
+                rows.append(1.0 if cos < 0 else 0.0)
+            tgt = w0 + t * torch.tensor(rows, dtype=F64)[:, None]
+        else:
+            tgt = e
+        p = eye.clone() if torch.equal(tgt, w0) else ref_rotation(w0, tgt)
+        qs.append((p - eye) @ torch.linalg.inv(p + eye))
+        rhos.append(e - w0 @ p)
+    s = sum(w * q for w, q in zip(weights, qs))
+    total = sum(w * float(torch.linalg.matrix_norm(q)) for w, q in zip(weights, qs))
+    snorm = float(torch.linalg.matrix_norm(s))
+    q = s * (total / snorm) if snorm > 1e-12 * max(total, 1e-300) else torch.zeros_like(s)
+    p = (eye + q) @ torch.linalg.inv(eye - q)
+    count = len(experts)
+    lam = 1.0 / count if lam is None else lam
+    rho = lam * sum(count * w * r for w, r in zip(weights, rhos))
+    return w0 @ p + rho
+
+
+def _pair(out, n, noise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
+    return w0, w0 + noise * torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
+
+
+# shapes of the tiny Llama: k/v (16, 64), q/o (64, 64), gate/up (160, 64), down (64, 160)
+SHAPES = [(16, 64), (40, 64), (64, 64), (160, 64), (64, 160)]
+
+
+@pytest.mark.parametrize("solver", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rotation_matches_reference_and_svd_optimum(shape, solver):
+    w0, wt = _pair(*shape, 0.3, 1)
+    p = procrustes_rotation(w0, wt, solver=solver)
+    ref = ref_rotation(w0, wt)
+    n = shape[1]
+    assert torch.allclose(p, ref, atol=1e-9)
+    assert float(torch.linalg.matrix_norm(p.T @ p - torch.eye(n, dtype=F64))) < 1e-11
+    assert float(torch.linalg.det(p)) == pytest.approx(1.0, abs=1e-9)
+    # objective equals the unconstrained SVD optimum ||Wt||^2 + ||W0||^2 - 2 sum(sigma)
+    sig = torch.linalg.svdvals(w0.T @ wt)
+    opt = (wt.norm() ** 2 + w0.norm() ** 2 - 2 * sig.sum()).clamp_min(0).sqrt()
+    assert float(torch.linalg.matrix_norm(wt - w0 @ p)) == pytest.approx(float(opt), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 160)])
+def test_rank_deficient_choice_is_closest_to_identity(shape):
+    w0, wt = _pair(*shape, 0.3, 2)
+    p = procrustes_rotation(w0, wt, solver="svd")
+    u, s, vh = torch.linalg.svd(w0.T @ wt)
+    k = shape[0]
+    n = shape[1]
+    eye = torch.eye(n, dtype=F64)
+    gen = torch.Generator().manual_seed(5)
+    best = float(torch.linalg.matrix_norm(p - eye))
+    for _ in range(5):  # other optimal rotations (arbitrary map between the null spaces) are farther from I
+        z, _ = torch.linalg.qr(torch.randn(n - k, n - k, generator=gen, dtype=F64))
+        other = u[:, :k] @ vh[:k] + u[:, k:] @ z @ vh[k:]
+        assert float(torch.linalg.matrix_norm(wt - w0 @ other)) == pytest.approx(
+            float(torch.linalg.matrix_norm(wt - w0 @ p)), abs=1e-9
+        )
+        assert float(torch.linalg.matrix_norm(other - eye)) > best
+    # the plain SVD answer U V^T is far from identity; ours is not
+    assert float(torch.linalg.matrix_norm(u @ vh - eye)) > 2 * best
+
+
+@pytest.mark.parametrize("solver", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_identity_recovery_without_shortcut(shape, solver):
+    """W0 against itself: the formula (no equality shortcut) gives P = I, also on k/v and down_proj."""
+    w0, _ = _pair(*shape, 0.0, 3)
+    rots, info = procrustes_batch(w0, w0[None].clone(), solver=solver)
+    eye = torch.eye(shape[1], dtype=F64)
+    assert float(torch.linalg.matrix_norm(rots[0].dense() - eye)) < 1e-10
+    assert info.orthogonality_error < 1e-11
+    assert torch.equal(procrustes_rotation(w0, w0.clone()), eye)
+
+
+def test_merging_base_copies_gives_base_exactly():
+    model = build_tiny_llama()
+    w0 = model.model.layers[0].self_attn.k_proj.weight.detach()
+    for target in ("global", "conflict", None):
+        merged, stats = decouple_merge(w0, [w0.clone(), w0.clone()], [0.5, 0.5], target)
+        assert torch.equal(merged.to(w0.dtype), w0)
+        assert stats.skew_norms in ([], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+@pytest.mark.parametrize("solver", ["svd", "newton_schulz"])
+def test_decouple_merge_matches_reference_on_tiny_llama(target, solver):
+    base = build_tiny_llama(seed=0)
+    experts = [build_tiny_llama(seed=s) for s in (1, 2, 3)]
+    weights = [0.5, 0.3, 0.2]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    layer = base.model.layers[0]
+    for name in names:
+        w0 = layer.get_submodule(name).weight.detach().to(F64)
+        t1, t2 = (0.05 * e.model.layers[0].get_submodule(name).weight.detach().to(F64) for e in experts[:2])
+        ws = [w0 + t1, w0 + t2, w0 - 1.5 * t1 + 0.3 * t2]  # the third conflicts with the mean on most rows
+        got, stats = decouple_merge(w0, ws, weights, target, "ta", solver=solver, name=name)
+        ref = ref_merge(w0, ws, weights, target)
+        assert torch.allclose(got, ref, atol=1e-9, rtol=0), name
+        assert len(stats.residual_norms) == 3 and stats.solver == solver
+        if target == "conflict":
+            assert 0 < sum(stats.rows_kept) < 3 * w0.shape[0]
+
+
+def test_ta_lambda_and_target_none():
+    w0, w1 = _pair(16, 64, 0.2, 4)
+    _, w2 = _pair(16, 64, 0.2, 5)
+    got, _ = decouple_merge(w0, [w1, w2], [0.5, 0.5], "global", "ta", {"lam": 0.7})
+    assert torch.allclose(got, ref_merge(w0, [w1, w2], [0.5, 0.5], "global", lam=0.7), atol=1e-10)
+    plain, stats = decouple_merge(w0, [w1, w2], [0.25, 0.75], None)
+    assert torch.allclose(plain, w0 + 0.25 * (w1 - w0) + 0.75 * (w2 - w0), atol=1e-14)
+    assert stats.solver == "none"
+
+
+def test_stats_are_consistent():
+    w0, w1 = _pair(40, 64, 0.3, 6)
+    _, w2 = _pair(40, 64, 0.3, 7)
+    _, stats = decouple_merge(w0, [w1, w2], [0.5, 0.5], "global")
+    for w, tau_norm, rho_norm in zip((w1, w2), stats.task_vector_norms, stats.residual_norms):
+        p = ref_rotation(w0, w)
+        assert tau_norm == pytest.approx(float((w - w0).norm()), rel=1e-12)
+        assert rho_norm == pytest.approx(float((w - w0 @ p).norm()), rel=1e-8)
+    assert stats.magnitude_factor is not None and stats.magnitude_factor >= 1.0
+    extra = stats.as_extra()
+    assert {"orth_part_norm_0", "residual_norm_1", "task_vector_norm_0", "solver_error"} <= set(extra)
+    _, conflict = decouple_merge(w0, [w1, 2 * w0 - w1], [0.7, 0.3], "conflict")
+    kept = conflict.as_extra()
+    assert kept["rows_kept_0"] == 0 and kept["rows_kept_1"] == 40  # the second expert opposes the mean on every row
+
+
+def test_half_turn_raises_numerical_error_naming_module():
+    w0 = torch.eye(4, dtype=F64)
+    half_turn = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=F64))
+    with pytest.raises(NumericalError, match="layers.3.q_proj"):
+        decouple_merge(w0, [half_turn], [1.0], "global", name="layers.3.q_proj")
+
+
+def test_bad_arguments():
+    w0, w1 = _pair(8, 16, 0.1, 8)
+    with pytest.raises(IncompatibleInputsError):
+        decouple_merge(w0, [w1[:, :8]], [1.0], "global")
+    with pytest.raises(ConfigError):
+        decouple_merge(w0, [w1], [1.0], "sideways")
+    with pytest.raises(ConfigError):
+        decouple_merge(w0, [w1], [1.0], "global", "nope")
+    with pytest.raises(ConfigError):
+        decouple_merge(w0, [w1], [1.0], "global", solver="quintic")
+    bad = w1.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(NumericalError, match="mlp.up_proj"):
+        decouple_merge(w0, [w1, bad], [0.5, 0.5], "global", name="mlp.up_proj")

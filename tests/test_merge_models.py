@@ -1,0 +1,162 @@
+"""`merge_models`: streamed merge of full fine-tunes, reloaded with transformers, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
+from safetensors.torch import load_file, save_file
+
+from _lora_utils import perturbed_state
+from conftest import build_tiny_llama
+from peft_orthomerge import MergeReport, merge_models
+from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError, OutputError, UnsafeInputError
+from peft_orthomerge.ops.decouple import decouple_merge
+from peft_orthomerge.ops.registry import get_euclidean
+from test_decouple_ops import ref_merge
+
+
+def _save_expert(path, seed, dtype=torch.float32, shard=None, **overrides):
+    model = build_tiny_llama(**overrides).to(dtype)
+    model.load_state_dict(perturbed_state(model, seed))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    base = root / "base"
+    build_tiny_llama().save_pretrained(base)
+    return base, [_save_expert(root / "e1", 1), _save_expert(root / "e2", 2, shard="60KB"), _save_expert(root / "e3", 3)]
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def _states(base, paths):
+    return _load(base), [_load(p) for p in paths]
+
+
+def test_reloaded_output_equals_in_memory_merge(experts, tmp_path):
+    base, paths = experts
+    weights = [0.5, 0.3, 0.2]
+    out = tmp_path / "merged"
+    report = merge_models(base, paths, out, weights, target="global", residual="ties")
+    assert isinstance(report, MergeReport) and report.kind == "full"
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    assert MergeReport.from_json(out / "orthomerge_report.json").method == "orthomerge-global+ties"
+    assert len(list(out.glob("*.safetensors"))) >= 1
+    merged = _load(out)
+    w0s, states = _states(base, paths)
+    ties = get_euclidean("ties")
+    n2d = 0
+    for name, w0 in w0s.items():
+        ws = [s[name] for s in states]
+        if w0.dim() == 2:
+            want, _ = decouple_merge(w0, ws, weights, "global", "ties", solver="svd")
+            n2d += 1
+        else:
+            taus = [w.double() - w0.double() for w in ws]
+            want = w0.double() + ties(taus, weights)
+        assert merged[name].dtype == w0.dtype
+        assert torch.allclose(merged[name].double(), want, atol=1e-6, rtol=0), name
+    names = {m.name for m in report.modules}
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
+    assert len(report.modules) == n2d and "model.norm.weight" in report.passthrough
+    extra = report.modules[0].extra
+    assert {"task_vector_norm_2", "orth_part_norm_0", "residual_norm_1", "merged_delta_norm"} <= set(extra)
+
+
+def test_conflict_target_against_independent_reference(experts, tmp_path):
+    base, paths = experts
+    merge_models(base, paths[:2], tmp_path / "m", target="conflict", include=r"layers\.0\.", solver="newton_schulz")
+    merged = _load(tmp_path / "m")
+    w0s, states = _states(base, paths[:2])
+    for name, w0 in w0s.items():
+        ws = [s[name] for s in states]
+        if w0.dim() == 2 and "layers.0." in name:
+            want = ref_merge(w0, ws, [0.5, 0.5], "conflict")
+        else:  # not selected: Euclidean TA (the mean) on the task vectors
+            want = w0.double() + 0.5 * (ws[0].double() - w0.double()) + 0.5 * (ws[1].double() - w0.double())
+        assert torch.allclose(merged[name].double(), want, atol=1e-6, rtol=0), name
+
+
+def test_bf16_tied_embeddings_and_exclude(tmp_path):
+    base = tmp_path / "base"
+    build_tiny_llama(tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(base)
+    paths = [_save_expert(tmp_path / f"e{i}", i, torch.bfloat16, tie_word_embeddings=True) for i in (1, 2)]
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    report = merge_models(base, paths, tmp_path / "out", exclude=["embed_tokens"], residual="dare_ta")
+    assert "model.embed_tokens.weight" in report.passthrough
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # DARE is seeded per tensor: a second run writes the same numbers
+    merge_models(base, paths, tmp_path / "again", exclude=["embed_tokens"], residual="dare_ta")
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merging_copies_of_base_returns_base(experts, tmp_path):
+    base, _ = experts
+    merge_models(base, [base, base], tmp_path / "same")
+    got, want = _load(tmp_path / "same"), _load(base)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _nothing_written(path):
+    return not path.exists() and not list(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def test_bad_inputs_write_nothing(experts, tmp_path):
+    base, paths = experts
+    out = tmp_path / "out"
+    wide = _save_expert(tmp_path / "wide", 4, intermediate_size=96)
+    with pytest.raises(IncompatibleInputsError, match="mlp.*shape mismatch"):
+        merge_models(base, [paths[0], wide], out)
+    assert _nothing_written(out)
+
+    nan_dir = tmp_path / "nan"
+    nan_dir.mkdir()
+    (nan_dir / "config.json").write_text((base / "config.json").read_text())
+    state = load_file(paths[0] / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
+    save_file(state, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NumericalError, match=r"model.safetensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        merge_models(base, [paths[0], nan_dir], out)
+    assert _nothing_written(out)
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((base / "config.json").read_text())
+    torch.save(build_tiny_llama().state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(UnsafeInputError):
+        merge_models(base, [paths[0], pickled], out)
+    assert _nothing_written(out)
+    merge_models(base, [pickled], out, allow_pickle=True)  # opt-in, weights_only=True
+    assert (out / "model.safetensors").is_file()
+
+    for weights in ([1.0, -1.0, 0.0], [0.0, 0.0, 0.0], [1.0]):
+        with pytest.raises(ConfigError):
+            merge_models(base, paths, tmp_path / "w", weights)
+    with pytest.raises(ConfigError):
+        merge_models(base, paths, tmp_path / "w", include="(")
+    assert _nothing_written(tmp_path / "w")
+
+    with pytest.raises(OutputError):
+        merge_models(base, paths, base / "inside")
+    with pytest.raises(OutputError):
+        merge_models(base, paths, out)  # exists and is not empty
+    before = json.loads((out / "orthomerge_report.json").read_text())
+    assert before["inputs"] == [str(pickled)]
+    merge_models(base, paths[:1], out, overwrite=True)
+    assert json.loads((out / "orthomerge_report.json").read_text())["inputs"] == [str(paths[0])]

@@ -1,0 +1,95 @@
+"""Polar solvers: accuracy against the SVD, certificates, fallback, and why the quintic is not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
+
+from peft_orthomerge.errors import ConfigError
+from peft_orthomerge.ops.procrustes import (
+    newton_schulz,
+    orthogonality_error,
+    polar,
+    quintic_newton_schulz,
+    resolve_solver,
+)
+
+
+def _svd_polar(a: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(a)
+    return u @ vh
+
+
+def _cross_gram(n: int, out: int, noise: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, n, generator=gen, dtype=torch.float64) / out**0.5
+    wt = w0 + noise * torch.randn(out, n, generator=gen, dtype=torch.float64) / out**0.5
+    return w0.T @ wt
+
+
+@pytest.mark.parametrize("solver", ["svd", "newton_schulz"])
+def test_polar_matches_svd_reference_batched(solver):
+    a = torch.stack([_cross_gram(48, 96, 0.3, s) for s in range(3)])
+    res = polar(a, solver)
+    ref = torch.stack([_svd_polar(x) for x in a])
+    assert res.factor.shape == a.shape
+    assert torch.allclose(res.factor, ref, atol=1e-10)
+    assert res.orthogonality_error < 1e-11
+    assert res.fallback == 0
+    # the polar factor makes P^T A symmetric positive definite
+    h = res.factor.transpose(-2, -1) @ a
+    assert torch.allclose(h, h.transpose(-2, -1), atol=1e-9)
+    assert bool((torch.linalg.eigvalsh(0.5 * (h + h.transpose(-2, -1))) > 0).all())
+
+
+def test_newton_schulz_certificate_bounds_distance_to_polar():
+    a = _cross_gram(32, 64, 0.5, 7)
+    ref = _svd_polar(a)
+    for steps in (3, 6, 12):
+        x, err, taken = newton_schulz(a, tol=0.0, max_iter=steps)
+        assert taken == steps
+        # ||X - polar(A)||_F <= ||X^T X - I||_F (the certificate the solver reports)
+        assert float(torch.linalg.matrix_norm(x - ref)) <= float(err) + 1e-12
+
+
+def test_newton_schulz_falls_back_on_singular_and_ill_conditioned():
+    gen = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    s_singular = torch.linspace(1, 2, 40, dtype=torch.float64)
+    s_singular[-3:] = 0
+    s_ill = torch.logspace(0, -9, 40, dtype=torch.float64)
+    good = _cross_gram(40, 80, 0.2, 1)
+    batch = torch.stack([u @ torch.diag(s_singular) @ v.T, u @ torch.diag(s_ill) @ v.T, good])
+    res = polar(batch, "newton_schulz", max_iter=40)
+    assert res.fallback == 2
+    assert torch.allclose(res.factor[2], _svd_polar(good), atol=1e-10)
+    assert torch.allclose(res.factor[1], u @ v.T, atol=1e-5)
+    assert res.orthogonality_error < 1e-11
+
+
+def test_published_quintic_does_not_converge_to_polar_factor():
+    """The 5-step quintic (3.4445, -4.7750, 2.0315) leaves singular values far from 1."""
+    a = _cross_gram(64, 256, 0.3, 11)
+    x = quintic_newton_schulz(a, steps=5)
+    s = torch.linalg.svdvals(x)
+    assert float((s - 1).abs().max()) > 0.1
+    # more steps do not help: it oscillates in a band instead of converging
+    s_many = torch.linalg.svdvals(quintic_newton_schulz(a, steps=50))
+    assert float((s_many - 1).abs().max()) > 0.1
+    assert float(torch.linalg.matrix_norm(x - _svd_polar(a))) > 0.1
+    # the convergent iteration on the same matrix
+    ours = polar(a, "newton_schulz")
+    assert ours.fallback == 0
+    assert float((torch.linalg.svdvals(ours.factor) - 1).abs().max()) < 1e-12
+
+
+def test_orthogonality_error_and_solver_names():
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    assert float(orthogonality_error(q)) < 1e-13
+    assert float(orthogonality_error(2 * q)) == pytest.approx(3 * 10**0.5, rel=1e-9)
+    assert resolve_solver("auto", "cpu") == "svd"
+    assert resolve_solver("newton_schulz", "cpu") == "newton_schulz"
+    with pytest.raises(ConfigError):
+        resolve_solver("quintic", "cpu")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .io.jsonfile import read_json_object
 from .errors import ConfigError, InputError, OrthoMergeError
 from .io.output import atomic_output_dir
 from .io.resolve import resolve_source
@@ -154,7 +155,7 @@ def drift(base: torch.Tensor, merged: torch.Tensor) -> dict[str, float]:
 def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
     """Yield ``(tensor name, merged weight)`` for the merged 2-D weights of the output."""
     if (output_dir / "adapter_config.json").is_file():
-        config = json.loads((output_dir / "adapter_config.json").read_text())
+        config = read_json_object(output_dir / "adapter_config.json", what="adapter config")
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type == "OFT":
             from .oft.fold import fold_weight
@@ -214,7 +215,7 @@ def _recorded_base(output_dir: Path, report: MergeReport) -> str | None:
             pass
     config = output_dir / "adapter_config.json"
     if config.is_file():
-        return json.loads(config.read_text()).get("base_model_name_or_path") or None
+        return read_json_object(config, what="adapter config").get("base_model_name_or_path") or None
     return None
 
 

@@ -18,12 +18,12 @@ as in the conflict-aware target of DESIGN §4. Work is done one module at a time
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import torch
 
+from .io.jsonfile import read_json_object
 from .errors import IncompatibleInputsError, InputError
 from .io.resolve import resolve_source
 from .io.tensors import TensorReader
@@ -59,7 +59,7 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
     directory = resolve_source(ref, allow_patterns=["*.json", "*.safetensors", "*.md"])
     info: dict[str, Any] = {"ref": ref, "path": str(directory)}
     if (directory / "adapter_config.json").is_file():
-        config = json.loads((directory / "adapter_config.json").read_text())
+        config = read_json_object(directory / "adapter_config.json", what="adapter config")
         peft_type = _peft_type(config)
         if peft_type == "OFT":
             from .oft.reader import read_adapter_dir
@@ -110,7 +110,7 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
             return info, lora
         raise IncompatibleInputsError(f"unsupported adapter type {config.get('peft_type')!r}", path=directory)
     if (directory / "config.json").is_file():
-        config = json.loads((directory / "config.json").read_text())
+        config = read_json_object(directory / "config.json", what="model config")
         reader = TensorReader.from_dir(directory, "model")
         info.update(
             type="full",

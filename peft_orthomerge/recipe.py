@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, InputError, OrthoMergeError
 from .io.resolve import looks_like_repo_id, resolve_source
@@ -57,10 +57,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("paths cannot contain NUL bytes")
+    return value
+
+
+PathStr = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+
+
 class InputSpec(_Strict):
     """One input: a local directory or Hub repo id, and its (unnormalised) task weight."""
 
-    path: str = Field(min_length=1)
+    path: PathStr
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
 
 
@@ -122,7 +131,7 @@ class FullMethod(_DecoupleMethod):
 
 
 class _Output(_Strict):
-    path: str = Field(min_length=1)
+    path: PathStr
 
 
 class OftOutput(_Output):
@@ -138,7 +147,7 @@ class FullOutput(_Output):
 
 
 class _RecipeBase(_Strict):
-    base_model: str | None = None
+    base_model: PathStr | None = None
     inputs: list[InputSpec] = Field(min_length=1)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -403,9 +412,15 @@ def run_recipe(
         return _execute(plan, overwrite=overwrite)
 
 
+# API functions that split their work across the ranks of a torchrun / accelerate launch;
+# the others run on rank 0 alone while the other ranks wait.
+MULTI_PROCESS_FUNCTIONS = ("merge_models",)
+
+
 def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
+    """Run the plan into an atomic output directory (shared by all ranks under a launcher)."""
     from . import __version__
-    from .io.output import atomic_output_dir
+    from .parallel import distributed_output, process_context
 
     recipe = plan.recipe
     reproducible = recipe.model_copy(
@@ -419,19 +434,28 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
         f"# Reproduce with: peft-orthomerge merge {RECIPE_FILE} --out NEW_DIR\n"
     )
     sources = [*plan.inputs, *([plan.base_model] if plan.base_model else [])]
-    with atomic_output_dir(plan.output_dir, inputs=sources, overwrite=overwrite) as tmp:
+    ctx = process_context(plan.device)
+    everywhere = plan.function in MULTI_PROCESS_FUNCTIONS
+
+    def work(tmp: Path) -> MergeReport | None:
+        if not (ctx.is_main or everywhere):
+            return None
         if plan.function == "merge_lora_adapters":
-            report = _run_lora(plan, tmp)
-        else:
-            report = _run_file_api(plan, tmp)
+            return _run_lora(plan, tmp)
+        return _run_file_api(plan, tmp, lift=ctx.is_main)
+
+    def finalize(tmp: Path, reports: list[MergeReport | None]) -> MergeReport:
+        report = reports[0]
         report.output_path = str(plan.output_dir)
         report.to_json(tmp / REPORT_FILE)
         (tmp / RECIPE_FILE).write_text(recipe_to_yaml(reproducible, header=header))
-    return report
+        return report
+
+    return distributed_output(ctx, plan.output_dir, work=work, finalize=finalize, inputs=sources, overwrite=overwrite)
 
 
-def _run_file_api(plan: MergePlan, tmp: Path) -> MergeReport:
-    """Call a file-writing API function into ``tmp/_merge``, then lift its files into ``tmp``."""
+def _run_file_api(plan: MergePlan, tmp: Path, *, lift: bool = True) -> MergeReport:
+    """Call a file-writing API function into ``tmp/_merge``, then (``lift``) move its files into ``tmp``."""
     import peft_orthomerge
 
     fn = getattr(peft_orthomerge, plan.function)
@@ -439,9 +463,10 @@ def _run_file_api(plan: MergePlan, tmp: Path) -> MergeReport:
     args = [staging if isinstance(a, Path) and a == plan.output_dir else a for a in plan.args]
     kwargs = dict(plan.kwargs, overwrite=False)
     report = fn(*args, **kwargs)
-    for entry in staging.iterdir():
-        entry.rename(tmp / entry.name)
-    staging.rmdir()
+    if lift:
+        for entry in staging.iterdir():
+            entry.rename(tmp / entry.name)
+        staging.rmdir()
     return report
 
 

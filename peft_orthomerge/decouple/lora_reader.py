@@ -8,7 +8,6 @@ Folding follows `peft_orthomerge.ops.lora_fold`. Nothing here merges.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..io.jsonfile import read_json_object
 from ..errors import IncompatibleInputsError, InputError
 from ..io.tensors import TensorReader, ensure_finite
 from ..ops.lora_fold import dora_weight, lora_delta, lora_scaling, module_rank_alpha
@@ -209,12 +209,7 @@ def read_adapter_dir(ref: str, directory: Path) -> LoraAdapter:
     config_path = directory / "adapter_config.json"
     if not config_path.is_file():
         raise InputError("no adapter_config.json (not a PEFT adapter directory)", path=directory)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"invalid adapter_config.json ({exc})", path=config_path) from exc
-    if not isinstance(config, dict):
-        raise InputError("adapter_config.json is not an object", path=config_path)
+    config = read_json_object(config_path, what="adapter config")
     validate_config(config, str(config_path))
     reader = TensorReader.from_dir(directory, "adapter_model")
     label = str(reader.files[0]) if reader.files else str(directory)

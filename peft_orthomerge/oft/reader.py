@@ -18,7 +18,6 @@ embedding base weights) is a *pass-through* tensor, merged by weighted mean.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,10 @@ from typing import Any
 
 import torch
 
+from ..io.jsonfile import read_json_object
 from ..errors import IncompatibleInputsError, InputError, NumericalError, OrthoMergeError
 from ..io.tensors import TensorReader, ensure_finite
-from ..ops.skew import block_size_from_n, skew_to_vec, to_canonical
+from ..ops.skew import block_norms, block_size_from_n, skew_to_vec, to_canonical
 
 PREFIX = "base_model.model."
 NEW_SUFFIXES = {".oft_R.weight": "linear", ".oft_embedding_R.weight": "embedding"}
@@ -100,17 +100,31 @@ class OftAdapter:
     def block_share(self) -> bool:
         return bool(self.config.get("block_share", False))
 
-    def canonical(self, name: str) -> torch.Tensor:
-        """Canonical float64 vectors ``(r, n)`` of module ``name`` as PEFT would apply them."""
+    def canonical(self, name: str, *, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+        """Canonical vectors ``(r, n)`` of module ``name`` as PEFT would apply them, in ``dtype``
+        (``None``: the stored float32 / float64; half precisions widened to float32)."""
+        return self.canonical_with_norms(name, dtype=dtype)[0]
+
+    def canonical_with_norms(self, name: str, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`canonical` plus its per-block norms ``||Q_k||_F`` (float64 ``(r,)``, `block_norms`), which
+        also serve as the NaN / Inf check (`NumericalError` naming file and tensor)."""
         mod = self.modules[name]
-        vec = self.tensors.get(mod.key, check_finite=False).double()
-        if not math.isfinite(float(vec.sum())):  # one reduction: NaN / Inf anywhere make the float64 sum non-finite
+        raw = self.tensors.get(mod.key, check_finite=False)
+        work = dtype or (raw.dtype if raw.dtype in (torch.float32, torch.float64) else torch.float32)
+        vec = raw.to(work)
+        if self.legacy or self.config.get("coft", False):  # rare formats: check the raw entries, then transform
+            if not bool(torch.isfinite(vec).all()):
+                raise NumericalError("tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key)
+            if self.legacy:
+                vec = skew_to_vec(-0.5 * (vec - vec.transpose(-2, -1)))
+            else:
+                vec = to_canonical(coft_project(vec, float(self.config.get("eps", 6e-5))), self.use_cayley_neumann, dtype=work)
+        else:
+            vec = to_canonical(vec, self.use_cayley_neumann, dtype=work)
+        norms = block_norms(vec)
+        if not math.isfinite(float(norms.sum())):  # NaN / Inf anywhere make their block's norm non-finite
             raise NumericalError("tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key)
-        if self.legacy:
-            return skew_to_vec(-0.5 * (vec - vec.transpose(-2, -1)))
-        if self.config.get("coft", False):
-            vec = coft_project(vec, float(self.config.get("eps", 6e-5)))
-        return to_canonical(vec, self.use_cayley_neumann)
+        return vec, norms
 
     def output_scale(self, name: str) -> torch.Tensor | None:
         """Legacy ``oft_s`` ``(out, 1)`` of module ``name`` (``None`` when absent)."""
@@ -154,13 +168,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     file = directory / "adapter_config.json"
     if not file.is_file():
         raise InputError("no adapter_config.json: not a PEFT adapter directory", path=directory)
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as exc:
-        raise InputError(f"invalid JSON ({exc})", path=file) from exc
-    if not isinstance(config, dict):
-        raise InputError("adapter config is not a JSON object", path=file)
-    return config
+    return read_json_object(file, what="adapter config")
 
 
 def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) -> OftAdapter:

@@ -28,6 +28,10 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise ConfigError(f"weights must be finite, got {values}")
     if any(w < 0 for w in values):
         raise ConfigError(f"weights must be non-negative, got {values}")
+    largest = max(values)
+    if largest <= 0:
+        raise ConfigError("weights sum to zero", hint="Give at least one input a positive weight.")
+    values = [w / largest for w in values]  # no overflow for huge finite weights
     total = sum(values)
     if total <= 0:
         raise ConfigError("weights sum to zero", hint="Give at least one input a positive weight.")

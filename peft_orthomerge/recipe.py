@@ -9,7 +9,7 @@ A recipe describes one merge::
         weight: 2.0            # optional, default 1 (weights are normalised to sum to 1)
       - path: org/oft-code
     method:
-      name: orthomerge         # oft: orthomerge | mean_q | mean_r | product_r
+      name: orthomerge         # oft: orthomerge | mean_q | mean_r | product_r | karcher | ta | ties | ... (folded)
       granularity: module      # other keys map one to one onto the Python API's keywords
     output:
       path: ./merged
@@ -48,7 +48,6 @@ from .report import REPORT_FILE, MergeReport
 
 RECIPE_FILE = "orthomerge_recipe.yaml"
 
-OFT_METHODS = ("orthomerge", "mean_q", "mean_r", "product_r")
 RESIDUALS = ("ta", "ties", "dare_ta", "dare_ties", "tsvm")
 FORMATS = {"oft": ("adapter", "folded"), "lora": ("model", "lora"), "full": ("model",)}
 
@@ -76,10 +75,22 @@ class InputSpec(_Strict):
 class OftMethod(_Strict):
     """Options of `merge_oft_checkpoints` (``name`` is its ``method`` keyword)."""
 
-    name: Literal["orthomerge", "mean_q", "mean_r", "product_r"] = "orthomerge"
+    name: str = "orthomerge"
     granularity: Literal["module", "block"] = "module"
     cayley: Literal["auto", "exact", "neumann"] = "auto"
     scale: float = Field(default=1.0, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        """so(b) methods (adapter or folded output) or Euclidean baselines on folded weights."""
+        from .ops.registry import euclidean_methods
+        from .ops.so_merge import so_methods
+
+        valid = [*so_methods(), *euclidean_methods()]
+        if value not in valid:
+            raise ValueError(f"unknown OFT method {value!r}; valid: {', '.join(valid)}")
+        return value
 
 
 class _DecoupleMethod(_Strict):
@@ -91,9 +102,18 @@ class _DecoupleMethod(_Strict):
 
     name: Literal["orthomerge", "euclidean"] = "orthomerge"
     target: Literal["global", "conflict"] | None = "global"
-    residual: Literal["ta", "ties", "dare_ta", "dare_ties", "tsvm"] = "ta"
+    residual: str = "ta"
     residual_kwargs: dict[str, float | int | bool | str | None] | None = None
     solver: Literal["auto", "svd", "newton_schulz"] = "auto"
+
+    @field_validator("residual")
+    @classmethod
+    def _known_residual(cls, value: str) -> str:
+        from .ops.registry import euclidean_methods
+
+        if value not in euclidean_methods():
+            raise ValueError(f"unknown residual method {value!r}; valid: {', '.join(euclidean_methods())}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -170,8 +190,13 @@ class OftRecipe(_RecipeBase):
     def _check(self) -> "OftRecipe":
         if self.output.format == "folded" and not self.base_model:
             raise ValueError("output format 'folded' needs base_model (the model to fold the merged adapter into)")
-        if self.method.name == "mean_r" and self.output.format != "folded":
-            raise ValueError("method 'mean_r' is not orthogonal and can only be exported folded (output.format: folded)")
+        from .ops.so_merge import SO_METHODS
+
+        spec = SO_METHODS.get(self.method.name)
+        if (spec is None or not spec.orthogonal) and self.output.format != "folded":
+            raise ValueError(
+                f"method {self.method.name!r} does not give a rotation and can only be exported folded (output.format: folded)"
+            )
         return self
 
 

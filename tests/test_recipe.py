@@ -72,7 +72,8 @@ def test_unknown_keys_list_valid_ones(data, expected):
     [
         ({"inputs": []}, "missing key 'kind'"),
         (_oft(kind="qlora"), "unknown kind 'qlora'; valid kinds: oft, lora, full"),
-        (_oft(method={"name": "ties"}), "method.name"),
+        (_oft(method={"name": "magic"}), "method.name"),
+        (_oft(method={"name": "ties"}), "folded"),
         (_oft(output={"path": "m", "format": "model"}), "output.format"),
         (_oft(output={"path": "m", "format": "folded"}), "needs base_model"),
         (_oft(method={"name": "mean_r"}), "folded"),

@@ -5,6 +5,7 @@ Public API (imported lazily so that ``import peft_orthomerge`` and the CLI start
 - `merge_oft_adapters`, `merge_oft_checkpoints`: OFT adapters merged in so(b).
 - `merge_lora_adapters`, `merge_models`: orthogonal-residual decoupling of LoRA adapters / full fine-tunes.
 - `push_to_hub`: upload a finished output directory.
+- `compare_methods`: run several merge methods on your models and score them with your own evaluation.
 - `MergeReport`, `OrthoMergeError` and its subclasses.
 """
 
@@ -32,6 +33,7 @@ _LAZY = {
     "merge_lora_adapters": "peft_orthomerge.decouple.api",
     "merge_models": "peft_orthomerge.decouple.api",
     "push_to_hub": "peft_orthomerge.hub",
+    "compare_methods": "peft_orthomerge.compare",
 }
 
 __all__ = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import OrthoMergeError, OutputError
+from ..errors import ConfigError, OutputError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -31,7 +31,10 @@ def check_output_dir(
     Refused: an output equal to, inside, or containing an input; an existing non-empty directory
     (unless ``overwrite``); an existing file; a parent that cannot be written.
     """
-    out = Path(output_dir).expanduser().resolve()
+    try:
+        out = Path(output_dir).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop, unknown user
+        raise OutputError(f"invalid output path ({exc})", path=output_dir) from exc
     for inp in inputs:
         src = Path(inp).expanduser()
         if not src.exists():
@@ -49,6 +52,8 @@ def check_output_dir(
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError("a parent of the output path is a file, not a directory", path=parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("cannot write to the parent directory", path=parent)
     return out
@@ -64,27 +69,50 @@ def atomic_output_dir(
     ``output_dir`` is left as it was. ``OSError`` from the writer becomes `OutputError`.
     """
     out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory ({exc})", path=out) from exc
+    old = None
     try:
         yield tmp
-        old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
         tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OrthoMergeError:
+    except BaseException as exc:
+        if old is not None and not out.exists():
+            old.rename(out)  # put the previous output back
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"writing the output failed ({exc}); nothing was written", path=out) from exc
         raise
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing the output failed ({exc}); nothing was written", path=out) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"`` (transformers' ``max_shard_size``)."""
+    if isinstance(size, bool):
+        raise ConfigError(f"invalid size {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        unit = text[len(digits) :]
+        try:
+            value = int(float(digits) * _SIZE_UNITS[unit])
+        except (KeyError, ValueError):
+            raise ConfigError(f"invalid size {size!r}", hint='Use bytes or a string like "500MB" or "5GB".') from None
+    if value <= 0:
+        raise ConfigError(f"size must be positive, got {size!r}")
+    return value
 
 
 def _tensor_nbytes(tensor: torch.Tensor) -> int:

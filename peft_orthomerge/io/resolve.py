@@ -9,12 +9,21 @@ from pathlib import Path
 
 from ..errors import InputError
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
 
 
 def looks_like_repo_id(ref: str) -> bool:
-    """True for strings shaped like ``org/name`` that contain no path traversal."""
-    return bool(_REPO_ID.match(ref)) and ".." not in ref.split("/")
+    """True for strings shaped like ``org/name`` (the Hub's rules) that contain no path traversal."""
+    return bool(_REPO_ID.fullmatch(ref)) and ".." not in ref and "--" not in ref
+
+
+def _check_revision(revision: str | None, ref: str) -> None:
+    """Refuse revisions that could address files outside the Hub cache (``..``, absolute, NUL)."""
+    if revision is None:
+        return
+    parts = revision.replace("\\", "/").split("/")
+    if revision.startswith("/") or "\x00" in revision or any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"invalid revision {revision!r}", path=ref, hint="Use a branch, tag or commit hash.")
 
 
 def resolve_source(
@@ -29,7 +38,10 @@ def resolve_source(
     `huggingface_hub.snapshot_download` (which serves from the local cache, and only from it when
     ``HF_HUB_OFFLINE=1``), restricted to ``allow_patterns``. Anything else is an `InputError`.
     """
-    path = Path(ref).expanduser()
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError as exc:  # "~user" for an unknown user
+        raise InputError(f"invalid path ({exc})", path=str(ref)) from exc
     if path.exists():
         if not path.is_dir():
             raise InputError("expected a directory, found a file", path=path)
@@ -37,6 +49,7 @@ def resolve_source(
     text = str(ref)
     if not looks_like_repo_id(text):
         raise InputError("no such directory, and not a Hugging Face Hub repo id", path=text)
+    _check_revision(revision, text)
     from huggingface_hub import snapshot_download
 
     try:

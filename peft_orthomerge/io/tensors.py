@@ -17,11 +17,24 @@ from safetensors import safe_open
 from ..errors import InputError, NumericalError, UnsafeInputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # safetensors dtypes of less than one byte per value
+_ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def ensure_finite(tensor: torch.Tensor, *, path: str | Path | None, name: str) -> torch.Tensor:
-    """Raise `NumericalError` naming the file and tensor if ``tensor`` holds NaN or Inf."""
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    """Raise `NumericalError` naming the file and tensor if ``tensor`` holds NaN or Inf.
+
+    Float and complex dtypes are checked; those ``torch.isfinite`` does not implement (some
+    float8 variants) are checked after an exact upcast to float32.
+    """
+    if not (tensor.is_floating_point() or tensor.is_complex()) or not tensor.numel():
+        return tensor
+    check = tensor if tensor.dtype in _ISFINITE_DTYPES or tensor.is_complex() else tensor.float()
+    if check.is_complex():
+        finite = bool(torch.isfinite(check).all())
+    else:  # min and max in one reduction, no temporary: NaN propagates into both, Inf shows in one
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(check))).all())
+    if not finite:
         raise NumericalError("tensor contains NaN or Inf values", path=path, tensor=name)
     return tensor
 
@@ -30,11 +43,36 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a pickle checkpoint with ``torch.load(weights_only=True)`` (no arbitrary code)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot read pickle checkpoint safely ({type(exc).__name__}: {exc})", path=path) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError("pickle checkpoint is not a flat dict of tensors", path=path)
+    except Exception as exc:  # UnpicklingError (refused object), RuntimeError (corrupt archive), ...
+        raise UnsafeInputError(
+            f"torch.load(weights_only=True) refused the pickle checkpoint ({type(exc).__name__}): "
+            "it is corrupt or holds objects other than tensors",
+            path=path,
+            hint="Convert it to safetensors in an environment you trust.",
+        ) from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InputError("pickle checkpoint is not a flat dict of tensor names to tensors", path=path)
     return state
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """Parse ``<stem>.safetensors.index.json``; return its non-empty ``weight_map`` (tensor -> file name)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"invalid shard index ({type(exc).__name__}: {exc})", path=index) from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items())
+    ):
+        raise InputError(
+            "invalid shard index: expected a non-empty 'weight_map' of tensor names to file names", path=index
+        )
+    return weight_map
 
 
 class TensorReader:
@@ -90,17 +128,18 @@ class TensorReader:
         if single.is_file():
             return cls.from_file(single)
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({directory / name for name in weight_map.values()})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"invalid shard index ({exc})", path=index) from exc
+            weight_map = _read_weight_map(index)
+            files = sorted({directory / name for name in weight_map.values()})
             for file in files:
                 if file.parent.resolve() != directory.resolve():
                     raise InputError("shard index points outside its directory", path=index, tensor=str(file))
                 if not file.is_file():
                     raise InputError("shard listed in the index is missing", path=file)
-            return cls(files)
+            reader = cls(files)
+            for key, name in weight_map.items():
+                if reader._where.get(key) != directory / name:
+                    raise InputError(f"shard index places the tensor in {name}, which does not hold it", path=index, tensor=key)
+            return reader
         shards = sorted(directory.glob(f"{stem}-*.safetensors"))
         if shards:
             return cls(shards)
@@ -145,9 +184,13 @@ class TensorReader:
             return tuple(self._pickle[key].shape)
         file = self._where[key]
         try:
-            return tuple(self._open(file).get_slice(key).get_shape())
+            info = self._open(file).get_slice(key)
+            dtype, shape = info.get_dtype(), tuple(info.get_shape())
         except Exception as exc:
             raise InputError(f"cannot read tensor header ({exc})", path=file, tensor=key) from exc
+        if dtype in _PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
+            raise InputError(f"unsupported sub-byte dtype {dtype}", path=file, tensor=key)
+        return shape
 
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
         """Load one tensor on CPU; NaN/Inf raise `NumericalError` unless ``check_finite=False``."""
@@ -157,10 +200,13 @@ class TensorReader:
         if self._pickle is not None:
             tensor = self._pickle[key]
         else:
+            shape = self.shape(key)
             try:
                 tensor = self._open(file).get_tensor(key)
             except Exception as exc:
                 raise InputError(f"cannot read tensor ({exc})", path=file, tensor=key) from exc
+            if tuple(tensor.shape) != shape:
+                raise InputError(f"tensor shape {tuple(tensor.shape)} differs from its header {shape}", path=file, tensor=key)
         if check_finite:
             ensure_finite(tensor, path=file, name=key)
         return tensor

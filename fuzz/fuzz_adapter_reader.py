@@ -47,9 +47,6 @@ KNOWN_BUGS: list[tuple[type, str, str]] = [
     (ValueError, "invalid literal for int()", "terms"),
     (TypeError, "int() argument", "terms"),
     (ZeroDivisionError, "division by zero", "coft_project"),  # oft_R with 0 rows and coft
-    (AttributeError, "has no attribute 'get'", "module_rank_alpha"),  # rank/alpha_pattern not a dict
-    (ValueError, "", "module_rank_alpha"),  # rank/alpha_pattern value not a number
-    (TypeError, "", "module_rank_alpha"),
 ]
 
 _WORK = Path(tempfile.mkdtemp(prefix="fuzz-adapter-"))

@@ -171,9 +171,18 @@ def validate_config(config: Mapping[str, Any], label: str) -> None:
             f"modules_to_save={config['modules_to_save']!r} is not supported by the decoupled LoRA merge", path=label
         )
     for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise IncompatibleInputsError(f"invalid {key}={value!r} in the adapter config", path=label)
+        _check_positive_number(config.get(key, 8), key, label)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, Mapping):
+            raise IncompatibleInputsError(f"invalid {key}={pattern!r} in the adapter config (expected an object)", path=label)
+        for module, value in pattern.items():
+            _check_positive_number(value, f"{key}[{module!r}]", label)
+
+
+def _check_positive_number(value: Any, key: str, label: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise IncompatibleInputsError(f"invalid {key}={value!r} in the adapter config (expected a positive number)", path=label)
 
 
 def index_modules(keys: list[str], label: str) -> dict[str, LoraModule]:

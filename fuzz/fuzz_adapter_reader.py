@@ -42,11 +42,6 @@ else:
 # Reported bugs, tolerated so fuzzing goes past them; each has a strict xfail test in
 # tests/test_hostile_oft.py / tests/test_hostile_lora.py. Remove an entry once it is fixed.
 KNOWN_BUGS: list[tuple[type, str, str]] = [
-    (TypeError, "float() argument", "canonical"),  # coft with eps null
-    (ValueError, "could not convert string to float", "canonical"),  # coft with eps a string
-    (ValueError, "invalid literal for int()", "terms"),
-    (TypeError, "int() argument", "terms"),
-    (ZeroDivisionError, "division by zero", "coft_project"),  # oft_R with 0 rows and coft
 ]
 
 _WORK = Path(tempfile.mkdtemp(prefix="fuzz-adapter-"))

@@ -619,24 +619,15 @@ def test_legacy_scaled_adapter_is_fold_only(tmp_path, out):
 # --------------------------------------------------------------------------------------------
 # config values found by fuzzing the reader (fuzz/fuzz_adapter_reader.py)
 # --------------------------------------------------------------------------------------------
-CONFIG_TYPES_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="adapter_config.json values are converted with bare int()/float() (oft/reader.py OftAdapter.terms: "
-    "num_cayley_neumann_terms; OftAdapter.canonical: float(eps) with coft; oft/plan.py build_plan: "
-    "int(oft_block_size), int(r)): a string or null gives a raw ValueError/TypeError; fix: validate the config "
-    "types in reader._check_config and raise InputError naming adapter_config.json and the key",
-)
-
-
 @pytest.mark.parametrize(
     "patch",
     [
-        pytest.param({"num_cayley_neumann_terms": "five"}, marks=CONFIG_TYPES_XFAIL),
-        pytest.param({"num_cayley_neumann_terms": None}, marks=CONFIG_TYPES_XFAIL),
-        pytest.param({"oft_block_size": "eight"}, marks=CONFIG_TYPES_XFAIL),
-        pytest.param({"r": "x"}, marks=CONFIG_TYPES_XFAIL),
-        pytest.param({"coft": True, "eps": None}, marks=CONFIG_TYPES_XFAIL),
-        pytest.param({"coft": True, "eps": "small"}, marks=CONFIG_TYPES_XFAIL),
+        {"num_cayley_neumann_terms": "five"},
+        {"num_cayley_neumann_terms": None},
+        {"oft_block_size": "eight"},
+        {"r": "x"},
+        {"coft": True, "eps": None},
+        {"coft": True, "eps": "small"},
         {"num_cayley_neumann_terms": 0},
         {"num_cayley_neumann_terms": -3},
         {"use_cayley_neumann": "yes"},
@@ -656,13 +647,6 @@ def test_config_values_of_the_wrong_type(lab, tmp_path, out, patch):
         merged_vectors(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="oft/reader.parse_adapter accepts an oft_R tensor with 0 rows (shape (0, n)): without coft the "
-    "merge writes an adapter PEFT cannot use, with coft reader.coft_project divides by sqrt(0) (raw "
-    "ZeroDivisionError; found by fuzz/fuzz_adapter_reader.py); fix: require shape[0] >= 1 in parse_adapter "
-    "and raise InputError naming the file and tensor",
-)
 @pytest.mark.parametrize("coft", [False, True])
 def test_oft_tensor_with_zero_blocks(lab, tmp_path, out, coft):
     def zero_rows(t):

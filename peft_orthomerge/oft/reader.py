@@ -162,6 +162,21 @@ def _check_config(config: dict[str, Any], label: str) -> None:
             path=label,
             hint="Retrain the adapter with PEFT >= 0.14.",
         )
+    for key, kind, default in _CONFIG_NUMBERS:
+        value = config.get(key, default)
+        if value is None and default is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (kind is int and key == "num_cayley_neumann_terms" and value < 1):
+            raise InputError(f"invalid {key}={value!r} in the adapter config", path=label, hint=f"Expected a {'non-negative integer' if kind is int else 'non-negative number'}.")
+
+
+# (key, accepted type, default): numbers of the adapter config that the reader and planner use.
+_CONFIG_NUMBERS = (
+    ("oft_block_size", int, 0),
+    ("r", int, 0),
+    ("num_cayley_neumann_terms", int, 5),
+    ("eps", (int, float), 6e-5),
+)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -184,8 +199,8 @@ def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) ->
         if kind is not None:
             if legacy:
                 raise InputError("adapter mixes legacy (oft_r) and current (oft_R) OFT tensors", path=label, tensor=key)
-            if len(shape) != 2:
-                raise InputError(f"OFT tensor must be 2-D (r, n), got shape {shape}", path=label, tensor=key)
+            if len(shape) != 2 or shape[0] < 1:
+                raise InputError(f"OFT tensor must be 2-D (r, n) with r >= 1, got shape {shape}", path=label, tensor=key)
             try:
                 b = block_size_from_n(shape[1])
             except OrthoMergeError as exc:
@@ -193,7 +208,7 @@ def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) ->
             name = module_name(key, next(s for s in NEW_SUFFIXES if key.endswith(s)))
             modules[name] = OftModule(name, key, kind, shape[0], b)
         elif key.endswith(LEGACY_R):
-            if len(shape) != 3 or shape[1] != shape[2]:
+            if len(shape) != 3 or shape[0] < 1 or shape[1] != shape[2]:
                 raise InputError(f"legacy oft_r must be (r, b, b), got shape {shape}", path=label, tensor=key)
             name = module_name(key, LEGACY_R)
             skey = key[: -len(LEGACY_R)] + LEGACY_S

@@ -22,6 +22,8 @@ class ModuleStats:
         magnitude_factor: ``c = sum_i w_i ||Q_i|| / ||sum_i w_i Q_i||``; ``None`` where undefined.
         orthogonality_error: ``max_k ||R_k^T R_k - I||_F`` of the merged rotation blocks as the
             output's flag builds them (exact Cayley: rounding only; Neumann: truncation error).
+            OFT: over the ``params["orthogonality_blocks"]`` blocks of largest ``||Q_k||_F`` per
+            module (default 4, ``"all"``: every block), in float32; see `peft_orthomerge.oft.writer`.
         extra: method-specific numbers (e.g. residual norms, solver errors).
     """
 

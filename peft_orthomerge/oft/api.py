@@ -18,7 +18,7 @@ from ..io.output import atomic_output_dir, check_output_dir
 from ..io.resolve import resolve_source
 from ..io.tensors import TensorReader
 from ..report import MergeReport
-from .plan import build_plan
+from .plan import ORTHOGONALITY_BLOCKS, build_plan
 from .reader import OftAdapter, read_adapter_dir, read_loaded_adapter
 from .writer import check_fold_targets, new_report, write_adapter, write_folded
 
@@ -48,6 +48,7 @@ def merge_oft_adapters(
     cayley: str = "auto",
     scale: float = 1.0,
     device: str = "cpu",
+    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS,
 ):
     """Merge OFT adapters into a new adapter ``adapter_name`` of a `peft.PeftModel` and activate it.
 
@@ -63,6 +64,8 @@ def merge_oft_adapters(
             ``"exact"`` or ``"neumann"``: the merged adapter's flag.
         scale: multiplies the merged skew blocks.
         device: where the so(b) arithmetic runs.
+        orthogonality_blocks: per module, how many merged blocks (those of largest norm) the report's
+            orthogonality error is measured on; ``None``: every block (slower). See `peft_orthomerge.oft.writer`.
 
     Returns:
         The `PeftModel` (``model`` itself if it was one); ``.orthomerge_report`` holds the `MergeReport`.
@@ -81,7 +84,7 @@ def merge_oft_adapters(
             sources.append(read_loaded_adapter(model, ref))
         else:
             sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
-    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export="memory", device=device)
+    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export="memory", device=device, orthogonality_blocks=orthogonality_blocks)
     report = new_report(plan, [str(r) for r in refs], None)
     base = model.get_base_model() if is_peft else model
     base_name = getattr(base, "name_or_path", None) or None
@@ -110,6 +113,7 @@ def merge_oft_checkpoints(
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str = "cpu",
+    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS,
 ) -> MergeReport:
     """Merge OFT adapter files tensor by tensor, without building a model; write atomically.
 
@@ -130,7 +134,7 @@ def merge_oft_checkpoints(
     sources = [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)]
     base_dir = resolve_source(fold_into, allow_patterns=BASE_PATTERNS) if fold_into is not None else None
     export = "folded" if base_dir is not None else "adapter"
-    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export=export, device=device)
+    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export=export, device=device, orthogonality_blocks=orthogonality_blocks)
     inputs: list[Path] = [*dirs, *([base_dir] if base_dir is not None else [])]
     out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
     base = None

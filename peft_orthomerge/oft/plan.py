@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..device import resolve_device
 from ..errors import ConfigError, IncompatibleInputsError
 from ..ops.registry import euclidean_methods
 from ..ops.so_merge import ModuleMerge, get_so_method, merge_module, so_methods
@@ -20,6 +21,7 @@ from ..ops.weights import normalize_weights
 from .reader import OftAdapter, OftModule
 
 CAYLEY_CHOICES = ("auto", "exact", "neumann")
+ORTHOGONALITY_BLOCKS = 4  # default: blocks per module whose orthogonality error is measured (see writer)
 EXPORTS = ("adapter", "memory", "folded")
 
 
@@ -52,6 +54,7 @@ class OftPlan:
     passthrough: dict[str, list[int]]  # key -> indices of the adapters holding it
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
+    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS  # None: every block
 
     @property
     def params(self) -> dict:
@@ -61,6 +64,7 @@ class OftPlan:
             "use_cayley_neumann": self.use_cayley_neumann,
             "num_cayley_neumann_terms": self.terms,
             "export": self.export,
+            "orthogonality_blocks": "all" if self.orthogonality_blocks is None else self.orthogonality_blocks,
         }
 
 
@@ -94,8 +98,13 @@ def build_plan(
     scale: float = 1.0,
     export: str = "adapter",
     device: str = "cpu",
+    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS,
 ) -> OftPlan:
-    """Validate everything about a merge of ``adapters`` and return the plan."""
+    """Validate everything about a merge of ``adapters`` and return the plan.
+
+    ``orthogonality_blocks``: per module, the number of merged blocks (those of largest norm) whose
+    orthogonality error the report measures; ``None`` measures every block.
+    """
     if not adapters:
         raise ConfigError("no adapters to merge", hint="Pass at least one OFT adapter.")
     weights = normalize_weights(weights, len(adapters))
@@ -110,6 +119,9 @@ def build_plan(
         raise ConfigError(f"scale must be a number, got {scale!r}") from None
     if not math.isfinite(scale):
         raise ConfigError(f"scale must be finite, got {scale}")
+    if orthogonality_blocks is not None and (isinstance(orthogonality_blocks, bool) or not isinstance(orthogonality_blocks, int) or orthogonality_blocks < 1):
+        raise ConfigError(f"orthogonality_blocks must be a positive integer or None (every block), got {orthogonality_blocks!r}")
+    device = str(resolve_device(device))  # "auto" -> cuda:N or cpu; ConfigError when CUDA is missing
     warnings = [w for a in adapters for w in a.warnings]
     for a in adapters:
         if a.fold_only_reason and export != "folded":
@@ -168,7 +180,7 @@ def build_plan(
             )
     return OftPlan(
         list(adapters), weights, method, granularity, scale, export, euclidean, use_neumann, terms,
-        block_share, oft_block_size, oft_rank, modules, passthrough, warnings, device,
+        block_share, oft_block_size, oft_rank, modules, passthrough, warnings, device, orthogonality_blocks,
     )
 
 
@@ -205,23 +217,28 @@ def _plan_modules(adapters: Sequence[OftAdapter], export: str) -> list[ModulePla
     return plans
 
 
-def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> list[torch.Tensor]:
-    """Each adapter's canonical ``(r, n)`` vectors for module ``mp`` (zeros where not targeted;
-    shared single blocks repeated to ``r`` rows)."""
+def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each adapter's canonical ``(r, n)`` vectors for module ``mp`` in its stored precision
+    (float32 / float64; zeros where not targeted; shared single blocks repeated to ``r`` rows),
+    and their per-block norms (float64 ``(r,)``)."""
     n = mp.b * (mp.b - 1) // 2
-    out = []
+    vecs, norms = [], []
     for a, src in zip(plan.adapters, mp.sources):
         if src is None:
-            out.append(torch.zeros(mp.r, n, dtype=torch.float64, device=plan.device))
+            vecs.append(torch.zeros(mp.r, n, dtype=torch.float32, device=plan.device))
+            norms.append(torch.zeros(mp.r, dtype=torch.float64, device=plan.device))
             continue
-        vec = a.canonical(mp.name).to(plan.device)
-        out.append(vec.expand(mp.r, n) if vec.shape[0] != mp.r else vec)
-    return out
+        vec, norm = a.canonical_with_norms(mp.name)
+        vec, norm = vec.to(plan.device), norm.to(plan.device)
+        vecs.append(vec.expand(mp.r, n) if vec.shape[0] != mp.r else vec)
+        norms.append(norm.expand(mp.r) if norm.shape[0] != mp.r else norm)
+    return vecs, norms
 
 
 def merge_one(plan: OftPlan, mp: ModulePlan) -> ModuleMerge:
     """Merge module ``mp`` with the plan's method."""
-    return merge_module(canonical_inputs(plan, mp), plan.weights, method=plan.method, granularity=plan.granularity, scale=plan.scale)
+    vecs, norms = canonical_inputs(plan, mp)
+    return merge_module(vecs, plan.weights, method=plan.method, granularity=plan.granularity, scale=plan.scale, norms=norms)
 
 
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:

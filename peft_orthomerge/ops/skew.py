@@ -19,8 +19,9 @@ PEFT stores vectors in two opposite conventions, depending on ``use_cayley_neuma
 PEFT applies ``R`` to the input: per block ``x_blk -> x_blk @ R_k``, so a Linear weight ``W``
 of shape ``(out, in)`` becomes ``W @ blockdiag(R)^T``.
 
-All functions are batched over blocks (leading dimension ``r``) and compute in float64 (the
-rotation maps accept ``dtype=torch.float32`` where speed matters more than the last digits).
+All functions are batched over blocks (leading dimension ``r``). The rotation maps compute in
+float64 unless given ``dtype``; the vector helpers (`to_canonical`, `block_norms`) keep float32 where
+the caller asks for it (a sign flip and a norm lose nothing there).
 """
 
 from __future__ import annotations
@@ -62,9 +63,24 @@ def skew_norm(vec: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> to
     return math.sqrt(2.0) * (torch.linalg.vector_norm(vec) if dim is None else torch.linalg.vector_norm(vec, dim=dim))
 
 
-def to_canonical(vec: torch.Tensor, use_cayley_neumann: bool) -> torch.Tensor:
-    """A stored PEFT vector -> canonical float64 vector (negated for the exact-Cayley flag)."""
-    vec = vec.to(torch.float64)
+def block_norms(vec: torch.Tensor) -> torch.Tensor:
+    """Per-block Frobenius norms ``||Q_k||_F = sqrt(2) ||vec_k||`` of ``(r, n)`` vectors, as float64 ``(r,)``.
+
+    One pass in the vector's dtype (float32 row norms are exact to a few float32 ulps; half
+    precisions are widened to float32 first); rows whose float32 sum of squares overflows are
+    recomputed in float64. NaN / Inf entries give a non-finite norm for their block.
+    """
+    if vec.dtype not in (torch.float32, torch.float64):
+        vec = vec.float()
+    norms = torch.linalg.vector_norm(vec, dim=-1)
+    if vec.dtype != torch.float64 and not bool(torch.isfinite(norms).all()):
+        norms = torch.linalg.vector_norm(vec, dim=-1, dtype=torch.float64)
+    return math.sqrt(2.0) * norms.to(torch.float64)
+
+
+def to_canonical(vec: torch.Tensor, use_cayley_neumann: bool, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A stored PEFT vector -> canonical vector in ``dtype`` (negated for the exact-Cayley flag)."""
+    vec = vec.to(dtype)
     return vec if use_cayley_neumann else -vec
 
 
@@ -129,11 +145,16 @@ def inverse_cayley(r: torch.Tensor, *, tol: float = 1e-10) -> torch.Tensor:
     return 0.5 * (q - q.transpose(-2, -1))
 
 
-def orthogonality_error(r: torch.Tensor) -> float:
-    """``max_k ||R_k^T R_k - I||_F`` over the blocks of ``r`` (0.0 for an empty batch), in ``r``'s
-    floating dtype (float32 input: float32 rounding, as in PEFT's own float32 forward)."""
-    if r.shape[0] == 0:
-        return 0.0
+def orthogonality_errors(r: torch.Tensor) -> torch.Tensor:
+    """Per block ``||R_k^T R_k - I||_F``, shape ``(r,)``, in ``r``'s floating dtype (float32 input:
+    float32 rounding, as in PEFT's own float32 forward; other dtypes: float64)."""
     r = r if r.dtype in (torch.float32, torch.float64) else r.to(torch.float64)
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return float(torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye).max())
+    return torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye)
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """``max_k ||R_k^T R_k - I||_F`` over the blocks of ``r`` (0.0 for an empty batch); see `orthogonality_errors`."""
+    if r.shape[0] == 0:
+        return 0.0
+    return float(orthogonality_errors(r).max())

@@ -1,9 +1,14 @@
 """Merging the OFT rotations of one module across N tasks, in so(b) or on the rotations themselves.
 
 Inputs are the module's *canonical* skew blocks (see `peft_orthomerge.ops.skew`), one ``(r, n)``
-float64 vector tensor per task (row k = strict upper triangle of block k; ``||Q||_F =
-sqrt(2) ||vec||``), and normalised task weights ``w_i`` (sum 1). A task that does not target the
-module contributes a zero vector (identity rotation).
+vector tensor per task (row k = strict upper triangle of block k; ``||Q||_F = sqrt(2) ||vec||``),
+and normalised task weights ``w_i`` (sum 1). A task that does not target the module contributes a
+zero vector (identity rotation).
+
+Precision: the skew-space methods work in the inputs' dtype (float32 for float32 / half-precision
+inputs, float64 if any input is float64): the weighted sum of a few dozen float32 inputs is
+accumulated in float32 (error a few float32 ulps, the precision the result is stored in), norms
+are per-block float32 norms combined in float64. Rotation-space methods compute in float64.
 
 Methods (registry `SO_METHODS`, name -> `SoMethod`):
 
@@ -26,12 +31,14 @@ Rotation-space methods receive exact Cayley rotations of the canonical blocks, s
 
 ``scale`` multiplies the merged Q (for ``mean_r``, which has no Q, only ``scale=1`` is allowed).
 Statistics: input norms ``||Q_i||_F`` over the module; merged norm ``||Q||_F`` (``mean_r``:
-``||R - I||_F``); magnitude factor ``c`` for ``orthomerge`` (``None`` when ``S = 0``; with
-``"block"`` granularity the effective module-level ``||Q|| / ||S||``, block range in ``extra``).
+``||R - I||_F``) and the per-block norms ``||Q_k||_F`` of the merged blocks; magnitude factor
+``c`` for ``orthomerge`` (``None`` when ``S = 0``; with ``"block"`` granularity the effective
+module-level ``||Q|| / ||S||``, block range in ``extra``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,7 +46,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from .skew import block_size_from_n, cayley, inverse_cayley, skew_norm, skew_to_vec, vec_to_skew
+from .skew import block_norms, block_size_from_n, cayley, inverse_cayley, skew_to_vec, vec_to_skew
 
 Granularity = Literal["module", "block"]
 ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i|| counts as an exact cancellation
@@ -47,9 +54,10 @@ ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i|| counts as an e
 
 @dataclass
 class SoMethod:
-    """A registered method. ``space="skew"``: ``fn(vecs, weights, granularity) -> (vec, stats)``;
-    ``space="rotation"``: ``fn(rotations, weights) -> rotation``. ``orthogonal``: the result is a
-    rotation and can be stored as an OFT adapter."""
+    """A registered method. ``space="skew"``: ``fn(vecs, weights, granularity, norms) -> (vec, stats)``
+    with ``norms`` the inputs' per-block norms (`block_norms`, float64 ``(r,)`` each) and ``vec`` a
+    new tensor in the inputs' dtype; ``space="rotation"``: ``fn(rotations, weights) -> rotation``.
+    ``orthogonal``: the result is a rotation and can be stored as an OFT adapter."""
 
     fn: Callable
     space: Literal["skew", "rotation"]
@@ -58,8 +66,10 @@ class SoMethod:
 
 @dataclass
 class ModuleMerge:
-    """Result for one module: ``vec`` (merged canonical ``(r, n)``) or, for non-orthogonal
-    methods, ``rotation`` (``(r, b, b)``); plus statistics for `ModuleStats`."""
+    """Result for one module: ``vec`` (merged canonical ``(r, n)``, in the inputs' dtype for skew
+    methods, float64 otherwise) or, for non-orthogonal methods, ``rotation`` (``(r, b, b)``);
+    plus statistics for `ModuleStats` and ``block_norms`` (float64 ``(r,)``: ``||Q_k||_F`` of the
+    merged blocks; ``None`` without ``vec``)."""
 
     vec: torch.Tensor | None
     rotation: torch.Tensor | None
@@ -67,43 +77,59 @@ class ModuleMerge:
     merged_norm: float
     magnitude_factor: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    block_norms: torch.Tensor | None = None
 
 
 def _weighted_sum(vecs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    total = torch.zeros_like(vecs[0])
+    """``sum_i w_i v_i`` as a new tensor in the inputs' dtype, one pass per input with nonzero weight."""
+    total = None
     for v, w in zip(vecs, weights):
-        if w:
+        if not w:
+            continue
+        if total is None:
+            total = torch.mul(v, w).contiguous()
+        else:
             total.add_(v, alpha=w)
-    return total
+    return torch.zeros(vecs[0].shape, dtype=vecs[0].dtype, device=vecs[0].device) if total is None else total
 
 
-def orthomerge(vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module"):
+def _norm(block_norms_: torch.Tensor) -> float:
+    """Module norm ``sqrt(sum_k ||Q_k||^2)`` from per-block norms (float64)."""
+    return float(torch.linalg.vector_norm(block_norms_))
+
+
+def orthomerge(
+    vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module", norms: Sequence[torch.Tensor] | None = None
+):
     """Magnitude-corrected merge; returns ``(vec, stats)`` with ``c`` and (block) c range."""
+    norms = [block_norms(v) for v in vecs] if norms is None else norms
     s = _weighted_sum(vecs, weights)
+    s_blocks = block_norms(s)
     if granularity == "module":
-        target = sum(w * float(skew_norm(v)) for v, w in zip(vecs, weights))
-        s_norm = float(skew_norm(s))
+        target = sum(w * _norm(n) for n, w in zip(norms, weights))
+        s_norm = _norm(s_blocks)
         if s_norm <= ZERO_RTOL * target or s_norm == 0.0:
-            return torch.zeros_like(s), {"c": None}
-        return s * (target / s_norm), {"c": target / s_norm}
+            return s.zero_(), {"c": None}
+        return s.mul_(target / s_norm), {"c": target / s_norm}
     if granularity == "block":
-        target = sum(w * skew_norm(v, dim=-1) for v, w in zip(vecs, weights))  # (r,)
-        s_norm = skew_norm(s, dim=-1)
-        zero = (s_norm <= ZERO_RTOL * target) | (s_norm == 0)
-        c = torch.where(zero, torch.zeros_like(s_norm), target / torch.where(zero, torch.ones_like(s_norm), s_norm))
-        merged = s * c[:, None]
+        target = sum(w * n for n, w in zip(norms, weights))  # (r,) float64
+        zero = (s_blocks <= ZERO_RTOL * target) | (s_blocks == 0)
+        c = torch.where(zero, torch.zeros_like(s_blocks), target / torch.where(zero, torch.ones_like(s_blocks), s_blocks))
+        merged = s.mul_(c.to(s.dtype)[:, None])
         live = c[~zero]
         stats: dict = {"c": None}
-        s_total = float(skew_norm(s))
+        s_total = _norm(s_blocks)
         if s_total > 0 and not bool(zero.all()):
-            stats["c"] = float(skew_norm(merged)) / s_total
+            stats["c"] = _norm(c * s_blocks) / s_total
             stats["c_block_min"] = float(live.min())
             stats["c_block_max"] = float(live.max())
         return merged, stats
     raise ConfigError(f"unknown granularity {granularity!r}; valid: 'module', 'block'")
 
 
-def mean_q(vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module"):
+def mean_q(
+    vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module", norms: Sequence[torch.Tensor] | None = None
+):
     """Plain weighted mean in so(b)."""
     return _weighted_sum(vecs, weights), {}
 
@@ -155,16 +181,26 @@ def merge_module(
     method: str = "orthomerge",
     granularity: Granularity = "module",
     scale: float = 1.0,
+    norms: Sequence[torch.Tensor] | None = None,
 ) -> ModuleMerge:
-    """Merge one module's canonical vectors ``vecs`` (each ``(r, n)``, same shape) with ``weights``."""
+    """Merge one module's canonical vectors ``vecs`` (each ``(r, n)``, same shape) with ``weights``.
+
+    ``norms``: the inputs' per-block norms if the caller has them (`block_norms`), else computed.
+    """
     spec = get_so_method(method)
-    vecs = [v.to(torch.float64) for v in vecs]
-    input_norms = [float(skew_norm(v)) for v in vecs]
+    work = torch.float64 if any(v.dtype == torch.float64 for v in vecs) else torch.float32
+    vecs = [v.to(work) for v in vecs]
+    norms = [block_norms(v) for v in vecs] if norms is None else list(norms)
+    input_norms = [_norm(n) for n in norms]
     if spec.space == "skew":
-        vec, stats = spec.fn(vecs, weights, granularity)
-        vec = vec * scale
+        vec, stats = spec.fn(vecs, weights, granularity, norms)
+        if scale != 1.0:
+            vec = vec.mul_(scale)
         extra = {k: v for k, v in stats.items() if k != "c"}
-        return ModuleMerge(vec, None, input_norms, float(skew_norm(vec)), stats.get("c"), extra)
+        merged = block_norms(vec)
+        if work != torch.float64 and not math.isfinite(_norm(merged)):  # float32 sum overflowed: redo in float64
+            return merge_module([v.double() for v in vecs], weights, method=method, granularity=granularity, scale=scale, norms=norms)
+        return ModuleMerge(vec, None, input_norms, _norm(merged), stats.get("c"), extra, merged)
     b = block_size_from_n(vecs[0].shape[-1])
     n = len(vecs)
     if method == "product_r":
@@ -178,7 +214,8 @@ def merge_module(
         eye = torch.eye(b, dtype=rot.dtype, device=rot.device)
         return ModuleMerge(None, rot, input_norms, float(torch.linalg.matrix_norm(rot - eye).square().sum().sqrt()))
     vec = skew_to_vec(inverse_cayley(rot)) * scale
-    return ModuleMerge(vec, None, input_norms, float(skew_norm(vec)))
+    merged = block_norms(vec)
+    return ModuleMerge(vec, None, input_norms, _norm(merged), block_norms=merged)
 
 
 def is_orthogonal_method(name: str) -> bool:

@@ -20,7 +20,7 @@ from ..io.tensors import TensorReader
 from ..report import MergeReport
 from .plan import ORTHOGONALITY_BLOCKS, build_plan
 from .reader import OftAdapter, read_adapter_dir, read_loaded_adapter
-from .writer import check_fold_targets, new_report, write_adapter, write_folded
+from .writer import ParameterShapes, check_fold_targets, new_report, write_adapter, write_folded
 
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -85,8 +85,9 @@ def merge_oft_adapters(
         else:
             sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
     plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export="memory", device=device, orthogonality_blocks=orthogonality_blocks)
-    report = new_report(plan, [str(r) for r in refs], None)
     base = model.get_base_model() if is_peft else model
+    check_fold_targets(plan, ParameterShapes(base))  # PEFT would silently skip a module the model lacks
+    report = new_report(plan, [str(r) for r in refs], None)
     base_name = getattr(base, "name_or_path", None) or None
     with tempfile.TemporaryDirectory(prefix="orthomerge-") as tmp:
         write_adapter(plan, tmp, report, base_model=base_name)

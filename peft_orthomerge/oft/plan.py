@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ..device import resolve_device
 from ..errors import ConfigError, IncompatibleInputsError
 from ..ops.registry import euclidean_methods
+from ..ops.skew import peft_rotation
 from ..ops.so_merge import ModuleMerge, get_so_method, merge_module, so_methods
 from ..ops.weights import normalize_weights
 from .reader import OftAdapter, OftModule
@@ -238,7 +240,10 @@ def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor],
 def merge_one(plan: OftPlan, mp: ModulePlan) -> ModuleMerge:
     """Merge module ``mp`` with the plan's method."""
     vecs, norms = canonical_inputs(plan, mp)
-    return merge_module(vecs, plan.weights, method=plan.method, granularity=plan.granularity, scale=plan.scale, norms=norms)
+    applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
+    return merge_module(
+        vecs, plan.weights, method=plan.method, granularity=plan.granularity, scale=plan.scale, norms=norms, applied=applied
+    )
 
 
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:

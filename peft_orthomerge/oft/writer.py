@@ -176,13 +176,29 @@ def base_name(key: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def check_fold_targets(plan: OftPlan, base: TensorReader) -> None:
+class ParameterShapes:
+    """An in-memory model seen like a `TensorReader` by `check_fold_targets`: parameter names
+    (PEFT's ``base_layer`` wrappers removed) -> shapes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._shapes = {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters()}
+        self.label = type(model).__name__ + " in memory"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+
+def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> None:
     """Before writing: every module and pass-through tensor exists in the base with a fitting shape."""
+    base_label = base.label if isinstance(base, ParameterShapes) else str(base.files[0].parent)
     for mp in plan.modules:
         key = f"{mp.name}.weight"
         label = next(a.label for a, s in zip(plan.adapters, mp.sources) if s is not None)
         if key not in base:
-            raise IncompatibleInputsError("OFT module not found in the base model", path=label, tensor=key, hint=f"Base: {base.files[0].parent}")
+            raise IncompatibleInputsError("OFT module not found in the base model", path=label, tensor=key, hint=f"Base: {base_label}")
         shape = base.shape(key)
         in_dim = shape[1] if mp.kind == "embedding" else int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 0
         if len(shape) < 2 or in_dim % mp.b or (mp.r != 1 and mp.r * mp.b != in_dim):

@@ -182,10 +182,14 @@ def merge_module(
     granularity: Granularity = "module",
     scale: float = 1.0,
     norms: Sequence[torch.Tensor] | None = None,
+    applied: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> ModuleMerge:
     """Merge one module's canonical vectors ``vecs`` (each ``(r, n)``, same shape) with ``weights``.
 
     ``norms``: the inputs' per-block norms if the caller has them (`block_norms`), else computed.
+    ``applied``: for methods whose result is not a rotation (``mean_r``), per input the map from
+    canonical skew blocks to the rotation that input really applies (e.g. PEFT's truncated Neumann
+    series); default the exact Cayley map. Orthogonal methods always use the exact Cayley map.
     """
     spec = get_so_method(method)
     work = torch.float64 if any(v.dtype == torch.float64 for v in vecs) else torch.float32
@@ -205,6 +209,8 @@ def merge_module(
     n = len(vecs)
     if method == "product_r":
         rotations = [cayley(vec_to_skew(v * (n * w), b)) for v, w in zip(vecs, weights)]
+    elif not spec.orthogonal and applied is not None:
+        rotations = [to_rotation(vec_to_skew(v, b)) for to_rotation, v in zip(applied, vecs)]
     else:
         rotations = [cayley(vec_to_skew(v, b)) for v in vecs]
     rot = spec.fn(rotations, weights)

@@ -101,7 +101,7 @@ def _module_table(report: MergeReport) -> list[str]:
     lines = [
         "## Per-module summary",
         "",
-        "| module | c | mean input norm | merged norm | orthogonality error |",
+        "| module | c | weighted mean input norm | merged norm | orthogonality error |",
         "|---|---|---|---|---|",
     ]
     half = MAX_TABLE_ROWS // 2
@@ -109,7 +109,7 @@ def _module_table(report: MergeReport) -> list[str]:
     for i, m in enumerate(shown):
         if len(modules) > MAX_TABLE_ROWS and i == half:
             lines.append(f"| ... {len(modules) - MAX_TABLE_ROWS} more modules (see `{REPORT_FILE}`) | | | | |")
-        mean_in = sum(m.input_norms) / len(m.input_norms) if m.input_norms else float("nan")
+        mean_in = report.weighted_input_norm(m)
         c = "-" if m.magnitude_factor is None else f"{m.magnitude_factor:.4f}"
         err = "-" if m.orthogonality_error is None else f"{m.orthogonality_error:.2e}"
         lines.append(f"| `{_cell(m.name)}` | {c} | {mean_in:.4g} | {m.merged_norm:.4g} | {err} |")

@@ -82,6 +82,14 @@ class MergeReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- summaries ----------------------------------------------------------------------------
+    def weighted_input_norm(self, module: ModuleStats) -> float:
+        """``sum_i w_i ||input_i||`` of one module: what an OrthoMerge merged norm equals (times ``scale``)."""
+        if not module.input_norms:
+            return float("nan")
+        if len(self.weights) == len(module.input_norms):
+            return sum(w * n for w, n in zip(self.weights, module.input_norms))
+        return sum(module.input_norms) / len(module.input_norms)
+
     def summary_stats(self) -> dict[str, float]:
         """Aggregates over modules: count, mean/min/max magnitude factor, max orthogonality error."""
         cs = [m.magnitude_factor for m in self.modules if m.magnitude_factor is not None]
@@ -110,12 +118,12 @@ class MergeReport:
         if "orthogonality_error_max" in stats:
             lines.append(f"  max orthogonality error of merged rotations: {stats['orthogonality_error_max']:.3e}")
         if self.modules:
-            lines.append(f"  {'module':<48} {'c':>8} {'mean|in|':>10} {'|merged|':>10}")
+            lines.append(f"  {'module':<48} {'c':>8} {'w-mean|in|':>10} {'|merged|':>10}")
             shown = self.modules if len(self.modules) <= 12 else self.modules[:6] + self.modules[-6:]
             for i, m in enumerate(shown):
                 if len(self.modules) > 12 and i == 6:
                     lines.append(f"  ... {len(self.modules) - 12} more ...")
-                mean_in = sum(m.input_norms) / len(m.input_norms) if m.input_norms else float("nan")
+                mean_in = self.weighted_input_norm(m)
                 c = "-" if m.magnitude_factor is None else f"{m.magnitude_factor:.4f}"
                 lines.append(f"  {_shorten(m.name, 48):<48} {c:>8} {mean_in:>10.4g} {m.merged_norm:>10.4g}")
         if self.passthrough:

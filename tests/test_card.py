@@ -37,7 +37,7 @@ def test_adapter_card_metadata_and_body():
     assert "- granularity: `module`" in card and f"`{__version__}`" in card
     assert "PeftModel.from_pretrained" in card
     assert "magnitude factor c over 3 modules: mean 1.2500" in card
-    assert "`model.layers.2.self_attn.q_proj` | 1.2500 | 2 | 3.5 | 1.00e-15 |" in card
+    assert "`model.layers.2.self_attn.q_proj` | 1.2500 | 1.5 | 3.5 | 1.00e-15 |" in card  # 0.75 * 1 + 0.25 * 3
     assert "`lm_head.bias`" in card and "flags differed" in card
 
 

@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -21,6 +22,13 @@ class _Group(click.Group):
     """A click group whose errors are one line on stderr and exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            self._main(args, prog_name, complete_var, **extra)
+        except SystemExit as exc:
+            _leave_process_group(exc.code)
+            raise
+
+    def _main(self, args, prog_name, complete_var, **extra) -> None:
         global _DEBUG
         argv = list(sys.argv[1:] if args is None else args)
         _DEBUG = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
@@ -34,14 +42,17 @@ class _Group(click.Group):
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(f"{exc.format_message()}{hint}")
-        except click.Abort:
-            _fail("aborted", code=130)
+        except click.Abort as exc:  # click turns Ctrl-C into Abort (standalone_mode=False)
+            if _DEBUG:
+                raise
+            interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+            _fail("interrupted; nothing was written" if interrupted else "aborted", code=130)
         except click.ClickException as exc:
             _fail(exc.format_message())
         except OrthoMergeError as exc:
             if _DEBUG:
                 raise
-            _fail(str(exc))
+            _fail(str(exc), agreed=hasattr(exc, "rank"))
         except KeyboardInterrupt:
             if _DEBUG:
                 raise
@@ -50,12 +61,29 @@ class _Group(click.Group):
             if _DEBUG:
                 raise
             text = " ".join(str(exc).split())
-            _fail(f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)")
+            _fail(f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", agreed=hasattr(exc, "rank"))
         sys.exit(0)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
+def _leave_process_group(code: int | str | None) -> None:
+    """Under a launcher: destroy the process group and exit at once (see `parallel.leave_process_group`)."""
+    if "torch.distributed" in sys.modules:
+        from .parallel import leave_process_group
+
+        leave_process_group(code)
+
+
+def _is_main_process() -> bool:
+    """False on ranks other than 0 of a torchrun / ``accelerate launch`` run (they stay silent)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _fail(message: str, code: int = 2, *, agreed: bool = False) -> None:
+    """Print one error line and exit; ranks other than 0 skip errors that rank 0 also reports (``agreed``)."""
+    if _is_main_process():
+        click.echo(f"error: {' '.join(message.split())}", err=True)
+    elif not agreed:
+        click.echo(f"error: [rank {os.environ.get('RANK')}] {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
@@ -76,7 +104,13 @@ def main(debug: bool) -> None:
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the output path.")
 def merge(recipe: str, out: str | None, device: str, dry_run: bool, overwrite: bool, push_repo: str | None, private: bool, quiet: bool) -> None:
-    """Run the merge described by RECIPE.yaml."""
+    """Run the merge described by RECIPE.yaml.
+
+    Several processes (one node or many) split a full-model merge between them when started by
+    a launcher: ``torchrun --nproc_per_node N -m peft_orthomerge merge RECIPE.yaml`` or
+    ``accelerate launch --num_processes N -m peft_orthomerge merge RECIPE.yaml``. Only rank 0
+    prints and pushes.
+    """
     from .io.resolve import looks_like_repo_id
     from .recipe import load_recipe, run_recipe
 
@@ -85,7 +119,10 @@ def merge(recipe: str, out: str | None, device: str, dry_run: bool, overwrite: b
     if push_repo and not looks_like_repo_id(push_repo):
         raise ConfigError(f"invalid Hub repo id {push_repo!r} for --push-to-hub; expected 'namespace/name'")
     parsed = load_recipe(recipe)
-    result = run_recipe(parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet)
+    main_process = _is_main_process()
+    result = run_recipe(parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet or not main_process)
+    if not main_process:
+        return
     if dry_run:
         click.echo(f"dry run: {parsed.kind} merge of {len(parsed.inputs)} inputs -> {result.output_dir}")
         click.echo(result.describe())

@@ -20,15 +20,14 @@ from typing import Any
 import torch
 
 from ..card import write_model_card
-from ..device import resolve_device, to_output
+from ..device import to_output
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError, OrthoMergeError
 from ..io.output import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
-    atomic_output_dir,
     check_output_dir,
     copy_base_side_files,
-    finalize_shards,
+    parse_size,
 )
 from ..io.resolve import resolve_source
 from ..io.tensors import TensorReader
@@ -37,6 +36,7 @@ from ..ops.procrustes import check_solver
 from ..ops.registry import get_euclidean
 from ..ops.weights import normalize_weights
 from ..report import REPORT_FILE, MergeReport, ModuleStats
+from ..parallel import distributed_write, estimate_cost, process_context, split_by_cost
 from .lora_reader import ADAPTER_PATTERNS, LoraAdapter, read_adapter_dir, read_loaded_adapter
 
 Ref = str | os.PathLike
@@ -405,6 +405,7 @@ def merge_models(
     device: str = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> MergeReport:
     """Merge full fine-tuned checkpoints of ``base`` by orthogonal-residual decoupling, streaming.
 
@@ -426,9 +427,19 @@ def merge_models(
         output_dir: where to write (must not exist or be empty unless ``overwrite``).
         weights, target, residual, residual_kwargs, solver: as in `merge_lora_adapters`.
         include, exclude: regexes (``re.search``) over tensor names selecting what is decoupled.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the math runs (float64).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the math runs (float64). Under a
+            launcher a bare ``"cuda"`` means ``cuda:<LOCAL_RANK>``.
         overwrite: replace a non-empty ``output_dir``.
         allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``.
+        max_shard_size: output shards are flushed at this size (bytes, or ``"500MB"``, ``"5GB"``);
+            default: 1/16 of the base checkpoint, between 16 MiB and 5 GiB.
+
+    Several processes: started by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``),
+    every process calls this function with the same arguments; the tensors are split between
+    them by estimated cost (`peft_orthomerge.parallel.split_by_cost`), each writes its own
+    shards into the shared temporary output directory (one file system for all nodes), and
+    rank 0 writes the index, report and card. The tensors written do not depend on the number
+    of processes; a rank that fails makes every rank raise its error, and nothing is written.
 
     Returns:
         The `MergeReport` (also written to ``orthomerge_report.json``), with per-tensor
@@ -438,7 +449,8 @@ def merge_models(
     weights_n = normalize_weights(weights, len(refs))
     kwargs = _check_options(target, residual, residual_kwargs, solver)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    dev = resolve_device(device)
+    ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
+    dev = ctx.device
     base_dir, base_reader = _open_checkpoint(base, allow_pickle)
     opened = [_open_checkpoint(r, allow_pickle) for r in refs]
     readers = [r for _, r in opened]
@@ -456,22 +468,35 @@ def merge_models(
             include=include, exclude=exclude, device=str(dev),
         ),
     )
-    shard_bytes = min(DEFAULT_MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, base_reader.nbytes() // 16))
-    with atomic_output_dir(output_dir, inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
+    if max_shard_size is None:
+        shard_bytes = min(DEFAULT_MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, base_reader.nbytes() // 16))
+    else:
+        shard_bytes = parse_size(max_shard_size)
+
+    def is_decoupled(name: str) -> bool:
+        return (
+            target is not None
+            and len(base_reader.shape(name)) == 2
+            and (not inc or any(p.search(name) for p in inc))
+            and not any(p.search(name) for p in exc)
+        )
+
+    names = base_reader.keys()
+    work = [(name, estimate_cost(base_reader.shape(name), decoupled=is_decoupled(name))) for name in names]
+    mine = split_by_cost(work, ctx.world_size)[ctx.rank]
+
+    def compute(tmp: Path, writer: ShardedSafetensorsWriter) -> dict[str, ModuleStats | str]:
+        """Merge and write this rank's tensors; per tensor its stats, "passthrough" or "copied"."""
+        done: dict[str, ModuleStats | str] = {}
         with torch.no_grad():
-            for name in base_reader.keys():
+            for name in mine:
                 w0 = base_reader.get(name)
                 if not w0.is_floating_point():
                     writer.add(name, w0)
+                    done[name] = "copied"
                     continue
                 experts = [r.get(name) for r in readers]
-                decoupled = (
-                    target is not None
-                    and w0.dim() == 2
-                    and (not inc or any(p.search(name) for p in inc))
-                    and not any(p.search(name) for p in exc)
-                )
+                decoupled = is_decoupled(name)
                 out, stats = _merge_tensor(
                     name, w0, experts, weights_n, decoupled=decoupled, target=target,
                     residual=residual, kwargs=kwargs, solver=solver, device=dev,
@@ -480,13 +505,27 @@ def merge_models(
                 result = _finite_output(to_output(out, w0.dtype), name, base_reader.file_of(name))
                 if decoupled:
                     delta = float(torch.linalg.vector_norm(out - w0.to(device=dev, dtype=torch.float64)))
-                    report.modules.append(_stats(name, stats, delta))
+                    done[name] = _stats(name, stats, delta)
                 else:
-                    report.passthrough.append(name)
+                    done[name] = "passthrough"
                 del out
                 writer.add(name, result)
-        finalize_shards(tmp, writer.close(), total_bytes=writer.total_bytes)
+        return done
+
+    def finalize(tmp: Path, results: list[dict[str, ModuleStats | str]]) -> MergeReport:
+        done = {name: entry for part in results for name, entry in part.items()}
+        for name in names:  # the base's tensor order, whatever rank merged it
+            entry = done[name]
+            if isinstance(entry, ModuleStats):
+                report.modules.append(entry)
+            elif entry == "passthrough":
+                report.passthrough.append(name)
         copy_base_side_files(base_dir, tmp)
         report.to_json(tmp / REPORT_FILE)
         write_model_card(tmp, report, base_model=str(base))
-    return report
+        return report
+
+    return distributed_write(
+        ctx, output_dir, compute=compute, finalize=finalize,
+        inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite, max_shard_bytes=shard_bytes,
+    )

@@ -1,0 +1,67 @@
+"""Device resolution and the compute-dtype policy (CPU only; CUDA cases in test_device_cuda.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_orthomerge.device import (
+    compute_dtype,
+    resolve_device,
+    synchronize,
+    to_compute,
+    to_output,
+)
+from peft_orthomerge.errors import ConfigError
+
+
+def test_resolve_cpu_and_auto():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected
+    assert resolve_device(" AUTO ") == expected
+
+
+@pytest.mark.parametrize("bad", ["gpu", "tpu:0", "cuda:x", ""])
+def test_resolve_unknown(bad):
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_unavailable_is_config_error(name):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize(
+    "stored, precise, expected",
+    [
+        (torch.bfloat16, False, torch.float32),
+        (torch.float16, False, torch.float32),
+        (torch.float32, False, torch.float32),
+        (torch.float64, False, torch.float64),
+        (torch.bfloat16, True, torch.float64),
+        (torch.float32, True, torch.float64),
+    ],
+)
+def test_compute_dtype_policy(stored, precise, expected):
+    assert compute_dtype(stored, precise=precise) == expected
+    t = torch.ones(3, dtype=stored)
+    assert to_compute(t, torch.device("cpu"), precise=precise).dtype == expected
+
+
+def test_compute_dtype_rejects_integers():
+    with pytest.raises(ConfigError):
+        compute_dtype(torch.int64)
+
+
+def test_to_output_back_to_base_dtype():
+    x = torch.randn(4, 5, dtype=torch.float64).t()
+    y = to_output(x, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.device.type == "cpu" and y.is_contiguous()
+    assert torch.equal(y, x.to(torch.bfloat16))
+    synchronize("cpu")  # no-op, must not raise

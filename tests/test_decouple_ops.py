@@ -13,7 +13,15 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from conftest import build_tiny_llama
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
-from peft_orthomerge.ops.decouple import decouple_merge, procrustes_batch, procrustes_rotation
+from peft_orthomerge.ops.decouple import (
+    _complete_qr,
+    cayley_apply,
+    decouple_merge,
+    inverse_cayley,
+    iter_procrustes,
+    procrustes_batch,
+    procrustes_rotation,
+)
 
 F64 = torch.float64
 
@@ -211,3 +219,73 @@ def test_bad_arguments():
     bad[2, 3] = float("nan")
     with pytest.raises(NumericalError, match="mlp.up_proj"):
         decouple_merge(w0, [w1, bad], [0.5, 0.5], "global", name="mlp.up_proj")
+
+
+# -- the reduced-basis SVD path: factored cores, frame coordinates, LU-based Cayley maps -------------
+
+
+def _dense_inverse_cayley(p):
+    eye = torch.eye(p.shape[0], dtype=F64)
+    return (p - eye) @ torch.linalg.inv(p + eye)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 160), (8, 64)])
+def test_factored_rotation_pieces_match_dense_formulas(shape):
+    w0, wt = _pair(*shape, 0.3, 9)
+    (rot, info), = list(iter_procrustes(w0, [wt], solver="svd"))
+    assert rot.factors is not None and rot.core is None and rot.frame is not None
+    ref = ref_rotation(w0, wt)
+    assert torch.allclose(rot.dense(), ref, atol=1e-9)
+    assert torch.allclose(rot.rotate_base(w0), w0 @ ref, atol=1e-9)
+    assert torch.allclose(rot.apply(wt), wt @ ref, atol=1e-9)
+    q_ref = _dense_inverse_cayley(ref)
+    assert torch.allclose(rot.skew(), q_ref, atol=1e-8)
+    # accumulation in frame coordinates equals F^T Q F
+    acc = torch.zeros(shape[1], shape[1], dtype=F64)
+    rot.add_skew_in_frame(acc, rot.skew_core(), 0.7)
+    assert torch.allclose(acc, 0.7 * rot.frame.T @ q_ref @ rot.frame, atol=1e-8)
+    assert info.orthogonality_error < 1e-11
+
+
+def test_complete_qr_determinant_from_reflectors():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 5, generator=gen, dtype=F64)
+    for mat in (x, x[:, [1, 0, 2, 3, 4]], -x):
+        y, r, det = _complete_qr(mat)
+        assert torch.allclose(y[:, :5] @ r, mat, atol=1e-12)
+        assert torch.allclose(y.T @ y, torch.eye(12, dtype=F64), atol=1e-12)
+        assert det == pytest.approx(float(torch.linalg.det(y)), abs=1e-9)
+    # an already-triangular column gives tau = 0 (an identity factor, det +1), still correct
+    tri = torch.zeros(6, 2, dtype=F64)
+    tri[0, 0], tri[0, 1], tri[1, 1] = 2.0, 1.0, 3.0
+    y, _, det = _complete_qr(tri)
+    assert det == pytest.approx(float(torch.linalg.det(y)), abs=1e-12)
+
+
+def test_reduced_path_falls_back_when_target_rank_deficient():
+    """rank(W0^T T) < out: the factored path declines and the dense m x m closest-polar SVD answers."""
+    w0, wt = _pair(16, 64, 0.3, 10)
+    wt[12:] = wt[:4]  # rank 12 < 16 rows
+    (rot, _), = list(iter_procrustes(w0, [wt], solver="svd"))
+    assert rot.factors is None and rot.core is not None
+    ref = ref_rotation(w0, wt)
+    assert torch.allclose(rot.dense(), ref, atol=1e-9)
+    got, _ = decouple_merge(w0, [wt, _pair(16, 64, 0.3, 11)[1]], [0.5, 0.5], "global", solver="svd")
+    assert torch.allclose(got, ref_merge(w0, [wt, _pair(16, 64, 0.3, 11)[1]], [0.5, 0.5]), atol=1e-9)
+
+
+def test_factored_inverse_cayley_and_cayley_apply():
+    gen = torch.Generator().manual_seed(12)
+    y, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=F64))
+    a = torch.randn(6, 6, generator=gen, dtype=F64)
+    p = torch.linalg.matrix_exp(0.3 * (a - a.T))
+    q = inverse_cayley(p @ y, right=y)  # P = (P Y) Y^T given factored
+    assert torch.allclose(q, _dense_inverse_cayley(p), atol=1e-12)
+    half = torch.diag(torch.tensor([-1.0, -1.0, 1, 1, 1, 1], dtype=F64))
+    with pytest.raises(NumericalError, match="mlp.down_proj"):
+        inverse_cayley(half @ y, right=y, name="mlp.down_proj")
+    w = torch.randn(3, 6, generator=gen, dtype=F64)
+    s = q.clone()
+    eye = torch.eye(6, dtype=F64)
+    expected = w @ (eye + 1.5 * q) @ torch.linalg.inv(eye - 1.5 * q)
+    assert torch.allclose(cayley_apply(w, s, 1.5), expected, atol=1e-12)

@@ -17,15 +17,20 @@ For expert weights ``W_i`` and the base ``W0``:
    no arbitrary rotation on its null space. If ``det P = -1`` the sign of ``Z``'s weakest
    direction is flipped (free when ``k < in``), else of ``M``'s weakest (Kabsch), so ``P`` is in SO(in).
 2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = 2 out`` dimensional span
-   ``B_i = [Q0, Q_i]`` of the rows of ``W0`` (``Q0``, one complete QR of ``W0^T`` shared by all
-   tasks) and of ``T_i`` (``Q_i``, a QR inside the complement of ``Q0``); ``P = I + B (C - I) B^T``
-   with an ``m x m`` core ``C``, found with two ``out x out`` SVDs (range / null-space split of
-   ``M``, `_thin_closest_polar_svd`) instead of one ``in x in`` SVD (plus one of the null space).
-   Tasks are processed one at a time, so one task's basis is alive at a time.
+   ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)`` of the rows of ``W0`` (``Q0``) and of ``T_i``
+   (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``), with the frame ``F = [Q0, Q0c]`` from
+   one complete QR of ``W0^T`` shared by all tasks; ``P = I + B (C - I) B^T`` with an ``m x m``
+   core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
+   coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``
+   and ``Z`` from two ``out x out`` SVDs, `_reduced_closest_polar_svd`), kept factored. The skew
+   matrices are summed in frame coordinates (``F^T Q_i F``, no ``in x in`` product per task) and
+   the merged rotation is applied as ``W0 P = (W0 F) cayley(c S_F) F^T``. Tasks are processed one
+   at a time, so one task's basis is alive at a time.
 3. ``Q_i = (P_i - I)(P_i + I)^-1 = B Q_c B^T`` (skew); an eigenvalue of ``P_i`` within 1e-6 of -1
    (``||Q_i||_F > 1e6``) raises `NumericalError` naming the module.
 4. ``Q = (sum_i w_i ||Q_i||_F) S / ||S||_F``, ``S = sum_i w_i Q_i`` (as for OFT; ``S = 0`` gives
-   ``Q = 0``); ``P = (I + Q)(I - Q)^-1``.
+   ``Q = 0``); ``P = (I + Q)(I - Q)^-1``, applied as ``W0 P = 2 W0 (I - Q)^-1 - W0`` (one LU solve,
+   no inverse, `cayley_apply`).
 5. Residuals ``rho_i = W_i - W0 @ P_i`` merged with a Euclidean method (`registry`); the result
    is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``.
 
@@ -41,7 +46,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
-from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
+from .procrustes import (
+    check_solver,
+    default_tol,
+    newton_schulz,
+    orthogonality_error,
+    resolve_solver,
+)
 from .registry import get_euclidean
 
 TARGETS = ("global", "conflict", None)
@@ -54,39 +65,90 @@ ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i||: exact cancell
 class Rotation:
     """An orthogonal ``P = I + B (C - I) B^T`` stored compactly.
 
-    ``basis`` ``B`` is ``(in, m)`` with orthonormal columns, or ``None`` for the standard basis
-    (``m = in``, ``P = C``). ``core`` ``C`` is ``(m, m)`` orthogonal.
+    ``frame`` ``F`` (``in x in`` orthogonal, shared by all tasks of one call) and ``coeff`` ``G``
+    give the basis ``B = [F[:, :k], F[:, k:] @ G]`` (``(in, m)``, orthonormal columns); ``frame``
+    ``None`` means the standard basis (``m = in``, ``P = C``). The core ``C`` (``m x m``
+    orthogonal) is stored densely (``core``) or factored (``factors = (P_c, Z, Y)``,
+    ``C = blockdiag(P_c, Z) @ Y^T``, the reduced SVD path). ``base_coords`` ``A`` (``(out, k)``),
+    when set, gives ``W0 @ B = [A, 0]``: ``W0 @ P`` then costs no product with ``W0``.
     """
 
-    basis: torch.Tensor | None
-    core: torch.Tensor
     n: int
+    core: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    frame: torch.Tensor | None = None
+    coeff: torch.Tensor | None = None
+    base_coords: torch.Tensor | None = None
+
+    @property
+    def basis(self) -> torch.Tensor | None:
+        if self.frame is None:
+            return None
+        k = self.frame.shape[-1] - self.coeff.shape[0]
+        return torch.cat([self.frame[:, :k], self.frame[:, k:] @ self.coeff], dim=-1)
+
+    def core_matrix(self) -> torch.Tensor:
+        if self.core is not None:
+            return self.core
+        pc, z, y = self.factors
+        return torch.cat([pc @ y[:, : pc.shape[0]].T, z @ y[:, pc.shape[0]:].T], dim=0)
 
     def dense(self) -> torch.Tensor:
-        if self.basis is None:
-            return self.core.clone()
-        eye = torch.eye(self.n, dtype=self.core.dtype, device=self.core.device)
-        m = self.core.shape[-1]
-        if m == 0:
-            return eye
-        delta = self.core - torch.eye(m, dtype=self.core.dtype, device=self.core.device)
-        return eye + self.basis @ delta @ self.basis.T
+        core = self.core_matrix()
+        if self.frame is None:
+            return core.clone()
+        eye = torch.eye(self.n, dtype=core.dtype, device=core.device)
+        basis = self.basis
+        delta = core - torch.eye(core.shape[-1], dtype=core.dtype, device=core.device)
+        return eye + basis @ delta @ basis.T
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         """``w @ P`` without forming ``P``."""
-        if self.basis is None:
-            return w @ self.core
-        if self.core.shape[-1] == 0:
-            return w.clone()
-        wb = w @ self.basis
-        return w + (wb @ self.core - wb) @ self.basis.T
+        if self.frame is None:
+            return w @ self.core_matrix()
+        basis = self.basis
+        wb = w @ basis
+        return w + (wb @ self.core_matrix() - wb) @ basis.T
+
+    def rotate_base(self, w0: torch.Tensor) -> torch.Tensor:
+        """``W0 @ P`` for the base this rotation was solved for (uses ``base_coords`` when set)."""
+        if self.base_coords is None:
+            return self.apply(w0)
+        a, k = self.base_coords, self.base_coords.shape[-1]
+        if self.factors is not None:  # a C = [A, 0] blockdiag(P_c, Z) Y^T = A P_c Y[:, :k]^T
+            pc, _, y = self.factors
+            ac = (a @ pc) @ y[:, :k].T
+        else:
+            ac = a @ self.core_matrix()[:k]
+        # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T
+        return ac[:, :k] @ self.frame[:, :k].T + (ac[:, k:] @ self.coeff.T) @ self.frame[:, k:].T
+
+    def skew_core(self, name: str | None = None) -> torch.Tensor:
+        """``Q_c``, the inverse Cayley map of the core: ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
+        if self.factors is None:
+            return inverse_cayley(self.core, name=name)
+        pc, z, y = self.factors
+        return inverse_cayley(torch.block_diag(pc, z), name=name, right=y)
 
     def skew(self, name: str | None = None) -> torch.Tensor:
-        """Dense ``Q = (P - I)(P + I)^-1 = B Q_c B^T`` with ``Q_c`` the inverse Cayley map of the core."""
-        qc = inverse_cayley(self.core, name=name)
-        if self.basis is None:
+        """Dense ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
+        qc = self.skew_core(name)
+        if self.frame is None:
             return qc
-        return self.basis @ qc @ self.basis.T
+        basis = self.basis
+        return basis @ qc @ basis.T
+
+    def add_skew_in_frame(self, acc: torch.Tensor, qc: torch.Tensor, alpha: float) -> None:
+        """``acc += alpha * F^T Q F`` (frame coordinates) for ``Q = B Q_c B^T``, ``B = F blockdiag(I, G)``:
+        never forms an ``in x in`` product per task."""
+        k = self.frame.shape[-1] - self.coeff.shape[0]
+        g = self.coeff
+        acc[:k, :k].add_(qc[:k, :k], alpha=alpha)
+        top = qc[:k, k:] @ g.T
+        acc[:k, k:].add_(top, alpha=alpha)
+        acc[k:, :k].sub_(top.T, alpha=alpha)  # Q_c skew: the lower-left block is -(upper-right)^T
+        del top
+        acc[k:, k:].add_((g @ qc[k:, k:]) @ g.T, alpha=alpha)
 
 
 @dataclass
@@ -177,6 +239,48 @@ def _thin_closest_polar_svd(a: torch.Tensor, b: torch.Tensor, rtol: float) -> to
     return p
 
 
+def _complete_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Complete QR ``x = Y [R; 0]`` of a tall ``(m, r)`` matrix and ``det(Y)`` (+-1), for free on the
+    CPU: ``Y`` is a product of Householder reflectors, each with ``det = -1`` unless its ``tau`` is 0."""
+    m, r = x.shape
+    h, tau = torch.geqrf(x)
+    full = torch.zeros(m, m, dtype=x.dtype, device=x.device)
+    full[:, :r] = h
+    taus = torch.zeros(m, dtype=x.dtype, device=x.device)
+    taus[:r] = tau
+    y = torch.linalg.householder_product(full, taus)
+    if x.device.type == "cpu":  # LAPACK's dlarfg: tau = 0 exactly when the reflector is the identity
+        det = -1.0 if int((tau != 0).sum()) % 2 else 1.0
+    else:  # other backends' conventions are not relied on
+        det = 1.0 if float(torch.linalg.det(y)) > 0 else -1.0
+    return y, torch.triu(h[:r]), det
+
+
+def _reduced_closest_polar_svd(
+    r0: torch.Tensor, bt: torch.Tensor, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`_thin_closest_polar_svd` for ``a^T = [r0; 0]`` (``r0`` ``(k, k)``, ``bt = b^T`` ``(2k, k)``), factored.
+
+    ``rows(a)`` is the first ``k`` coordinates, so ``Q_a = I``: with ``b^T = Y [R_b; 0]`` the core is
+    ``r0 R_b^T = U_c S V_c^T``, ``U_1 V_1^T = [P_c Y_1^T; 0]`` (``P_c = U_c V_c^T``) and the
+    completion ``U_2 Z V_2^T = [0; Z Y_2^T]`` with ``Z = polar(Y[k:, k:])`` (closest to the
+    identity), det-fixed on ``Z``'s weakest direction. Returns ``(P_c, Z, Y)`` with
+    ``P = blockdiag(P_c, Z) Y^T``, or ``None`` when ``rank(M) < k``.
+    """
+    k = r0.shape[0]
+    y, rb, det_y = _complete_qr(bt)
+    uc, sc, vch = torch.linalg.svd(r0 @ rb.T)
+    if not float(sc[-1]) > rtol * float(sc[0]):
+        return None
+    pc = uc @ vch
+    del uc, vch
+    uz, _, vzh = torch.linalg.svd(y[k:, k:])
+    z = uz @ vzh
+    if det_y * float(torch.linalg.det(pc)) * float(torch.linalg.det(z)) < 0:
+        z = z - 2 * uz[:, -1:] @ vzh[-1:]
+    return pc, z, y
+
+
 def _complement_projector(x: torch.Tensor) -> torch.Tensor:
     """``I - Q Q^T`` for ``Q`` an orthonormal basis of the columns of ``x`` (``(..., m, r)``, r < m)."""
     q = torch.linalg.qr(x).Q
@@ -203,46 +307,72 @@ def iter_procrustes(
     out, n = w0.shape
     reduced = 2 * out < n
     if reduced:
-        # B_i = [Q0, Q_i]: Q0 spans the rows of W0 (one QR shared by all tasks), Q_i the part of
-        # the rows of T_i outside it; then W0 = a B_i^T and T_i = b_i B_i^T exactly.
-        qfull, rfull = torch.linalg.qr(w0.T, mode="complete")  # (n, n), (n, out)
-        q0, q0c = qfull[:, :out], qfull[:, out:]
-        a = torch.cat([rfull[:out].T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+        # B_i = [Q0, Q_i] = F blockdiag(I, G_i) with the frame F = [Q0, Q0c] (one complete QR of
+        # W0^T shared by all tasks): Q0 spans the rows of W0, Q_i the part of the rows of T_i
+        # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
+        frame, rfull = torch.linalg.qr(w0.T, mode="complete")  # (n, n), (n, out)
+        r0 = rfull[:out].clone()
         del rfull
+        q0, q0c = frame[:, :out], frame[:, out:]
     for target in targets:
+        tt = target.T
+        rot = Rotation(n)
         if reduced:
-            tt = target.T
-            # Q_i from a QR inside the complement of Q0, so it stays orthogonal to Q0 even where
+            # G_i from a QR inside the complement of Q0, so Q_i stays orthogonal to Q0 even where
             # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
-            qi = q0c @ torch.linalg.qr(q0c.T @ tt).Q  # (n, out)
-            b = torch.cat([q0.T @ tt, qi.T @ tt], dim=0).T  # (out, 2 out)
-            basis: torch.Tensor | None = torch.cat([q0, qi], dim=-1)
-            del qi, tt
+            g, ri = torch.linalg.qr(q0c.T @ tt)  # (n - out, out); Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
+            bt = torch.cat([q0.T @ tt, ri], dim=0)  # b_i^T, (2 out, out)
+            del ri
+            rot.frame, rot.coeff, rot.base_coords = frame, g, r0.T
+            a = None
         else:
-            a, b, basis = w0, target, None
-        m = a.T @ b
-        size = m.shape[-1]
+            a, bt = w0, tt
+        del tt
+        size = bt.shape[0]
         info = ProcrustesInfo(solver, 0.0)
-        core = None
         if solver != "svd":
+            if a is None:
+                a = torch.cat([r0.T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+            m = a.T @ bt.T
             amat = m
             if out < size:
                 scale = torch.linalg.matrix_norm(m) / min(out, size) ** 0.5
-                amat = m + scale * (_complement_projector(a.T) @ _complement_projector(b.T))
+                amat = m + scale * (_complement_projector(a.T) @ _complement_projector(bt))
             x, err, info.iterations = newton_schulz(amat, tol=tol, max_iter=max_iter)
+            del amat
             limit = default_tol(m.dtype, size) if tol is None else tol
             if float(err) <= limit and float(torch.linalg.det(x)) > 0:
-                core = x
+                rot.core = x
             else:
                 info.fallback = 1
-        if core is None:
-            core = _thin_closest_polar_svd(a, b, rtol) if out < size else None
-            if core is None:
-                core = _closest_polar_svd(m, rtol)
-        eye = torch.eye(size, dtype=m.dtype, device=m.device)
-        info.orthogonality_error = float(torch.linalg.matrix_norm(core.T @ core - eye))
-        del m
-        yield Rotation(basis, core, n), info
+        if rot.core is None and reduced:
+            rot.factors = _reduced_closest_polar_svd(r0, bt, rtol)
+        if rot.core is None and rot.factors is None:
+            if a is None:
+                a = torch.cat([r0.T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+            b = bt.T
+            rot.core = _thin_closest_polar_svd(a, b, rtol) if out < size else None
+            if rot.core is None:
+                rot.core = _closest_polar_svd(a.T @ b, rtol)
+        info.orthogonality_error = _orthogonality_error(rot)
+        del bt, a
+        yield rot, info
+
+
+def _orthogonality_error(rot: Rotation) -> float:
+    """``||C^T C - I||_F`` of the core; for a factored core ``C = D Y^T`` the bound
+    ``||D^T D - I||_F + ||Y^T Y - I||_F`` with the second term (a Householder product, orthogonal
+    to rounding) estimated from 8 random probes (``E ||E x||^2 = ||E||_F^2``) instead of an
+    ``m x m`` product."""
+    if rot.factors is None:
+        c = rot.core
+        return float(orthogonality_error(c)) if c.shape[-1] else 0.0
+    pc, z, y = rot.factors
+    err_d = float(torch.linalg.vector_norm(torch.stack([orthogonality_error(pc), orthogonality_error(z)])))
+    gen = torch.Generator(device=y.device).manual_seed(0)
+    probes = torch.randn(y.shape[-1], 8, generator=gen, dtype=y.dtype, device=y.device)
+    err_y = float(torch.linalg.matrix_norm(y.T @ (y @ probes) - probes)) / 8**0.5
+    return err_d + err_y
 
 
 def procrustes_batch(
@@ -287,12 +417,19 @@ def _check_pair(w0: torch.Tensor, w: torch.Tensor, name: str | None = None) -> N
 # -- Cayley maps ---------------------------------------------------------------------------------
 
 
-def inverse_cayley(p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT) -> torch.Tensor:
+def inverse_cayley(
+    p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT, right: torch.Tensor | None = None
+) -> torch.Tensor:
     """``Q = (P - I)(P + I)^-1`` made exactly skew; `NumericalError` (naming ``name``) when ``P``
-    has an eigenvalue at or within about ``2/limit`` of -1."""
+    has an eigenvalue at or within about ``2/limit`` of -1.
+
+    With ``right`` ``Y`` (orthogonal), ``P = p @ Y^T`` is given factored and
+    ``Q = (p - Y)(p + Y)^-1`` (the same matrix, without forming ``P``).
+    """
     n = p.shape[-1]
-    eye = torch.eye(n, dtype=p.dtype, device=p.device)
-    q, status = torch.linalg.solve_ex(p + eye, p - eye, left=False)
+    if right is None:
+        right = torch.eye(n, dtype=p.dtype, device=p.device)
+    q, status = torch.linalg.solve_ex(p + right, p - right, left=False)
     norm = float(torch.linalg.matrix_norm(q)) if n else 0.0
     if int(status.max() if status.numel() else 0) != 0 or not norm < limit:
         raise NumericalError(
@@ -312,6 +449,15 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
     del a
     p.mul_(2).diagonal(dim1=-2, dim2=-1).sub_(1)
     return p
+
+
+def cayley_apply(w: torch.Tensor, skew: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``w @ cayley(scale * skew)`` = ``2 w (I - scale S)^-1 - w`` by one LU solve, without forming the
+    rotation or an inverse. ``skew`` is overwritten (it becomes ``I - scale S``)."""
+    a = skew.mul_(-scale)
+    a.diagonal(dim1=-2, dim2=-1).add_(1)
+    x = torch.linalg.solve(a, w, left=False)  # x (I - Q) = w
+    return x.mul_(2).sub_(w)
 
 
 def _magnitude_factor(skew_sum: torch.Tensor | None, total: float) -> float | None:
@@ -373,10 +519,10 @@ def decouple_merge(
     full = [e.to(device=base.device, dtype=dtype) for e in experts]
     if not all(bool(torch.isfinite(t).all()) for t in (base, *full)):
         raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
-    taus = [f - base for f in full]
-    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.matrix_norm(t)) for t in taus])
+    # task vectors are kept only where needed (target None / conflict): one out x in temporary less per expert
+    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.matrix_norm(f - base)) for f in full])
     if target is None:
-        merged_tau = merge_fn(taus, list(weights), base=base, generator=generator, **kwargs)
+        merged_tau = merge_fn([f - base for f in full], list(weights), base=base, generator=generator, **kwargs)
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
@@ -384,31 +530,48 @@ def decouple_merge(
     if target == "global":
         targets = full
     else:
-        mask = conflict_mask(torch.stack(taus), weights)
+        taus = torch.stack([f - base for f in full])
+        mask = conflict_mask(taus, weights)
         stats.rows_kept = [int(x) for x in mask.sum(1)]
         targets = [base + t * k[:, None] for t, k in zip(taus, mask)]
+        del taus
     active = [i for i in range(len(experts)) if not torch.equal(targets[i], base)]
     solved = iter_procrustes(base, (targets[i] for i in active), solver=solver, rtol=rtol)
 
-    # one task at a time: its rotation, skew matrix and basis are dropped before the next
+    # one task at a time: its rotation, skew matrix and basis are dropped before the next. The
+    # skew sum is accumulated in the shared frame's coordinates when the rotations have one
+    # (reduced basis), so no task costs an in x in product.
     skew_sum: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
+    frame_base: torch.Tensor | None = None  # W0 @ frame
     total, infos = 0.0, []
-    residuals = list(taus)  # rho_i = tau_i where P_i = I
+    residuals: list[torch.Tensor | None] = [None] * len(experts)
     stats.skew_norms = [0.0] * len(experts)
     stats.orth_part_norms = [0.0] * len(experts)
     for i, (rot, info) in zip(active, solved):
         infos.append(info)
-        q = rot.skew(name)
-        norm = float(torch.linalg.matrix_norm(q))
+        qc = rot.skew_core(name)
+        norm = float(torch.linalg.matrix_norm(qc))  # = ||Q_i||_F: B has orthonormal columns
         stats.skew_norms[i] = norm
         total += weights[i] * norm
-        skew_sum = weights[i] * q if skew_sum is None else skew_sum.add_(q, alpha=weights[i])
-        del q
-        rotated = rot.apply(base)
+        if rot.frame is not None:
+            if skew_sum is None:
+                frame, k = rot.frame, rot.base_coords.shape[-1]
+                frame_base = torch.cat([rot.base_coords, base.new_zeros(base.shape[0], base.shape[1] - k)], dim=-1)
+                skew_sum = base.new_zeros(base.shape[1], base.shape[1])
+            rot.add_skew_in_frame(skew_sum, qc, weights[i])
+        elif skew_sum is None:
+            skew_sum = weights[i] * qc
+        else:
+            skew_sum.add_(qc, alpha=weights[i])
+        del qc
+        rotated = rot.rotate_base(base)
         stats.orth_part_norms[i] = float(torch.linalg.matrix_norm(rotated - base))
         residuals[i] = full[i] - rotated
         del rot, rotated
-    del full, taus, targets, solved  # the generator holds the shared QR of W0^T
+    del targets, solved  # the generator holds the shared QR of W0^T
+    residuals = [full[i] - base if r is None else r for i, r in enumerate(residuals)]  # rho_i = tau_i where P_i = I
+    del full
     if infos:
         stats.solver = infos[0].solver
         stats.solver_error = max(x.orthogonality_error for x in infos)
@@ -422,8 +585,10 @@ def decouple_merge(
     stats.magnitude_factor = c
     if c is None:
         return base + rho, stats
-    skew_sum.mul_(c)  # the merged Q, with ||Q||_F = sum_i w_i ||Q_i||_F by construction
-    stats.merged_skew_norm = total
-    rotation = cayley(skew_sum)
-    del skew_sum
-    return base @ rotation + rho, stats
+    stats.merged_skew_norm = total  # the merged Q = c S has ||Q||_F = sum_i w_i ||Q_i||_F by construction
+    if frame is None:
+        return cayley_apply(base, skew_sum, c) + rho, stats
+    # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
+    rotated = cayley_apply(frame_base, skew_sum, c)
+    del skew_sum, frame_base
+    return rotated @ frame.T + rho, stats

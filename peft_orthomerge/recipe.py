@@ -21,7 +21,8 @@ Method keys per kind (defaults in brackets):
   ``granularity`` [module], ``cayley`` [auto], ``scale`` [1.0].
 - ``lora`` -> `merge_lora_adapters`; ``full`` -> `merge_models`: ``name`` [orthomerge] or
   ``euclidean`` (no rotation: ``target=None``), ``target`` [global] (global | conflict),
-  ``residual`` [ta], ``residual_kwargs`` [none], ``solver`` [auto]; ``lora`` also ``rank``
+  ``residual`` [ta], ``residual_kwargs`` [none], ``solver`` [auto], ``precision`` [float64]
+  (float64 | float32: the compute dtype); ``lora`` also ``rank``
   (required for ``format: lora``); ``full`` also ``include`` / ``exclude`` (regexes).
 
 Paths: relative paths resolve against the recipe file's directory. Inputs and ``base_model`` may
@@ -131,13 +132,18 @@ class _DecoupleMethod(_Strict):
         return self
 
 
+Precision = Literal["float64", "float32"]  # the API's ``precision``: compute dtype of the merge
+
+
 class LoraMethod(_DecoupleMethod):
     rank: int | None = Field(default=None, ge=1)
+    precision: Precision = "float64"
 
 
 class FullMethod(_DecoupleMethod):
     include: str | None = None
     exclude: str | None = None
+    precision: Precision = "float64"
 
     @field_validator("include", "exclude")
     @classmethod
@@ -398,6 +404,8 @@ def plan_recipe(recipe, *, out: str | os.PathLike | None = None, overwrite: bool
     common = dict(
         weights=weights, target=m.target, residual=m.residual, residual_kwargs=m.residual_kwargs, solver=m.solver
     )
+    if m.precision != "float64":  # the API's default; plans of recipes without the key stay as they were
+        common["precision"] = m.precision
     if recipe.kind == "full":
         kwargs = dict(common, include=m.include, exclude=m.exclude, device=device, overwrite=overwrite)
         return MergePlan(recipe, "merge_models", [base, inputs, output_dir], kwargs, output_dir, inputs, base, device)

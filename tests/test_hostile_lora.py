@@ -8,10 +8,8 @@ checked against independent dense computations (PEFT's own ``merge_and_unload`` 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _hostile_utils import assert_names, assert_nothing_written, edit_config, pickle_only_copy, rewrite, tree_hash
 from conftest import build_tiny_llama
 from peft_orthomerge import merge_lora_adapters, merge_models
 from peft_orthomerge.errors import (
@@ -66,32 +65,14 @@ def make_finetune(base_dir: Path, out: Path, *, seed: int, fn=None) -> Path:
     return out
 
 
-def rewrite(src: Path, dst: Path, fn, file: str = "adapter_model.safetensors") -> Path:
-    shutil.copytree(src, dst)
-    save_file(fn(load_file(dst / file)), str(dst / file))
-    return dst
 
 
-def edit_config(src: Path, dst: Path, fn) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    (dst / "adapter_config.json").write_text(json.dumps(fn(cfg)))
-    return dst
 
 
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def assert_names(exc: OrthoMergeError, *parts: str) -> None:
-    assert "\n" not in str(exc)
-    for part in parts:
-        assert part in str(exc), (part, str(exc))
 
 
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 def base_model():
@@ -221,16 +202,7 @@ def test_non_finite_lora_weights(lab, tmp_path, value):
 def test_pickle_only_lora_is_refused_and_never_runs(lab, tmp_path):
     marker = tmp_path / "PWNED"
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    bad = tmp_path / "pickled"
-    shutil.copytree(lab["l1"], bad)
-    tensors = load_file(bad / "adapter_model.safetensors")
-    (bad / "adapter_model.safetensors").unlink()
-    with open(bad / "adapter_model.bin", "wb") as fh:
-        pickle.dump({**tensors, "x": Evil()}, fh)
+    bad = pickle_only_copy(lab["l1"], tmp_path / "pickled", marker)
     with pytest.raises(UnsafeInputError) as info:
         merge_lora_adapters(base_model(), [bad])
     assert_names(info.value, "adapter_model.bin")

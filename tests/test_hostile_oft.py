@@ -8,11 +8,8 @@ are checked against an independent dense float64 computation from the raw stored
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
-import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _hostile_utils import assert_names, assert_nothing_written, edit_config, pickle_only_copy, rewrite, tree_hash
 from conftest import build_tiny_llama
 from peft_orthomerge import merge_oft_adapters, merge_oft_checkpoints
 from peft_orthomerge.errors import (
@@ -98,23 +96,10 @@ def make_oft(base_dir: Path, out: Path, *, seed: int, flag: bool = True, block_s
     return out
 
 
-def rewrite(src: Path, dst: Path, fn) -> Path:
-    """Copy adapter ``src`` to ``dst`` with its tensors transformed by ``fn(dict) -> dict``."""
-    shutil.copytree(src, dst)
-    file = dst / "adapter_model.safetensors"
-    save_file(fn(load_file(file)), str(file))
-    return dst
 
 
-def edit_config(src: Path, dst: Path, fn) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    (dst / "adapter_config.json").write_text(json.dumps(fn(cfg)))
-    return dst
 
 
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +133,8 @@ def out(tmp_path) -> Path:
     return tmp_path / "merged"
 
 
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def assert_names(exc: OrthoMergeError, *parts: str) -> None:
-    text = str(exc)
-    assert "\n" not in text
-    for part in parts:
-        assert part in text, (part, text)
 
 
 def merged_vectors(out: Path) -> dict[str, torch.Tensor]:
@@ -293,16 +270,7 @@ def test_nan_in_adapter(lab, tmp_path, out):
 def test_pickle_only_adapter_refused_and_payload_never_runs(lab, tmp_path, out):
     marker = tmp_path / "PWNED"
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    bad = tmp_path / "pickled"
-    shutil.copytree(lab["n1"], bad)
-    tensors = load_file(bad / "adapter_model.safetensors")
-    (bad / "adapter_model.safetensors").unlink()
-    with open(bad / "adapter_model.bin", "wb") as fh:
-        pickle.dump({**tensors, "x": Evil()}, fh)
+    bad = pickle_only_copy(lab["n1"], tmp_path / "pickled", marker)
     with pytest.raises(UnsafeInputError) as info:
         merge_oft_checkpoints([bad], out)
     assert_names(info.value, "adapter_model.bin", "pickle")

@@ -13,6 +13,7 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from conftest import build_tiny_llama
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
+from peft_orthomerge.ops import registry
 from peft_orthomerge.ops.decouple import (
     _complete_qr,
     cayley_apply,
@@ -289,3 +290,50 @@ def test_factored_inverse_cayley_and_cayley_apply():
     eye = torch.eye(6, dtype=F64)
     expected = w @ (eye + 1.5 * q) @ torch.linalg.inv(eye - 1.5 * q)
     assert torch.allclose(cayley_apply(w, s, 1.5), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["global", "conflict", None])
+@pytest.mark.parametrize("shape", [(16, 64), (160, 64)])  # reduced basis (2 out < in) and the dense core
+@pytest.mark.parametrize("method", ["ta", "dare_ta"])
+def test_streamed_residuals_match_the_list_path(monkeypatch, target, shape, method):
+    """A linear method consumes the residuals as a generator (one at a time); the same method fed
+    a list (as non-linear methods are) gives the same merge. Experts come in float32 storage."""
+    fn = registry.get_euclidean(method)
+    seen: list[type] = []
+
+    def streamed(task_vectors, weights, **kwargs):
+        seen.append(type(task_vectors))
+        return fn(task_vectors, weights, **kwargs)
+
+    def listed(task_vectors, weights, **kwargs):
+        seen.append(type(task_vectors))
+        return fn(list(task_vectors), weights, **kwargs)
+
+    streamed.linear, listed.linear = True, False  # as register_euclidean marks them; not registered for good
+    monkeypatch.setitem(registry._METHODS, "probe_stream", streamed)
+    monkeypatch.setitem(registry._METHODS, "probe_list", listed)
+    w0, w1 = _pair(*shape, 0.3, 21)
+    _, w2 = _pair(*shape, 0.3, 22)
+    w0, experts = w0.float(), [w1.float(), w0.float().clone(), (2 * w0 - w1).float(), w2.float()]  # one expert is the base
+    weights = [0.4, 0.1, 0.2, 0.3]
+
+    def run(residual):
+        gen = torch.Generator().manual_seed(5)
+        return decouple_merge(w0, experts, weights, target, residual, {"p": 0.3} if method == "dare_ta" else None, generator=gen)
+
+    got, got_stats = run("probe_stream")
+    want, want_stats = run("probe_list")
+    assert seen[0] is not list and seen[1] is list
+    assert got.dtype == F64
+    assert float(torch.linalg.matrix_norm(got - want)) <= 1e-12 * float(torch.linalg.matrix_norm(want))
+    assert got_stats.residual_norms == pytest.approx(want_stats.residual_norms, rel=1e-12)
+    assert len(got_stats.residual_norms) == 4 and got_stats.residual_norms[1] == 0.0
+    # converting the experts to float64 up front changes nothing
+    ref, _ = decouple_merge(w0.to(F64), [e.to(F64) for e in experts], weights, target, "probe_list",
+                            {"p": 0.3} if method == "dare_ta" else None, generator=torch.Generator().manual_seed(5))
+    assert float(torch.linalg.matrix_norm(ref - want)) <= 1e-12 * float(torch.linalg.matrix_norm(want))
+    if method == "ta":  # and both agree with the plain dense formula
+        dense = [e.to(F64) for e in experts]
+        plain = w0.to(F64) + sum(w * (e - w0.to(F64)) for w, e in zip(weights, dense))
+        expected = plain if target is None else ref_merge(w0, experts, weights, target)
+        assert torch.allclose(got, expected, atol=1e-9, rtol=0)

@@ -53,7 +53,7 @@ from .procrustes import (
     orthogonality_error,
     resolve_solver,
 )
-from .registry import get_euclidean
+from .registry import get_euclidean, merge_iter
 
 TARGETS = ("global", "conflict", None)
 RANK_RTOL = 1e-11  # singular values of M below this fraction of the largest count as zero
@@ -120,8 +120,9 @@ class Rotation:
             ac = (a @ pc) @ y[:, :k].T
         else:
             ac = a @ self.core_matrix()[:k]
-        # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T
-        return ac[:, :k] @ self.frame[:, :k].T + (ac[:, k:] @ self.coeff.T) @ self.frame[:, k:].T
+        # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T (summed in place: one (out, in) temporary less)
+        out = ac[:, :k] @ self.frame[:, :k].T
+        return out.add_((ac[:, k:] @ self.coeff.T) @ self.frame[:, k:].T)
 
     def skew_core(self, name: str | None = None) -> torch.Tensor:
         """``Q_c``, the inverse Cayley map of the core: ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
@@ -327,7 +328,7 @@ def iter_procrustes(
             a = None
         else:
             a, bt = w0, tt
-        del tt
+        del tt, target  # not held across the yield (bt may still view it)
         size = bt.shape[0]
         info = ProcrustesInfo(solver, 0.0)
         if solver != "svd":
@@ -350,10 +351,9 @@ def iter_procrustes(
         if rot.core is None and rot.factors is None:
             if a is None:
                 a = torch.cat([r0.T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
-            b = bt.T
-            rot.core = _thin_closest_polar_svd(a, b, rtol) if out < size else None
+            rot.core = _thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
             if rot.core is None:
-                rot.core = _closest_polar_svd(a.T @ b, rtol)
+                rot.core = _closest_polar_svd(a.T @ bt.T, rtol)
         info.orthogonality_error = _orthogonality_error(rot)
         del bt, a
         yield rot, info
@@ -471,19 +471,53 @@ def _magnitude_factor(skew_sum: torch.Tensor | None, total: float) -> float | No
 # -- targets -------------------------------------------------------------------------------------
 
 
-def conflict_mask(task_vectors: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """Rows (``dim=1`` cosine) of each ``tau_i`` pointing against the weighted mean task vector.
-
-    ``task_vectors`` ``(N, out, in)``; returns a bool ``(N, out)`` mask, True where cosine < 0.
-    A zero row has cosine 0 and is not kept.
-    """
-    w = torch.tensor(list(weights), dtype=task_vectors.dtype, device=task_vectors.device)
-    mean = (w[:, None, None] * task_vectors).sum(0)
-    cos = torch.nn.functional.cosine_similarity(task_vectors, mean.expand_as(task_vectors), dim=2)
-    return cos < 0
+def conflict_rows(task_vector: torch.Tensor, mean: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Rows (``dim=1`` cosine) of one ``tau_i`` (``(out, in)``) pointing against the weighted mean
+    task vector ``mean = sum_j w_j tau_j``: a bool ``(out,)`` mask, True where cosine < 0.
+    A zero row has cosine 0 and is not kept. Computed by blocks of ``rows`` rows (the cosine's
+    temporaries are block-sized)."""
+    cos = torch.nn.functional.cosine_similarity
+    return torch.cat([cos(task_vector[r : r + rows], mean[r : r + rows], dim=1) < 0 for r in range(0, task_vector.shape[0], rows)])
 
 
 # -- one weight ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _SkewSum:
+    """``S = sum_i w_i Q_i`` and ``sum_i w_i ||Q_i||_F``, one rotation at a time. With a shared
+    frame (reduced basis) ``S`` is kept in frame coordinates, so no task costs an ``in x in``
+    product; ``frame_base`` is then ``W0 @ F``."""
+
+    skew: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
+    frame_base: torch.Tensor | None = None
+    total: float = 0.0
+    infos: list[ProcrustesInfo] = field(default_factory=list)
+
+    def add(self, rot: Rotation, info: ProcrustesInfo, weight: float, base: torch.Tensor, name: str | None) -> float:
+        """Adds ``weight * Q`` of ``rot``; returns ``||Q||_F``."""
+        self.infos.append(info)
+        qc = rot.skew_core(name)
+        norm = float(torch.linalg.matrix_norm(qc))  # = ||Q_i||_F: B has orthonormal columns
+        self.total += weight * norm
+        if rot.frame is not None:
+            if self.skew is None:
+                self.frame, k = rot.frame, rot.base_coords.shape[-1]
+                self.frame_base = torch.cat([rot.base_coords, base.new_zeros(base.shape[0], base.shape[1] - k)], dim=-1)
+                self.skew = base.new_zeros(base.shape[1], base.shape[1])
+            rot.add_skew_in_frame(self.skew, qc, weight)
+        elif self.skew is None:
+            self.skew = weight * qc
+        else:
+            self.skew.add_(qc, alpha=weight)
+        return norm
+
+
+def _diff_norm(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
+    """``||a - b||_F`` of two ``(out, in)`` matrices, by blocks of rows (no full-size temporary)."""
+    squares = sum(float(torch.linalg.vector_norm(a[r : r + rows] - b[r : r + rows])) ** 2 for r in range(0, a.shape[0], rows))
+    return squares**0.5
 
 
 def decouple_merge(
@@ -505,6 +539,12 @@ def decouple_merge(
     ``weights`` must be normalised (sum 1). Returns ``(merged weight in dtype, stats)``. An expert
     equal to the base (zero task vector, e.g. a module an adapter does not touch) contributes
     ``P_i = I``, ``Q_i = 0``, ``rho_i = 0``. See the module docstring for the formulas.
+
+    Memory: ``experts`` may stay in their storage dtype; each is converted to ``dtype`` when its
+    turn comes and dropped after. The residuals are produced one at a time and handed to the
+    Euclidean method through `registry.merge_iter`: a linear method (``ta``, ``dare_ta``) keeps a
+    running sum, so only the base, the accumulator and one expert's temporaries are alive in
+    ``dtype``; any other method gets the residuals as a list.
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; valid: 'global', 'conflict', None")
@@ -515,80 +555,99 @@ def decouple_merge(
         _check_pair(w0, e, name)
     merge_fn = get_euclidean(residual)
     kwargs = dict(residual_kwargs or {})
+    weights = list(weights)
     base = w0.to(dtype)
-    full = [e.to(device=base.device, dtype=dtype) for e in experts]
-    if not all(bool(torch.isfinite(t).all()) for t in (base, *full)):
+
+    def full(i: int) -> torch.Tensor:
+        return experts[i].to(device=base.device, dtype=dtype)
+
+    # first pass, one expert at a time and before any work: finiteness, ||tau_i|| and, for the
+    # conflict target, the weighted mean task vector
+    stats = DecoupleStats()
+    mean = base.new_zeros(base.shape) if target == "conflict" else None
+    finite = bool(torch.isfinite(base).all())
+    for i in range(len(experts)):
+        if not finite:
+            break
+        f = full(i)
+        finite = bool(torch.isfinite(f).all())
+        tau = f - base
+        del f
+        stats.task_vector_norms.append(float(torch.linalg.matrix_norm(tau)))
+        if mean is not None:
+            mean.add_(weights[i] * tau)
+        del tau
+    if not finite:
         raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
-    # task vectors are kept only where needed (target None / conflict): one out x in temporary less per expert
-    stats = DecoupleStats(task_vector_norms=[float(torch.linalg.matrix_norm(f - base)) for f in full])
     if target is None:
-        merged_tau = merge_fn([f - base for f in full], list(weights), base=base, generator=generator, **kwargs)
+        task_vectors = (full(i) - base for i in range(len(experts)))
+        merged_tau = merge_iter(merge_fn, task_vectors, weights, base=base, generator=generator, **kwargs)
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
 
-    if target == "global":
-        targets = full
-    else:
-        taus = torch.stack([f - base for f in full])
-        mask = conflict_mask(taus, weights)
-        stats.rows_kept = [int(x) for x in mask.sum(1)]
-        targets = [base + t * k[:, None] for t, k in zip(taus, mask)]
-        del taus
-    active = [i for i in range(len(experts)) if not torch.equal(targets[i], base)]
-    solved = iter_procrustes(base, (targets[i] for i in active), solver=solver, rtol=rtol)
+    # Procrustes solves one target at a time: `pending` hands it the next target when (and only
+    # when) the residual stream below asks for that expert's rotation.
+    pending: list[torch.Tensor] = []
 
-    # one task at a time: its rotation, skew matrix and basis are dropped before the next. The
-    # skew sum is accumulated in the shared frame's coordinates when the rotations have one
-    # (reduced basis), so no task costs an in x in product.
-    skew_sum: torch.Tensor | None = None
-    frame: torch.Tensor | None = None
-    frame_base: torch.Tensor | None = None  # W0 @ frame
-    total, infos = 0.0, []
-    residuals: list[torch.Tensor | None] = [None] * len(experts)
+    def next_target() -> Iterator[torch.Tensor]:
+        while pending:
+            yield pending.pop()
+
+    solved = iter_procrustes(base, next_target(), solver=solver, rtol=rtol)
+    skew = _SkewSum()
     stats.skew_norms = [0.0] * len(experts)
     stats.orth_part_norms = [0.0] * len(experts)
-    for i, (rot, info) in zip(active, solved):
-        infos.append(info)
-        qc = rot.skew_core(name)
-        norm = float(torch.linalg.matrix_norm(qc))  # = ||Q_i||_F: B has orthonormal columns
-        stats.skew_norms[i] = norm
-        total += weights[i] * norm
-        if rot.frame is not None:
-            if skew_sum is None:
-                frame, k = rot.frame, rot.base_coords.shape[-1]
-                frame_base = torch.cat([rot.base_coords, base.new_zeros(base.shape[0], base.shape[1] - k)], dim=-1)
-                skew_sum = base.new_zeros(base.shape[1], base.shape[1])
-            rot.add_skew_in_frame(skew_sum, qc, weights[i])
-        elif skew_sum is None:
-            skew_sum = weights[i] * qc
-        else:
-            skew_sum.add_(qc, alpha=weights[i])
-        del qc
-        rotated = rot.rotate_base(base)
-        stats.orth_part_norms[i] = float(torch.linalg.matrix_norm(rotated - base))
-        residuals[i] = full[i] - rotated
-        del rot, rotated
-    del targets, solved  # the generator holds the shared QR of W0^T
-    residuals = [full[i] - base if r is None else r for i, r in enumerate(residuals)]  # rho_i = tau_i where P_i = I
-    del full
-    if infos:
-        stats.solver = infos[0].solver
-        stats.solver_error = max(x.orthogonality_error for x in infos)
-        stats.solver_fallback = sum(x.fallback for x in infos)
+
+    def residuals() -> Iterator[torch.Tensor]:
+        """``rho_i = W_i - W0 @ P_i`` in expert order (``rho_i = tau_i`` where the target is the
+        base: ``P_i = I``); one expert's rotation, basis and full weight are alive at a time."""
+        for i in range(len(experts)):
+            f = full(i)
+            if target == "global":
+                t = f
+            else:
+                t = f - base
+                keep = conflict_rows(t, mean)
+                stats.rows_kept.append(int(keep.sum()))
+                t.mul_(keep[:, None]).add_(base)  # W0 + tau_i * mask_i, in place
+                del keep
+            if torch.equal(t, base):
+                del t
+                rho = f - base
+            else:
+                pending.append(t)
+                del t  # iter_procrustes drops it before yielding
+                rot, info = next(solved)
+                stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
+                rho = rot.rotate_base(base)
+                del rot
+                stats.orth_part_norms[i] = _diff_norm(rho, base)
+                rho.neg_().add_(f)  # W_i - W0 @ P_i, in place (the same rounding as f - rotated)
+            del f
+            stats.residual_norms.append(float(torch.linalg.matrix_norm(rho)))
+            yield rho
+            del rho
+
+    rho = merge_iter(merge_fn, residuals(), weights, base=base, generator=generator, **kwargs).to(dtype)
+    solved.close()  # drops the shared QR of W0^T
+    mean = None
+    if skew.infos:
+        stats.solver = skew.infos[0].solver
+        stats.solver_error = max(x.orthogonality_error for x in skew.infos)
+        stats.solver_fallback = sum(x.fallback for x in skew.infos)
     else:
         stats.solver = "identity"
-    stats.residual_norms = [float(torch.linalg.matrix_norm(r)) for r in residuals]
-    rho = merge_fn(residuals, list(weights), base=base, generator=generator, **kwargs).to(dtype)
-    del residuals
-    c = _magnitude_factor(skew_sum, total)
+    c = _magnitude_factor(skew.skew, skew.total)
     stats.magnitude_factor = c
     if c is None:
         return base + rho, stats
-    stats.merged_skew_norm = total  # the merged Q = c S has ||Q||_F = sum_i w_i ||Q_i||_F by construction
-    if frame is None:
-        return cayley_apply(base, skew_sum, c) + rho, stats
+    stats.merged_skew_norm = skew.total  # the merged Q = c S has ||Q||_F = sum_i w_i ||Q_i||_F by construction
+    if skew.frame is None:
+        return cayley_apply(base, skew.skew, c).add_(rho), stats
     # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
-    rotated = cayley_apply(frame_base, skew_sum, c)
-    del skew_sum, frame_base
-    return rotated @ frame.T + rho, stats
+    rotated = cayley_apply(skew.frame_base, skew.skew, c)
+    skew.skew = skew.frame_base = None
+    out = rotated @ skew.frame.T
+    del rotated
+    return out.add_(rho), stats

@@ -147,23 +147,14 @@ def merged_vectors(out: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # broken files
 # --------------------------------------------------------------------------------------------
-def test_missing_adapter_config(lab, tmp_path, out):
-    bad = tmp_path / "noconfig"
+@pytest.mark.parametrize("missing, named", [("adapter_config.json", "adapter_config.json"), ("adapter_model.safetensors", "adapter_model")])
+def test_missing_adapter_file(lab, tmp_path, out, missing, named):
+    bad = tmp_path / "incomplete"
     shutil.copytree(lab["n1"], bad)
-    (bad / "adapter_config.json").unlink()
+    (bad / missing).unlink()
     with pytest.raises(InputError) as info:
         merge_oft_checkpoints([lab["n2"], bad], out)
-    assert_names(info.value, str(bad), "adapter_config.json")
-    assert_nothing_written(out)
-
-
-def test_missing_weights(lab, tmp_path, out):
-    bad = tmp_path / "noweights"
-    shutil.copytree(lab["n1"], bad)
-    (bad / "adapter_model.safetensors").unlink()
-    with pytest.raises(InputError) as info:
-        merge_oft_checkpoints([lab["n2"], bad], out)
-    assert_names(info.value, str(bad), "adapter_model")
+    assert_names(info.value, str(bad), named)
     assert_nothing_written(out)
 
 

@@ -17,11 +17,11 @@ Rows:
   and the same in fp32. Projections whose baseline runs under 8 s are timed 3 times, interleaved,
   and the medians summed. ``ratio`` = baseline / ours; notes give the max relative difference
   ``||ours - base||_F / ||base||_F`` and the per-projection ratios.
-- *merge_models peak memory*: a child process merges bf16 checkpoints (quick: 2 layers, full: 8
-  layers) with `merge_models`; ``baseline`` = one checkpoint's size (MB), ``ours`` = the merge's
-  peak anonymous memory above the child's footprint after imports (MB), ``ratio`` = ours /
-  baseline (goal < 1.5). Notes add peak RSS above imports (which also counts clean, droppable
-  pages of the memory-mapped inputs).
+- *merge_models peak RSS*: a fresh child process merges bf16 checkpoints (quick: 2 layers, vocab
+  4000, 2 experts; full: 8 layers, vocab 32000, 5 experts) with `merge_models` (defaults, and
+  ``residual="ties"`` in the full run); ``baseline`` = one checkpoint's size (MB), ``ours`` = the
+  process's peak RSS (``ru_maxrss``, file pages included) above its RSS after imports (MB),
+  ``ratio`` = ours / baseline (goal < 1.5). Notes add the peak anonymous memory and the time.
 
 Run: ``python benchmarks/bench_decouple.py [--quick]`` (one thread).
 """
@@ -161,41 +161,41 @@ def bench_layer(quick: bool, repeats: int = 3, cheap_s: float = 8.0) -> list[dic
 
 
 # -- merge_models memory (child process) ----------------------------------------------------------
-def _write_checkpoints(root: Path, quick: bool) -> tuple[Path, list[Path], int]:
+def _write_checkpoints(root: Path, quick: bool, experts: int) -> tuple[Path, list[Path], int]:
+    """Llama-shaped bf16 checkpoints: the base and ``experts`` dense fine-tunes of it."""
     from safetensors.torch import save_file
 
-    hidden, inter, layers, vocab = (256, 704, 2, 4000) if quick else (1024, 2816, 8, 8000)
+    hidden, inter, layers, vocab = (256, 704, 2, 4000) if quick else (1024, 2816, 8, 32000)
+    heads = hidden // 64
     config = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256 or 1,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
         vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="bfloat16",
     )
-    config["num_key_value_heads"] = max(1, config["num_attention_heads"] // 4)
     gen = torch.Generator().manual_seed(1)
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     kv = config["num_key_value_heads"] * 64
     for i in range(layers):
         for name, (out, n) in _shapes(hidden, inter).items():
-            if name.endswith(("k_proj", "v_proj")):
-                out = kv
-            shapes[f"model.layers.{i}.{name}.weight"] = (out, n)
+            shapes[f"model.layers.{i}.{name}.weight"] = (kv if name.endswith(("k_proj", "v_proj")) else out, n)
         shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
         shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
     base = {k: (0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16) for k, s in shapes.items()}
     dirs = []
-    for j in range(3):
+    for j in range(experts + 1):
         d = root / f"m{j}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps(config))
         state = base if j == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16) for k, v in base.items()}
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        del state
         dirs.append(d)
     return dirs[0], dirs[1:], (dirs[0] / "model.safetensors").stat().st_size
 
 
-def _anon_kb() -> int:
+def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -207,41 +207,48 @@ def _child(args: dict) -> dict:
 
     from peft_orthomerge import merge_models
 
-    anon0, rss0 = _anon_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = [anon0]
+    rss0, anon0 = _status_kb("VmRSS"), _status_kb("RssAnon")
+    peak_anon = [anon0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _anon_kb())
+            peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
             time.sleep(0.005)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
-    merge_models(args["base"], args["experts"], args["output"])
+    merge_models(args["base"], args["experts"], args["output"], residual=args["residual"])
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "anon_mb": (max(peak[0], _anon_kb()) - anon0) / 1024, "rss_mb": (rss - rss0) / 1024}
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of the process (file pages included)
+    return {"seconds": seconds, "rss_mb": (hwm - rss0) / 1024, "anon_mb": (max(peak_anon[0], _status_kb("RssAnon")) - anon0) / 1024,
+            "imports_mb": rss0 / 1024}
 
 
 def bench_memory(quick: bool) -> list[dict]:
+    """Peak RSS of `merge_models` (base + experts, bf16) in a fresh child, above its footprint after imports."""
+    experts = 2 if quick else 5
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-decouple-") as tmp:
-        base, experts, size = _write_checkpoints(Path(tmp), quick)
-        args = {"base": str(base), "experts": [str(e) for e in experts], "output": str(Path(tmp) / "out")}
+        base, tuned, size = _write_checkpoints(Path(tmp), quick, experts)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"merge_models child failed:\n{out.stderr[-3000:]}")
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-    mb = size / 1024**2
-    return [
-        dict(name=f"merge_models peak memory ({'2' if quick else '8'} layers, bf16, 2 experts)", baseline=mb,
-             ours=res["anon_mb"], ratio=res["anon_mb"] / mb, unit="MB",
-             notes=f"baseline = one checkpoint; peak RSS above imports {res['rss_mb']:.0f} MB; {res['seconds']:.1f} s"),
-    ]
+        for residual in ("ta",) if quick else ("ta", "ties"):
+            args = {"base": str(base), "experts": [str(e) for e in tuned], "output": str(Path(tmp) / f"out-{residual}"), "residual": residual}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"merge_models child failed:\n{out.stderr[-3000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            mb = size / 1024**2
+            rows.append(dict(
+                name=f"merge_models peak RSS, global+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
+                baseline=mb, ours=res["rss_mb"], ratio=res["rss_mb"] / mb, unit="MB",
+                notes=f"baseline = one checkpoint; ours = peak RSS above the child's {res['imports_mb']:.0f} MB after imports "
+                      f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB; {res['seconds']:.1f} s",
+            ))
+    return rows
 
 
 def run(quick: bool = True) -> list[dict]:

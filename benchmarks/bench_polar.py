@@ -7,7 +7,12 @@ Matrices (the kind decoupling solves: cross-Gram matrices ``X^T Y``):
 - synthetic ``d = 1024`` and ``2048`` (quick: 256, 512): ``W0^T (W0 + tau)`` with a spectrum
   over 1.5 decades;
 - ill-conditioned ``d = 512`` (quick: 128): singular values down to 1e-10 (Newton-Schulz cannot
-  certify within its step budget and must fall back to the SVD).
+  certify within its step budget and must fall back to the SVD);
+- the completion block of the reduced decoupling path (``down_proj`` shaped, out 1024, in 2816;
+  quick: 256, 704): ``Y[out:, out:]`` of the complete QR of ``b^T`` for an expert 5% away from the
+  base, a block of an orthogonal matrix; ours there is ``ops.decouple._polar_near_orthogonal`` as
+  `decouple_merge` runs it (float32: unscaled certified Newton-Schulz; float64: the Gram eigh
+  route; SVD added to the time if it declines).
 
 ``baseline`` = seconds of the SVD polar factor, ``ours`` = seconds of
 ``polar(a, "newton_schulz")`` including any fallback, ``ratio`` = baseline / ours (> 1: the
@@ -30,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from peft_orthomerge.ops.decouple import _complete_qr, _polar_near_orthogonal  # noqa: E402
 from peft_orthomerge.ops.procrustes import polar, polar_svd, quintic_newton_schulz  # noqa: E402
 
 F64 = torch.float64
@@ -108,6 +114,46 @@ def run(quick: bool = True) -> list[dict]:
                     ),
                 )
             )
+    return rows + completion_rows(quick)
+
+
+def completion_block(quick: bool) -> torch.Tensor:
+    """``Y[out:, out:]`` as `decouple_merge` meets it for a ``down_proj``-shaped weight."""
+    gen = torch.Generator().manual_seed(1)
+    out, n = (256, 704) if quick else (1024, 2816)
+    u = torch.linalg.qr(torch.randn(out, out, generator=gen, dtype=F64)).Q
+    v = torch.linalg.qr(torch.randn(n, out, generator=gen, dtype=F64)).Q
+    w0 = (u * torch.logspace(0, -1.5, out, dtype=F64)) @ v.T
+    w = w0 + 0.05 * w0.pow(2).mean().sqrt() * torch.randn(out, n, generator=gen, dtype=F64)
+    frame = torch.linalg.qr(w0.T, mode="complete").Q
+    tf = w @ frame
+    ri = torch.linalg.qr(tf[:, out:].T).R
+    y, _, _ = _complete_qr(torch.cat([tf[:, :out].T, ri]))
+    return y[out:, out:].contiguous()
+
+
+def completion_rows(quick: bool) -> list[dict]:
+    block = completion_block(quick)
+    rows = []
+    for dtype in (F64, torch.float32):
+        x = block.to(dtype)
+        t_svd, ref = _time(lambda x=x: polar_svd(x))
+        t_ns, res = _time(lambda x=x: _polar_near_orthogonal(x))
+        fallback = res is None
+        factor = ref if fallback else res
+        dist = float(torch.linalg.matrix_norm(factor.to(F64) - polar_svd(block)))
+        err = float(torch.linalg.matrix_norm(factor.T @ factor - torch.eye(x.shape[-1], dtype=dtype)))
+        ours = t_ns + (t_svd if fallback else 0.0)
+        rows.append(
+            {
+                "name": f"polar completion block d={x.shape[-1]}{'' if dtype == F64 else ' fp32'}",
+                "baseline": t_svd,
+                "ours": ours,
+                "ratio": t_svd / ours,
+                "unit": "s",
+                "notes": f"fallback {int(fallback)}, orth err {err:.1e}, |P-P_svd(fp64)| {dist:.1e}",
+            }
+        )
     return rows
 
 

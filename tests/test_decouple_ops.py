@@ -14,9 +14,12 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 from conftest import build_tiny_llama
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
 from peft_orthomerge.ops import registry
+from peft_orthomerge.ops import decouple as decouple_mod
 from peft_orthomerge.ops.decouple import (
     _complete_qr,
+    _polar_near_orthogonal,
     cayley_apply,
+    cayley_apply_leading,
     decouple_merge,
     inverse_cayley,
     iter_procrustes,
@@ -337,3 +340,128 @@ def test_streamed_residuals_match_the_list_path(monkeypatch, target, shape, meth
         plain = w0.to(F64) + sum(w * (e - w0.to(F64)) for w, e in zip(weights, dense))
         expected = plain if target is None else ref_merge(w0, experts, weights, target)
         assert torch.allclose(got, expected, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+@pytest.mark.parametrize("shape", [(16, 64), (64, 160), (8, 64)])
+def test_reduced_ta_fast_path_matches_explicit_residuals(monkeypatch, target, shape):
+    """Task arithmetic with 2 out < in never forms rho_i; the explicit-residual path (the same TA
+    registered under another name) gives the same merge and the same report numbers, which also
+    match the dense definitions (||W0 P_i - W0||, ||W_i - W0 P_i||). Non-uniform weights,
+    lam != 1/N, an expert equal to the base, one opposing the mean (conflict rows)."""
+    fn = registry.get_euclidean("ta")
+
+    def explicit(task_vectors, weights, **kwargs):
+        return fn(task_vectors, weights, **kwargs)
+
+    explicit.linear = True
+    monkeypatch.setitem(registry._METHODS, "explicit_ta", explicit)
+    w0, w1 = _pair(*shape, 0.3, 31)
+    _, w2 = _pair(*shape, 0.3, 32)
+    experts = [w1, w0.clone(), 2 * w0 - w1, w2]
+    weights = [0.4, 0.1, 0.2, 0.3]
+    for lam in (None, 0.7):
+        got, gs = decouple_merge(w0, experts, weights, target, "ta", {"lam": lam})
+        want, ws = decouple_merge(w0, experts, weights, target, "explicit_ta", {"lam": lam})
+        assert float(torch.linalg.matrix_norm(got - want)) <= 1e-12 * float(torch.linalg.matrix_norm(want))
+        assert torch.allclose(got, ref_merge(w0, experts, weights, target, lam=lam), atol=1e-9, rtol=0)
+        for key in ("residual_norms", "orth_part_norms", "skew_norms", "task_vector_norms"):
+            assert getattr(gs, key) == pytest.approx(getattr(ws, key), rel=1e-10, abs=1e-12), key
+        assert gs.rows_kept == ws.rows_kept and gs.merged_skew_norm == pytest.approx(ws.merged_skew_norm, rel=1e-12)
+        assert gs.residual_norms[1] == 0.0 and gs.orth_part_norms[1] == 0.0
+    if target == "conflict":
+        assert 0 < sum(gs.rows_kept[i] for i in (0, 2, 3)) < 3 * shape[0]
+    tau_mean = sum(w * (e - w0) for w, e in zip(weights, experts))
+    for i, e in enumerate(experts):  # the report against the dense definitions
+        tgt = e
+        if target == "conflict":
+            rows = torch.nn.functional.cosine_similarity(e - w0, tau_mean, dim=1) < 0
+            tgt = w0 + (e - w0) * rows[:, None]
+        p = torch.eye(shape[1], dtype=F64) if torch.equal(tgt, w0) else ref_rotation(w0, tgt)
+        assert gs.orth_part_norms[i] == pytest.approx(float((w0 @ p - w0).norm()), rel=1e-8, abs=1e-12)
+        assert gs.residual_norms[i] == pytest.approx(float((e - w0 @ p).norm()), rel=1e-8, abs=1e-12)
+
+
+def test_reduced_ta_fast_path_float32_and_solvers():
+    """float32 (norms summed in float64) and the Newton-Schulz core agree with the float64 reference."""
+    w0, w1 = _pair(64, 160, 0.2, 33)
+    _, w2 = _pair(64, 160, 0.2, 34)
+    ref = ref_merge(w0, [w1, w2], [0.3, 0.7], "global")
+    got, stats = decouple_merge(w0, [w1, w2], [0.3, 0.7], "global", dtype=torch.float32, solver="svd", rtol=1e-5)
+    assert got.dtype == torch.float32
+    assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+    _, s64 = decouple_merge(w0, [w1, w2], [0.3, 0.7], "global")
+    assert stats.residual_norms == pytest.approx(s64.residual_norms, rel=1e-5)
+    assert stats.orth_part_norms == pytest.approx(s64.orth_part_norms, rel=1e-5)
+    ns, ns_stats = decouple_merge(w0, [w1, w2], [0.3, 0.7], "global", solver="newton_schulz")
+    assert torch.allclose(ns, ref, atol=1e-9, rtol=0)
+    assert ns_stats.residual_norms == pytest.approx(s64.residual_norms, rel=1e-9)
+
+
+def _with_spectrum(s, seed):
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(len(s), len(s), generator=gen, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(len(s), len(s), generator=gen, dtype=F64))
+    return (u * torch.tensor(s, dtype=F64)) @ v.T, u @ v.T
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "eigh", None])
+def test_near_orthogonal_polar_certified_or_declined(method):
+    """Completion polar factor: singular values in [0.6, 1] give the SVD polar factor (fp64 and
+    fp32); a singular value near 0 is declined (Newton-Schulz cannot certify it in its step
+    budget, the eigh route refuses a squared condition number): None, the caller uses the SVD."""
+    a, polar_a = _with_spectrum(torch.linspace(0.6, 1.0, 40).tolist(), 41)
+    x = _polar_near_orthogonal(a, method=method)
+    assert x is not None and float((x - polar_a).norm()) < 1e-12
+    assert float((x.T @ x - torch.eye(40, dtype=F64)).norm()) < 1e-12
+    x32 = _polar_near_orthogonal(a.float(), method=method)
+    assert x32 is not None and float((x32.double() - polar_a).norm()) < 1e-4
+    weak, _ = _with_spectrum([1e-6] + [1.0] * 39, 42)
+    assert _polar_near_orthogonal(weak, method=method) is None
+    assert _polar_near_orthogonal(weak.float(), method=method) is None
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 64), (64, 160)])
+def test_reduced_completion_newton_schulz_and_svd_branches(monkeypatch, shape, dtype):
+    """The reduced path's completion Z: the Newton-Schulz factor when it is certified and gives
+    det P = +1, else the SVD with the det fix on Z's weakest direction (or the SVD when Newton-Schulz
+    declines). Every branch agrees with the dense reference; both natural branches occur."""
+    made: list[torch.Tensor | None] = []
+    real = decouple_mod._polar_near_orthogonal
+
+    def spy(a, *args, **kwargs):
+        made.append(real(a, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(decouple_mod, "_polar_near_orthogonal", spy)
+    used = []
+    for seed in range(4):
+        w0, wt = _pair(*shape, 0.3, 50 + seed)
+        if seed % 2:  # a reflection inside the row space of W0: the optimum needs the det fix
+            v = w0[0] / w0[0].norm()
+            wt = wt - 2 * (wt @ v)[:, None] * v
+        (rot, _), = list(iter_procrustes(w0.to(dtype), [wt.to(dtype)], solver="svd", rtol=1e-5))
+        assert made[-1] is not None
+        used.append(rot.factors[1] is made[-1])
+        tol = 1e-9 if dtype == F64 else 1e-4
+        assert torch.allclose(rot.dense().double(), ref_rotation(w0, wt), atol=tol)
+        assert float(torch.linalg.det(rot.dense().double())) == pytest.approx(1.0, abs=tol)
+    assert used == [True, False, True, False]
+    monkeypatch.setattr(decouple_mod, "_polar_near_orthogonal", lambda a, *args, **kwargs: None)
+    w0, wt = _pair(*shape, 0.3, 50)
+    (rot, _), = list(iter_procrustes(w0, [wt], solver="svd"))
+    assert torch.allclose(rot.dense(), ref_rotation(w0, wt), atol=1e-9)
+
+
+@pytest.mark.parametrize("k, n", [(3, 8), (16, 40), (1, 5)])
+def test_cayley_apply_leading_matches_dense_cayley(k, n):
+    gen = torch.Generator().manual_seed(60 + k)
+    a = torch.randn(7, k, generator=gen, dtype=F64)
+    x = torch.randn(n, n, generator=gen, dtype=F64)
+    s = x - x.T
+    eye = torch.eye(n, dtype=F64)
+    padded = torch.cat([a, torch.zeros(7, n - k, dtype=F64)], dim=-1)
+    expected = padded @ (eye + 1.7 * s) @ torch.linalg.inv(eye - 1.7 * s)
+    assert torch.allclose(cayley_apply_leading(a, s.clone(), 1.7), expected, atol=1e-12)
+    assert torch.allclose(cayley_apply(padded, s.clone(), 1.7), expected, atol=1e-12)

@@ -106,6 +106,43 @@ def test_bf16_tied_embeddings_and_exclude(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_default_ta_streams_rows_and_matches_reference(experts, tmp_path, monkeypatch):
+    """Global + TA (the default) reads decoupled weights by blocks of rows, never whole: a reader
+    that refuses whole 2-D tensors, blocks of 5 rows, and the output still equals the independent
+    dense reference, with the report's statistics."""
+    from peft_orthomerge.io.tensors import TensorReader
+    from peft_orthomerge.ops import decouple_rows
+
+    base, paths = experts
+    weights = [0.2, 0.5, 0.3]
+    whole = TensorReader.get
+
+    def refuse_matrices(self, key, **kw):
+        tensor = whole(self, key, **kw)
+        if tensor.dim() == 2 and 2 * tensor.shape[0] >= tensor.shape[1]:
+            raise AssertionError(f"{key} was read whole")
+        return tensor
+
+    monkeypatch.setattr(TensorReader, "get", refuse_matrices)
+    monkeypatch.setattr(decouple_rows, "BLOCK_BYTES", 5 * 64 * 8)
+    report = merge_models(base, paths, tmp_path / "m", weights, residual_kwargs={"lam": 0.6})
+    monkeypatch.undo()
+    merged = _load(tmp_path / "m")
+    w0s, states = _states(base, paths)
+    for name, w0 in w0s.items():
+        ws = [s[name] for s in states]
+        if w0.dim() == 2:
+            want = ref_merge(w0, ws, weights, "global", lam=0.6)
+        else:
+            want = w0.double() + 0.6 * 3 * sum(w * (x.double() - w0.double()) for w, x in zip(weights, ws))
+        assert torch.allclose(merged[name].double(), want, atol=1e-6, rtol=0), name
+    stats = {m.name: m for m in report.modules}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    want_delta = ref_merge(w0s[q], [s[q] for s in states], weights, "global", lam=0.6) - w0s[q].double()
+    assert stats[q].extra["merged_delta_norm"] == pytest.approx(float(want_delta.norm()), rel=1e-5)
+    assert stats[q].extra["task_vector_norm_1"] == pytest.approx(float((states[1][q].double() - w0s[q].double()).norm()), rel=1e-6)
+
+
 def test_merging_copies_of_base_returns_base(experts, tmp_path):
     base, _ = experts
     merge_models(base, [base, base], tmp_path / "same")
@@ -217,3 +254,41 @@ def test_recipe_precision_is_passed_through(experts, tmp_path):
     assert parse_recipe(lora).method.precision == "float32"
     with pytest.raises(ConfigError, match="precision"):
         parse_recipe({**full, "method": {"precision": "float16"}})
+
+
+@pytest.mark.parametrize("residual", ["ta", "ties"])
+def test_gpt2_conv1d_weights_are_rotated_on_the_input_side(tmp_path, residual):
+    """GPT-2 stores its projections as ``Conv1D`` ``(in, out)``: the merge must rotate the input
+    side, i.e. act on the transposed tensor, while the embeddings keep the torch layout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "base")
+    paths = []
+    for seed in (1, 2):
+        expert = GPT2LMHeadModel(config)
+        expert.load_state_dict(perturbed_state(model, seed, scale=0.2))
+        expert.save_pretrained(tmp_path / f"e{seed}")
+        paths.append(tmp_path / f"e{seed}")
+    merge_models(tmp_path / "base", paths, tmp_path / "out", target="global", residual=residual)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    w0s = load_file(tmp_path / "base" / "model.safetensors")
+    states = [load_file(p / "model.safetensors") for p in paths]
+    checked = 0
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"):
+        conv1d = ".c_" in name
+        w0 = w0s[name].T if conv1d else w0s[name]
+        ws = [s[name].T if conv1d else s[name] for s in states]
+        if residual == "ta":
+            want = ref_merge(w0, ws, [0.5, 0.5], "global")
+        else:
+            want, _ = decouple_merge(w0, ws, [0.5, 0.5], "global", "ties", solver="svd")
+        want = want.T if conv1d else want
+        assert torch.allclose(got[name].double(), want, atol=1e-5, rtol=0), name
+        if conv1d:  # the wrong side gives a clearly different answer
+            wrong = ref_merge(w0s[name], [s[name] for s in states], [0.5, 0.5], "global")
+            assert float((wrong - want).abs().max()) > 1e-3
+        checked += 1
+    assert checked == 3

@@ -31,12 +31,15 @@ from ..io.output import (
 )
 from ..io.resolve import resolve_source
 from ..io.tensors import TensorReader
+from ..memory import release_free_memory
 from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
+from ..ops.decouple_rows import decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.procrustes import check_solver
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.weights import normalize_weights
 from ..report import REPORT_FILE, MergeReport, ModuleStats
 from ..parallel import distributed_write, estimate_cost, process_context, split_by_cost
+from .layout import conv1d_weight_names
 from .lora_reader import ADAPTER_PATTERNS, LoraAdapter, read_adapter_dir, read_loaded_adapter
 
 Ref = str | os.PathLike
@@ -426,6 +429,46 @@ def _validate_checkpoints(base: TensorReader, experts: Sequence[TensorReader]) -
                 )
 
 
+class _FileRows:
+    """One tensor of a checkpoint as a `RowSource`: blocks of rows read from the file on demand."""
+
+    def __init__(self, reader: TensorReader, name: str) -> None:
+        self.reader, self.name = reader, name
+        self.shape = reader.shape(name)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.reader.get_rows(self.name, start, stop)
+
+
+def _merge_rows(
+    name: str,
+    base: TensorReader,
+    experts: Sequence[TensorReader],
+    weights: Sequence[float],
+    decoupled: bool,
+    target: str | None,
+    kwargs: Mapping[str, Any],
+    solver: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, ModuleStats | str]:
+    """Task arithmetic on one checkpoint tensor straight from the files, by blocks of rows: only
+    ``in x in`` matrices and a few row blocks are alive besides the output (in the base dtype).
+    Non-floating tensors are copied from the base."""
+    storage = base.dtype(name)
+    if not storage.is_floating_point:
+        return base.get(name), "copied"
+    rkw = {k: v for k, v in kwargs.items() if k != "seed"}
+    src0, srcs = _FileRows(base, name), [_FileRows(r, name) for r in experts]
+    if not decoupled:
+        out, _ = task_arithmetic_rows(src0, srcs, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device)
+        return to_output(out, storage), "passthrough"
+    out, stats = decouple_merge_ta_rows(
+        src0, srcs, weights, target, rkw, solver, name=name, dtype=dtype, out_dtype=storage, device=device
+    )
+    return to_output(out, storage), _stats(name, stats, stats.merged_delta_norm)
+
+
 def merge_models(
     base: Ref,
     finetuned: Ref | Sequence[Ref],
@@ -452,7 +495,10 @@ def merge_models(
     floating tensor (embeddings and ``lm_head`` included; tied weights appear once in the file and
     are merged once) whose name matches ``include`` (default: all) and not ``exclude`` is
     decoupled; all other floating tensors (norms, biases, excluded matrices) are merged by
-    ``residual`` on their task vectors; non-floating tensors are copied from the base.
+    ``residual`` on their task vectors; non-floating tensors are copied from the base. Weights of
+    transformers' ``Conv1D`` modules (GPT-2 style, stored ``(in, out)``; found from the base's
+    ``config.json`` by `layout.conv1d_weight_names`) are transposed for the math, so the rotation
+    always acts on the input side.
 
     The output directory gets safetensors shards in the base dtype, the base's config and
     tokenizer files, ``README.md`` (model card) and ``orthomerge_report.json``; it loads with
@@ -522,7 +568,14 @@ def merge_models(
         )
 
     names = base_reader.keys()
-    work = [(name, estimate_cost(base_reader.shape(name), decoupled=is_decoupled(name))) for name in names]
+    # GPT-2-style Conv1D weights are stored (in, out): transposed for the math and back
+    conv1d = conv1d_weight_names(base_dir, names)
+
+    def math_shape(name: str) -> tuple[int, ...]:
+        shape = base_reader.shape(name)
+        return shape[::-1] if name in conv1d and len(shape) == 2 else shape
+
+    work = [(name, estimate_cost(math_shape(name), decoupled=is_decoupled(name))) for name in names]
     mine = split_by_cost(work, ctx.world_size)[ctx.rank]
 
     def compute(tmp: Path, writer: ShardedSafetensorsWriter) -> dict[str, ModuleStats | str]:
@@ -530,13 +583,24 @@ def merge_models(
         done: dict[str, ModuleStats | str] = {}
         with torch.no_grad():
             for name in mine:
+                shape = math_shape(name)
+                decoupled = is_decoupled(name)
+                transposed = name in conv1d and len(shape) == 2
+                if residual == "ta" and shape and (not decoupled or (not transposed and 2 * shape[0] >= shape[1])):
+                    out, entry = _merge_rows(name, base_reader, readers, weights_n, decoupled, target, kwargs, solver, dev, dtype)
+                    writer.add(name, _finite_output(out, name, base_reader.file_of(name)))
+                    done[name] = entry
+                    del out
+                    release_free_memory()
+                    continue
                 w0 = base_reader.get(name)
                 if not w0.is_floating_point():
                     writer.add(name, w0)
                     done[name] = "copied"
                     continue
                 experts = [r.get(name) for r in readers]
-                decoupled = is_decoupled(name)
+                if transposed:  # the math sees the torch layout (out, in)
+                    w0, experts = w0.T, [e.T for e in experts]
                 out, stats = _merge_tensor(
                     name, w0, experts, weights_n, decoupled=decoupled, target=target,
                     residual=residual, kwargs=kwargs, solver=solver, device=dev, dtype=dtype,
@@ -546,9 +610,13 @@ def merge_models(
                     done[name] = _stats(name, stats, float(torch.linalg.vector_norm(torch.sub(out, w0.to(device=dev)))))
                 else:
                     done[name] = "passthrough"
+                if transposed:
+                    out = out.T
                 result = _finite_output(to_output(out, w0.dtype), name, base_reader.file_of(name))
                 del out
                 writer.add(name, result)
+                del result, w0
+                release_free_memory()
         return done
 
     def finalize(tmp: Path, results: list[dict[str, ModuleStats | str]]) -> MergeReport:

@@ -122,8 +122,8 @@ def _tensor_nbytes(tensor: torch.Tensor) -> int:
 class ShardedSafetensorsWriter:
     """Write tensors into safetensors shards of at most ``max_shard_bytes``, then an index.
 
-    Tensors are buffered until a shard is full, then written and released, so memory stays
-    bounded by one shard. File names follow transformers: ``model.safetensors`` when one shard
+    Tensors are buffered until a shard is full, then written and released at once, so memory
+    stays bounded by one shard (or one tensor larger than a shard). File names follow transformers: ``model.safetensors`` when one shard
     suffices, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
     ``shard_tag`` (e.g. ``"rank0"``) lets several processes write into one directory; their
     shards are renamed and indexed together by `finalize_shards`.
@@ -159,6 +159,8 @@ class ShardedSafetensorsWriter:
         self._buffer[name] = tensor.detach().to("cpu").contiguous()
         self._buffer_bytes += size
         self.total_bytes += size
+        if self._buffer_bytes >= self.max_shard_bytes:  # full: written now, not held while the next tensor is merged
+            self.flush()
 
     def flush(self) -> None:
         if not self._buffer:

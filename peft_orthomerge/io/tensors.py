@@ -1,14 +1,31 @@
 """Lazy, validated tensor reading from safetensors files (single or sharded).
 
-Tensors are read one at a time with `safetensors.safe_open`; nothing is loaded until asked for.
+Each file is validated when opened by ``safetensors.safe_open`` (header, offsets, sizes) and its
+header is parsed once more here for the byte offsets of every tensor. Tensor data is then read
+with positional file reads (``os.preadv``) straight into a fresh tensor: no memory map is touched,
+so a tensor read and released leaves nothing resident. (Reading through ``safe_open``'s memory
+map keeps every page touched counted in this process's RSS for as long as the file is open, so
+streaming several checkpoints would grow RSS to the size of all of them.) ``get_rows`` reads a
+range of rows along dim 0 without reading the rest. safetensors stores little-endian bytes; on a
+big-endian machine, or a platform without ``os.preadv``, and for a dtype not mapped below, reads
+fall back to ``safe_open``'s ``get_tensor``.
+
 Pickle files are refused unless the caller opts in, and then only ``torch.load(weights_only=True)``
 is used.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import operator
+import os
+import struct
+import sys
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +36,16 @@ from ..errors import InputError, NumericalError, UnsafeInputError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # safetensors dtypes of less than one byte per value
 _ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from this torch are left out)
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+}  # fmt: skip
+_DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
+# Positional reads give the file's bytes as they are: right only where the machine is little-endian.
+POSITIONAL_READS = sys.byteorder == "little" and hasattr(os, "preadv")
 
 
 def ensure_finite(tensor: torch.Tensor, *, path: str | Path | None, name: str) -> torch.Tensor:
@@ -75,25 +102,125 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor's header entry; ``begin``/``end`` are absolute byte offsets in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _parse_entry(file: Path, key: str, info: object, data_start: int, size: int) -> _Entry:
+    """Validate one header entry: well formed, inside the file, as many bytes as dtype and shape need."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
+        ok = (
+            isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and type(begin) is int
+            and type(end) is int
+        )
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError("malformed header entry: needs dtype, shape and data_offsets", path=file, tensor=key)
+    if not 0 <= begin <= end or data_start + end > size:
+        raise InputError(
+            f"data_offsets [{begin}, {end}] fall outside the file's {size - data_start} data bytes", path=file, tensor=key
+        )
+    torch_dtype = _DTYPES.get(dtype)
+    if torch_dtype is not None and end - begin != math.prod(shape) * torch_dtype.itemsize:
+        raise InputError(
+            f"a {dtype} tensor of shape {shape} needs {math.prod(shape) * torch_dtype.itemsize} bytes, "
+            f"its data_offsets give {end - begin}",
+            path=file,
+            tensor=key,
+        )
+    return _Entry(dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+class _Shard:
+    """One open safetensors file.
+
+    ``handle`` is its ``safe_open`` handle (validation at open, keys, fallback reads; its memory map
+    is never touched by positional reads); ``entries`` its parsed header; ``fd`` (where positional
+    reads are used) a plain read-only descriptor, closed when the shard is garbage-collected.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            size = file.stat().st_size
+            if size == 0:
+                raise InputError("file is empty", path=file)
+            self.handle = safe_open(str(file), framework="pt", device="cpu")
+            with open(file, "rb") as fh:
+                prefix = fh.read(8)
+                (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
+                if length > size - 8:
+                    raise InputError(f"header length {length} runs past the end of the file", path=file)
+                header = json.loads(fh.read(length))
+            if POSITIONAL_READS:
+                self.fd = os.open(file, os.O_RDONLY)
+                weakref.finalize(self, os.close, self.fd)
+        except InputError:
+            raise
+        except Exception as exc:  # SafetensorError, OSError, ValueError (JSON), ...
+            raise InputError(f"not a readable safetensors file ({type(exc).__name__}: {exc})", path=file) from exc
+        if not isinstance(header, dict):
+            raise InputError("header is not a JSON object", path=file)
+        self.entries = {
+            key: _parse_entry(file, key, info, 8 + length, size) for key, info in header.items() if key != "__metadata__"
+        }
+
+    def read_into(self, out: torch.Tensor, offset: int, key: str | None) -> None:
+        """Fill the contiguous uint8 tensor ``out`` with the file's bytes from ``offset`` on."""
+        n = out.numel()
+        if not n:
+            return
+        view = memoryview((ctypes.c_char * n).from_address(out.data_ptr())).cast("B")
+        done = 0
+        while done < n:  # one call reads at most ~2 GiB on Linux; a regular file may also return short
+            try:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise InputError(f"cannot read tensor data ({exc})", path=self.file, tensor=key) from exc
+            if not got:
+                raise InputError(
+                    f"file ends {n - done} bytes short of the data its header promises (truncated?)",
+                    path=self.file,
+                    tensor=key,
+                )
+            done += got
+
+
 class TensorReader:
     """Read-only, lazy view of the tensors in a set of safetensors files (or an opted-in pickle).
 
-    ``keys()``, ``shape()`` and ``dtype()`` read headers only; ``get()`` loads one tensor.
+    ``keys()``, ``shape()`` and ``dtype()`` read headers only; ``get()`` loads one tensor and
+    ``get_rows()`` a range of its rows along dim 0, each into fresh memory owned by the caller
+    (positional file reads, no memory map: nothing stays resident once the tensor is released).
     Errors name the file and the tensor.
     """
 
     def __init__(self, files: list[Path], *, pickle_state: dict[str, torch.Tensor] | None = None) -> None:
         self.files = list(files)
         self._pickle = pickle_state
-        self._handles: dict[Path, object] = {}
+        self._shards: dict[Path, _Shard] = {}
         self._where: dict[str, Path] = {}
         if pickle_state is not None:
             for key in pickle_state:
                 self._where[key] = self.files[0]
             return
         for file in self.files:
-            handle = self._open(file)
-            for key in handle.keys():
+            shard = self._shard(file)
+            keys = shard.handle.keys()
+            if set(keys) != set(shard.entries):
+                raise InputError("header keys disagree with the safetensors library's reading of them", path=file)
+            for key in keys:
                 if key in self._where:
                     raise InputError(f"tensor appears in two files ({self._where[key].name})", path=file, tensor=key)
                 self._where[key] = file
@@ -149,19 +276,27 @@ class TensorReader:
                 return cls.from_file(candidate, allow_pickle=allow_pickle)
         raise InputError(f"no {stem}.safetensors (or shards) found", path=directory)
 
+    def _shard(self, file: Path) -> _Shard:
+        shard = self._shards.get(file)
+        if shard is None:
+            shard = self._shards[file] = _Shard(file)
+        return shard
+
     def _open(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            try:
-                if file.stat().st_size == 0:
-                    raise InputError("file is empty", path=file)
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except InputError:
-                raise
-            except Exception as exc:  # SafetensorError, OSError, ...
-                raise InputError(f"not a readable safetensors file ({exc})", path=file) from exc
-            self._handles[file] = handle
-        return handle
+        """The ``safe_open`` handle of ``file`` (header queries; reading through it maps pages)."""
+        return self._shard(file).handle
+
+    def _locate(self, key: str) -> Path:
+        if key not in self._where:
+            raise InputError("tensor not found", path=self.files[0] if self.files else None, tensor=key)
+        return self._where[key]
+
+    def _entry(self, key: str) -> _Entry:
+        file = self._locate(key)
+        entry = self._shard(file).entries[key]
+        if entry.dtype in _PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
+            raise InputError(f"unsupported sub-byte dtype {entry.dtype}", path=file, tensor=key)
+        return entry
 
     # -- queries ------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -180,36 +315,84 @@ class TensorReader:
         return self._where[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape from the header (no data read)."""
         if self._pickle is not None:
+            self._locate(key)
             return tuple(self._pickle[key].shape)
-        file = self._where[key]
-        try:
-            info = self._open(file).get_slice(key)
-            dtype, shape = info.get_dtype(), tuple(info.get_shape())
-        except Exception as exc:
-            raise InputError(f"cannot read tensor header ({exc})", path=file, tensor=key) from exc
-        if dtype in _PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
-            raise InputError(f"unsupported sub-byte dtype {dtype}", path=file, tensor=key)
-        return shape
+        return self._entry(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The tensor's torch dtype from the header (no data read, except for a dtype not mapped here)."""
+        if self._pickle is not None:
+            self._locate(key)
+            return self._pickle[key].dtype
+        entry = self._entry(key)
+        if entry.dtype not in _DTYPES:  # left to safetensors, which knows it: one read
+            return self.get(key, check_finite=False).dtype
+        return _DTYPES[entry.dtype]
 
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
         """Load one tensor on CPU; NaN/Inf raise `NumericalError` unless ``check_finite=False``."""
-        if key not in self._where:
-            raise InputError("tensor not found", path=self.files[0] if self.files else None, tensor=key)
-        file = self._where[key]
+        file = self._locate(key)
         if self._pickle is not None:
             tensor = self._pickle[key]
         else:
-            shape = self.shape(key)
-            try:
-                tensor = self._open(file).get_tensor(key)
-            except Exception as exc:
-                raise InputError(f"cannot read tensor ({exc})", path=file, tensor=key) from exc
-            if tuple(tensor.shape) != shape:
-                raise InputError(f"tensor shape {tuple(tensor.shape)} differs from its header {shape}", path=file, tensor=key)
+            entry = self._entry(key)
+            if POSITIONAL_READS and entry.dtype in _DTYPES:
+                tensor = self._read(key, entry, entry.begin, entry.end, entry.shape)
+            else:
+                try:
+                    tensor = self._open(file).get_tensor(key)
+                except Exception as exc:
+                    raise InputError(f"cannot read tensor ({exc})", path=file, tensor=key) from exc
+                if tuple(tensor.shape) != entry.shape:
+                    raise InputError(
+                        f"tensor shape {tuple(tensor.shape)} differs from its header {entry.shape}", path=file, tensor=key
+                    )
         if check_finite:
             ensure_finite(tensor, path=file, name=key)
         return tensor
+
+    def get_rows(self, key: str, start: int, stop: int, *, check_finite: bool = True) -> torch.Tensor:
+        """Rows ``start:stop`` along dim 0 of one tensor, as a fresh contiguous CPU tensor.
+
+        Equal to ``get(key)[start:stop]`` but reads only those rows' bytes. Needs
+        ``0 <= start <= stop <= shape[0]`` (no negative indices); a 0-d tensor or rows out of
+        range raise `InputError`; NaN/Inf in the rows read raise `NumericalError` unless
+        ``check_finite=False``.
+        """
+        file = self._locate(key)
+        shape = self.shape(key)
+        start, stop = operator.index(start), operator.index(stop)
+        if not shape:
+            raise InputError("a 0-d tensor has no rows to read", path=file, tensor=key)
+        if not 0 <= start <= stop <= shape[0]:
+            raise InputError(f"rows {start}:{stop} are not a range within the tensor's {shape[0]} rows", path=file, tensor=key)
+        if self._pickle is not None:
+            tensor = self._pickle[key][start:stop].clone(memory_format=torch.contiguous_format)
+        else:
+            entry = self._entry(key)
+            if POSITIONAL_READS and entry.dtype in _DTYPES:
+                row_bytes = math.prod(shape[1:]) * _DTYPES[entry.dtype].itemsize
+                lo, hi = entry.begin + start * row_bytes, entry.begin + stop * row_bytes
+                tensor = self._read(key, entry, lo, hi, (stop - start, *shape[1:]))
+            else:
+                try:
+                    tensor = self._open(file).get_slice(key)[start:stop].clone()
+                except Exception as exc:
+                    raise InputError(f"cannot read tensor rows ({exc})", path=file, tensor=key) from exc
+        if check_finite:
+            ensure_finite(tensor, path=file, name=key)
+        return tensor
+
+    def _read(self, key: str, entry: _Entry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Bytes ``lo:hi`` of the tensor's file, read into fresh memory and viewed as ``shape``."""
+        raw = torch.empty(hi - lo, dtype=torch.uint8)
+        self._shard(self._where[key]).read_into(raw, lo, key)
+        dtype = _DTYPES[entry.dtype]
+        if dtype is torch.bool and raw.numel() and int(raw.max()) > 1:
+            raise InputError("BOOL tensor holds bytes other than 0 and 1", path=self._where[key], tensor=key)
+        return raw.view(dtype).reshape(shape)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)

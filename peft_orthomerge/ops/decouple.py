@@ -22,7 +22,9 @@ For expert weights ``W_i`` and the base ``W0``:
    one complete QR of ``W0^T`` shared by all tasks; ``P = I + B (C - I) B^T`` with an ``m x m``
    core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
    coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``
-   and ``Z`` from two ``out x out`` SVDs, `_reduced_closest_polar_svd`), kept factored. The skew
+   from an ``out x out`` SVD, ``Z = polar(Y[out:, out:])`` by certified Newton-Schulz, a block of
+   an orthogonal matrix, or an SVD where that is not certified or the det fix is needed;
+   `_reduced_closest_polar_svd`), kept factored. The skew
    matrices are summed in frame coordinates (``F^T Q_i F``, no ``in x in`` product per task) and
    the merged rotation is applied as ``W0 P = (W0 F) cayley(c S_F) F^T``. Tasks are processed one
    at a time, so one task's basis is alive at a time.
@@ -32,14 +34,16 @@ For expert weights ``W_i`` and the base ``W0``:
    ``Q = 0``); ``P = (I + Q)(I - Q)^-1``, applied as ``W0 P = 2 W0 (I - Q)^-1 - W0`` (one LU solve,
    no inverse, `cayley_apply`).
 5. Residuals ``rho_i = W_i - W0 @ P_i`` merged with a Euclidean method (`registry`); the result
-   is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``.
+   is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``. Task arithmetic
+   in the reduced basis never forms ``rho_i`` (`_merge_ta_reduced`): the result is
+   ``W0 P + sum_i c_i tau_i - sum_i c_i W0 (P_i - I)`` with the last sum kept in frame coordinates.
 
 Everything is computed in float64 by default (``dtype``); results come back in that dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +75,7 @@ class Rotation:
     orthogonal) is stored densely (``core``) or factored (``factors = (P_c, Z, Y)``,
     ``C = blockdiag(P_c, Z) @ Y^T``, the reduced SVD path). ``base_coords`` ``A`` (``(out, k)``),
     when set, gives ``W0 @ B = [A, 0]``: ``W0 @ P`` then costs no product with ``W0``.
+    ``target_coords`` ``b^T`` (``(m, out)``), when set, gives the target ``T = b B^T``.
     """
 
     n: int
@@ -79,6 +84,7 @@ class Rotation:
     frame: torch.Tensor | None = None
     coeff: torch.Tensor | None = None
     base_coords: torch.Tensor | None = None
+    target_coords: torch.Tensor | None = None
 
     @property
     def basis(self) -> torch.Tensor | None:
@@ -114,22 +120,28 @@ class Rotation:
         """``W0 @ P`` for the base this rotation was solved for (uses ``base_coords`` when set)."""
         if self.base_coords is None:
             return self.apply(w0)
-        a, k = self.base_coords, self.base_coords.shape[-1]
-        if self.factors is not None:  # a C = [A, 0] blockdiag(P_c, Z) Y^T = A P_c Y[:, :k]^T
-            pc, _, y = self.factors
-            ac = (a @ pc) @ y[:, :k].T
-        else:
-            ac = a @ self.core_matrix()[:k]
+        k = self.base_coords.shape[-1]
+        ac = self.base_core_rows()  # [A, 0] C = A C[:k]
         # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T (summed in place: one (out, in) temporary less)
         out = ac[:, :k] @ self.frame[:, :k].T
         return out.add_((ac[:, k:] @ self.coeff.T) @ self.frame[:, k:].T)
+
+    def base_core_rows(self) -> torch.Tensor:
+        """``A C[:k]`` (``(out, m)``, ``k = base_coords.shape[-1]``): ``W0 @ P = (A C[:k]) B^T`` needs
+        nothing else of ``C``. Factored: ``A C[:k] = (A P_c) Y[:, :k]^T``."""
+        a, k = self.base_coords, self.base_coords.shape[-1]
+        if self.factors is not None:
+            pc, _, y = self.factors
+            return (a @ pc) @ y[:, :k].T
+        return a @ self.core[:k]
 
     def skew_core(self, name: str | None = None) -> torch.Tensor:
         """``Q_c``, the inverse Cayley map of the core: ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
         if self.factors is None:
             return inverse_cayley(self.core, name=name)
         pc, z, y = self.factors
-        return inverse_cayley(torch.block_diag(pc, z), name=name, right=y)
+        # built column-major, the layout of Y (a Householder product) and of LAPACK's LU
+        return inverse_cayley(torch.block_diag(pc.T, z.T).T, name=name, right=y)
 
     def skew(self, name: str | None = None) -> torch.Tensor:
         """Dense ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
@@ -147,7 +159,7 @@ class Rotation:
         acc[:k, :k].add_(qc[:k, :k], alpha=alpha)
         top = qc[:k, k:] @ g.T
         acc[:k, k:].add_(top, alpha=alpha)
-        acc[k:, :k].sub_(top.T, alpha=alpha)  # Q_c skew: the lower-left block is -(upper-right)^T
+        acc[k:, :k].sub_(top.T.contiguous(), alpha=alpha)  # Q_c skew: the lower-left block is -(upper-right)^T
         del top
         acc[k:, k:].add_((g @ qc[k:, k:]) @ g.T, alpha=alpha)
 
@@ -244,12 +256,11 @@ def _complete_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Complete QR ``x = Y [R; 0]`` of a tall ``(m, r)`` matrix and ``det(Y)`` (+-1), for free on the
     CPU: ``Y`` is a product of Householder reflectors, each with ``det = -1`` unless its ``tau`` is 0."""
     m, r = x.shape
-    h, tau = torch.geqrf(x)
-    full = torch.zeros(m, m, dtype=x.dtype, device=x.device)
+    full = torch.zeros(m, m, dtype=x.dtype, device=x.device).T  # column-major: LAPACK's layout, no copies
+    full[:, :r] = x
+    h, tau = torch.geqrf(full[:, :r])
     full[:, :r] = h
-    taus = torch.zeros(m, dtype=x.dtype, device=x.device)
-    taus[:r] = tau
-    y = torch.linalg.householder_product(full, taus)
+    y = torch.linalg.householder_product(full, tau)  # the r reflectors applied to all m columns
     if x.device.type == "cpu":  # LAPACK's dlarfg: tau = 0 exactly when the reflector is the identity
         det = -1.0 if int((tau != 0).sum()) % 2 else 1.0
     else:  # other backends' conventions are not relied on
@@ -275,11 +286,76 @@ def _reduced_closest_polar_svd(
         return None
     pc = uc @ vch
     del uc, vch
+    sign = det_y * float(torch.linalg.det(pc))
+    z = _polar_near_orthogonal(y[k:, k:])
+    if z is not None and sign * float(torch.linalg.det(z)) > 0:
+        return pc, z, y
+    # not certified, or det P = -1: the SVD (the det fix needs Z's weakest direction)
     uz, _, vzh = torch.linalg.svd(y[k:, k:])
     z = uz @ vzh
-    if det_y * float(torch.linalg.det(pc)) * float(torch.linalg.det(z)) < 0:
+    if sign * float(torch.linalg.det(z)) < 0:
         z = z - 2 * uz[:, -1:] @ vzh[-1:]
     return pc, z, y
+
+
+def _polar_near_orthogonal(
+    a: torch.Tensor, tol: float | None = None, max_iter: int = 6, method: str | None = None
+) -> torch.Tensor | None:
+    """``polar(a)`` of a block ``a`` (``k x k``) of an orthogonal matrix (singular values in ``(0, 1]``,
+    near 1 when the experts are near the base); ``None`` when it cannot be certified (the caller
+    then uses the SVD). ``method`` ``"newton_schulz"`` (default for float32) or ``"eigh"`` (default
+    for float64, where one thread runs it faster than 5 Newton-Schulz steps; see `_polar_eigh`).
+
+    Newton-Schulz: the unscaled step ``X <- X (3 I - X^T X) / 2``, at most ``max_iter`` steps.
+
+    Certificate: with ``e = ||X^T X - I||_F`` (``delta_j = 1 - s_j^2``, ``|delta_j| <= e``) one step
+    gives ``1 - s_j'^2 = delta_j^2 (3 + delta_j) / 4``, so ``||X'^T X' - I||_F <= e^2`` once ``e < 1``,
+    and ``||X' - polar(a)||_F = ||1 - s'||_2 <= e^2`` (singular vectors are kept). The loop stops at
+    ``e <= sqrt(tol)`` and takes one last step without measuring it (its Gram product is the
+    expensive part); rounding in that step is checked with 8 random probes.
+    ``tol`` defaults to ``100 sqrt(k) eps``.
+    """
+    k = a.shape[-1]
+    tol = 100 * k**0.5 * torch.finfo(a.dtype).eps if tol is None else tol
+    if method is None:
+        method = "eigh" if a.dtype == torch.float64 else "newton_schulz"
+    if method == "eigh":
+        x = _polar_eigh(a)
+        return x if x is not None and _probe_orthogonality_error(x) <= tol else None
+    x = a
+    for step in range(max_iter):
+        gram = x.T @ x
+        gram.diagonal().sub_(1)
+        err = float(torch.linalg.matrix_norm(gram))
+        if not err < 1 and step >= 2:  # not converging quadratically: the SVD is cheaper
+            return None
+        gram.mul_(-0.5).diagonal().add_(1)  # (3 I - X^T X) / 2 = I - (X^T X - I) / 2
+        x = x @ gram
+        del gram
+        if err * err <= tol and err < 1:
+            break
+    else:
+        return None
+    if not _probe_orthogonality_error(x) <= tol:
+        return None
+    return x
+
+
+def _polar_eigh(a: torch.Tensor, floor: float = 0.25) -> torch.Tensor | None:
+    """``polar(a) = a V diag(lambda)^-1/2 V^T`` from ``a^T a = V diag(lambda) V^T``; ``None`` when
+    ``lambda_min < floor`` (the Gram matrix squares the condition number: with ``lambda`` in
+    ``[floor, 1]`` it costs at most a factor ``1 / floor`` of accuracy, below that the SVD answers)."""
+    lam, v = torch.linalg.eigh(a.T @ a)
+    if not float(lam[0]) >= floor:
+        return None
+    return a @ ((v * lam.rsqrt()) @ v.T)
+
+
+def _probe_orthogonality_error(x: torch.Tensor, probes: int = 8) -> float:
+    """Estimate of ``||X^T X - I||_F`` from random probes (``E ||E p||^2 = ||E||_F^2``), seeded."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    p = torch.randn(x.shape[-1], probes, generator=gen, dtype=x.dtype, device=x.device)
+    return float(torch.linalg.matrix_norm(x.T @ (x @ p) - p)) / probes**0.5
 
 
 def _complement_projector(x: torch.Tensor) -> torch.Tensor:
@@ -314,17 +390,19 @@ def iter_procrustes(
         frame, rfull = torch.linalg.qr(w0.T, mode="complete")  # (n, n), (n, out)
         r0 = rfull[:out].clone()
         del rfull
-        q0, q0c = frame[:, :out], frame[:, out:]
     for target in targets:
         tt = target.T
         rot = Rotation(n)
         if reduced:
             # G_i from a QR inside the complement of Q0, so Q_i stays orthogonal to Q0 even where
             # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
-            g, ri = torch.linalg.qr(q0c.T @ tt)  # (n - out, out); Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
-            bt = torch.cat([q0.T @ tt, ri], dim=0)  # b_i^T, (2 out, out)
-            del ri
-            rot.frame, rot.coeff, rot.base_coords = frame, g, r0.T
+            tf = target @ frame  # T_i F = [T_i Q0, T_i Q0c], one product
+            # Q0c^T T_i^T (n - out, out) is a column-major view, as LAPACK wants it;
+            # Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
+            g, ri = torch.linalg.qr(tf[:, out:].T)
+            bt = torch.cat([tf[:, :out].T, ri], dim=0)  # b_i^T, (2 out, out)
+            del ri, tf
+            rot.frame, rot.coeff, rot.base_coords, rot.target_coords = frame, g, r0.T, bt
             a = None
         else:
             a, bt = w0, tt
@@ -360,19 +438,16 @@ def iter_procrustes(
 
 
 def _orthogonality_error(rot: Rotation) -> float:
-    """``||C^T C - I||_F`` of the core; for a factored core ``C = D Y^T`` the bound
-    ``||D^T D - I||_F + ||Y^T Y - I||_F`` with the second term (a Householder product, orthogonal
-    to rounding) estimated from 8 random probes (``E ||E x||^2 = ||E||_F^2``) instead of an
-    ``m x m`` product."""
+    """``||C^T C - I||_F`` of the core; for a factored core ``C = blockdiag(P_c, Z) Y^T`` (SVD
+    products, a Newton-Schulz factor certified on its own, a Householder product: all orthogonal
+    to rounding) the bound ``||D^T D - I||_F + ||Y^T Y - I||_F``, each term estimated from 8
+    random probes (`_probe_orthogonality_error`) instead of ``m x m`` products."""
     if rot.factors is None:
         c = rot.core
         return float(orthogonality_error(c)) if c.shape[-1] else 0.0
     pc, z, y = rot.factors
-    err_d = float(torch.linalg.vector_norm(torch.stack([orthogonality_error(pc), orthogonality_error(z)])))
-    gen = torch.Generator(device=y.device).manual_seed(0)
-    probes = torch.randn(y.shape[-1], 8, generator=gen, dtype=y.dtype, device=y.device)
-    err_y = float(torch.linalg.matrix_norm(y.T @ (y @ probes) - probes)) / 8**0.5
-    return err_d + err_y
+    err_d = (_probe_orthogonality_error(pc) ** 2 + _probe_orthogonality_error(z) ** 2) ** 0.5
+    return err_d + _probe_orthogonality_error(y)
 
 
 def procrustes_batch(
@@ -423,21 +498,29 @@ def inverse_cayley(
     """``Q = (P - I)(P + I)^-1`` made exactly skew; `NumericalError` (naming ``name``) when ``P``
     has an eigenvalue at or within about ``2/limit`` of -1.
 
-    With ``right`` ``Y`` (orthogonal), ``P = p @ Y^T`` is given factored and
-    ``Q = (p - Y)(p + Y)^-1`` (the same matrix, without forming ``P``).
+    With ``right`` ``Y`` (orthogonal), ``P = p @ Y^T`` is given factored:
+    ``(P + I)^-1 = Y (p + Y)^-1``, so ``Q = I - 2 X`` with ``X (p + Y) = Y`` (one LU, no ``P``) and
+    its skew part is ``X^T - X`` (the identity cancels).
     """
     n = p.shape[-1]
     if right is None:
-        right = torch.eye(n, dtype=p.dtype, device=p.device)
-    q, status = torch.linalg.solve_ex(p + right, p - right, left=False)
-    norm = float(torch.linalg.matrix_norm(q)) if n else 0.0
-    if int(status.max() if status.numel() else 0) != 0 or not norm < limit:
+        eye = torch.eye(n, dtype=p.dtype, device=p.device)
+        q, status = torch.linalg.solve_ex(p + eye, p - eye, left=False)
+        skew = 0.5 * (q - q.transpose(-2, -1)) if int(status.max() if status.numel() else 0) == 0 else None
+    else:
+        lu, piv, status = torch.linalg.lu_factor_ex(p + right)
+        skew = None
+        if int(status.max() if status.numel() else 0) == 0:
+            x = torch.linalg.lu_solve(lu, piv, right, left=False)
+            del lu
+            skew = x.transpose(-2, -1).contiguous().sub_(x.contiguous())  # blocked transpose, then a contiguous sub
+    if skew is None or not (float(torch.linalg.matrix_norm(skew)) if n else 0.0) < limit:
         raise NumericalError(
             "orthogonal factor has an eigenvalue at -1 (a half turn); the inverse Cayley map is undefined",
             tensor=name,
             hint="The expert is too far from the base for rotation merging; use target=None (plain Euclidean) for it, or exclude this tensor.",
         )
-    return 0.5 * (q - q.transpose(-2, -1))
+    return skew
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
@@ -458,6 +541,26 @@ def cayley_apply(w: torch.Tensor, skew: torch.Tensor, scale: float = 1.0) -> tor
     a.diagonal(dim1=-2, dim2=-1).add_(1)
     x = torch.linalg.solve(a, w, left=False)  # x (I - Q) = w
     return x.mul_(2).sub_(w)
+
+
+def cayley_apply_leading(a: torch.Tensor, skew: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``[A, 0] @ cayley(scale * S)`` for ``A`` ``(r, k)`` and ``S`` ``(n, n)`` skew: `cayley_apply`
+    of a matrix whose last ``n - k`` columns are zero, by blocks (about two thirds of its flops).
+
+    With ``M = I - scale S`` only the first ``k`` rows of ``M^-1`` matter:
+    ``M^-1[:k] = Sc^-1 [I, -W]``, ``W = M12 M22^-1``, ``Sc = M11 - W M21`` (LU of ``M22`` and of
+    ``Sc``; both are well conditioned: principal blocks and Schur complements of ``I - skew`` have
+    singular values >= 1). ``skew`` is overwritten (it becomes ``M``)."""
+    k = a.shape[-1]
+    m = skew.mul_(-scale)
+    m.diagonal(dim1=-2, dim2=-1).add_(1)
+    w = torch.linalg.solve(m[k:, k:], m[:k, k:], left=False)  # W M22 = M12
+    sc = torch.addmm(m[:k, :k], w, m[k:, :k], alpha=-1)
+    x = torch.linalg.solve(sc, a, left=False)  # A Sc^-1
+    out = torch.cat([x, x @ w], dim=-1).mul_(2)  # 2 [A, 0] M^-1 (second block negated below)
+    out[:, k:].neg_()
+    out[:, :k].sub_(a)
+    return out
 
 
 def _magnitude_factor(skew_sum: torch.Tensor | None, total: float) -> float | None:
@@ -487,11 +590,11 @@ def conflict_rows(task_vector: torch.Tensor, mean: torch.Tensor, rows: int = 102
 class _SkewSum:
     """``S = sum_i w_i Q_i`` and ``sum_i w_i ||Q_i||_F``, one rotation at a time. With a shared
     frame (reduced basis) ``S`` is kept in frame coordinates, so no task costs an ``in x in``
-    product; ``frame_base`` is then ``W0 @ F``."""
+    product; ``base_coords`` ``A`` then gives ``W0 @ F = [A, 0]``."""
 
     skew: torch.Tensor | None = None
     frame: torch.Tensor | None = None
-    frame_base: torch.Tensor | None = None
+    base_coords: torch.Tensor | None = None
     total: float = 0.0
     infos: list[ProcrustesInfo] = field(default_factory=list)
 
@@ -503,8 +606,7 @@ class _SkewSum:
         self.total += weight * norm
         if rot.frame is not None:
             if self.skew is None:
-                self.frame, k = rot.frame, rot.base_coords.shape[-1]
-                self.frame_base = torch.cat([rot.base_coords, base.new_zeros(base.shape[0], base.shape[1] - k)], dim=-1)
+                self.frame, self.base_coords = rot.frame, rot.base_coords
                 self.skew = base.new_zeros(base.shape[1], base.shape[1])
             rot.add_skew_in_frame(self.skew, qc, weight)
         elif self.skew is None:
@@ -518,6 +620,118 @@ def _diff_norm(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
     """``||a - b||_F`` of two ``(out, in)`` matrices, by blocks of rows (no full-size temporary)."""
     squares = sum(float(torch.linalg.vector_norm(a[r : r + rows] - b[r : r + rows])) ** 2 for r in range(0, a.shape[0], rows))
     return squares**0.5
+
+
+def _merged_stats(stats: DecoupleStats, skew: _SkewSum) -> float | None:
+    """Fills the solver and merged-rotation fields of ``stats``; returns the magnitude factor ``c``
+    (``None``: no rotation)."""
+    if skew.infos:
+        stats.solver = skew.infos[0].solver
+        stats.solver_error = max(x.orthogonality_error for x in skew.infos)
+        stats.solver_fallback = sum(x.fallback for x in skew.infos)
+    else:
+        stats.solver = "identity"
+    c = _magnitude_factor(skew.skew, skew.total)
+    stats.magnitude_factor = c
+    if c is not None:
+        stats.merged_skew_norm = skew.total  # the merged Q = c S has ||Q||_F = sum_i w_i ||Q_i||_F by construction
+    return c
+
+
+def _norm64(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def _merge_ta_reduced(
+    base: torch.Tensor,
+    full: Callable[[int], torch.Tensor],
+    weights: list[float],
+    coeffs: list[float],
+    tau_sum: torch.Tensor,
+    target: str,
+    mean: torch.Tensor | None,
+    stats: DecoupleStats,
+    solver: str,
+    rtol: float,
+    name: str | None,
+) -> tuple[torch.Tensor, DecoupleStats]:
+    """Task arithmetic (``rho = sum_i c_i rho_i``) in the reduced basis (``2 out < in``), no residual formed.
+
+    ``W0 P + sum_i c_i (W_i - W0 P_i) = W0 P + sum_i c_i tau_i - E F^T`` with ``tau_sum`` =
+    ``sum_i c_i tau_i`` and ``E = sum_i c_i W0 (P_i - I) F`` summed in frame coordinates: with
+    ``W0 P_i = X_i B_i^T``, ``X_i = A C_i[:out]`` (``A = R0^T``, ``W0 B_i = [A, 0]``) and
+    ``B_i = F blockdiag(I, G_i)``, ``W0 (P_i - I) F = [X_i1 - A, X_i2 G_i^T]``: per task two
+    ``out x out``-sized products and one ``out x out x (in - out)``, no ``(out, in) x (in, in)``.
+    The report's norms come from the same small matrices (``B_i`` has orthonormal columns):
+    ``||W0 (P_i - I)|| = ||X_i - [A, 0]||``; the global target ``T_i = b_i B_i^T`` gives
+    ``||rho_i|| = ||b_i - X_i||``; the conflict target adds the rows it leaves out
+    (``U_i = W_i - T_i``): ``||rho_i||^2 = ||r_i||^2 + 2 <r_i, U_i B_i> + ||U_i||^2``,
+    ``r_i = b_i - X_i``. Norms are summed in float64.
+    """
+    out, n = base.shape
+    pending: list[torch.Tensor] = []
+
+    def next_target() -> Iterator[torch.Tensor]:
+        while pending:
+            yield pending.pop()
+
+    solved = iter_procrustes(base, next_target(), solver=solver, rtol=rtol)
+    skew = _SkewSum()
+    count = len(weights)
+    stats.skew_norms = [0.0] * count
+    stats.orth_part_norms = [0.0] * count
+    stats.residual_norms = list(stats.task_vector_norms)  # rho_i = tau_i where P_i = I
+    corr: torch.Tensor | None = None  # E, (out, in), frame coordinates
+    for i in range(count):
+        f = full(i)
+        drop = None
+        if target == "global":
+            t = f
+        else:
+            t = f - base
+            keep = conflict_rows(t, mean)
+            stats.rows_kept.append(int(keep.sum()))
+            t.mul_(keep[:, None]).add_(base)  # W0 + tau_i * mask_i, in place
+            drop = (~keep).nonzero().squeeze(-1) if not bool(keep.all()) else None
+            del keep
+        if torch.equal(t, base):
+            continue
+        pending.append(t)
+        del t
+        rot, info = next(solved)
+        stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
+        a, g = rot.base_coords, rot.coeff
+        x = rot.base_core_rows()  # W0 P_i = X B^T
+        r = rot.target_coords.T - x  # T_i - W0 P_i = r B^T
+        x[:, :out].sub_(a)  # W0 (P_i - I) = X B^T
+        stats.orth_part_norms[i] = _norm64(x)
+        rho2 = _norm64(r) ** 2
+        if drop is not None:  # rows of W_i the conflict target left at W0: U_i = tau_i there
+            u = f[drop] - base[drop]
+            uf = u @ rot.frame
+            ub = torch.cat([uf[:, :out], uf[:, out:] @ g], dim=-1)
+            del uf
+            cross = float(torch.sum(r[drop].to(torch.float64) * ub.to(torch.float64)))
+            rho2 = max(rho2 + 2 * cross + _norm64(u) ** 2, 0.0)
+            del u, ub
+        stats.residual_norms[i] = rho2**0.5
+        if corr is None:
+            corr = base.new_zeros(out, n)
+        corr[:, :out].add_(x[:, :out], alpha=coeffs[i])
+        corr[:, out:].addmm_(x[:, out:], g.T, alpha=coeffs[i])
+        del rot, x, r, f
+    solved.close()  # drops the shared QR of W0^T
+    c = _merged_stats(stats, skew)
+    if corr is None:  # every target was the base
+        return base + tau_sum, stats
+    if c is None:
+        merged = base - corr @ skew.frame.T
+    else:
+        # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
+        rotated = cayley_apply_leading(skew.base_coords, skew.skew, c)
+        skew.skew = skew.base_coords = None
+        merged = rotated.sub_(corr) @ skew.frame.T
+    return merged.add_(tau_sum), stats
 
 
 def decouple_merge(
@@ -553,6 +767,14 @@ def decouple_merge(
         raise ConfigError(f"got {len(weights)} weights for {len(experts)} experts")
     for e in experts:
         _check_pair(w0, e, name)
+    # rows path dispatch: task arithmetic on a weight with 2 out >= in goes through the Gram path
+    if target is not None and residual == "ta" and 2 * w0.shape[0] >= w0.shape[1]:
+        from .decouple_rows import decouple_merge_ta_rows
+
+        return decouple_merge_ta_rows(
+            w0, experts, weights, target, residual_kwargs, solver, name=name, dtype=dtype, rtol=rtol
+        )
+    # end of rows path dispatch
     merge_fn = get_euclidean(residual)
     kwargs = dict(residual_kwargs or {})
     weights = list(weights)
@@ -561,8 +783,15 @@ def decouple_merge(
     def full(i: int) -> torch.Tensor:
         return experts[i].to(device=base.device, dtype=dtype)
 
-    # first pass, one expert at a time and before any work: finiteness, ||tau_i|| and, for the
-    # conflict target, the weighted mean task vector
+    # task arithmetic in the reduced basis never forms a residual (`_merge_ta_reduced`)
+    fast_ta = target is not None and residual == "ta" and 2 * base.shape[0] < base.shape[1] and set(kwargs) <= {"lam"}
+    if fast_ta:
+        lam = 1.0 / len(weights) if kwargs.get("lam") is None else float(kwargs["lam"])
+        coeffs = [lam * len(weights) * float(w) for w in weights]  # as `task_arithmetic`: lam * sum (N w_i) rho_i
+        tau_sum = base.new_zeros(base.shape)
+
+    # first pass, one expert at a time and before any work: finiteness, ||tau_i||, for the
+    # conflict target the weighted mean task vector, for the fast TA path sum_i c_i tau_i
     stats = DecoupleStats()
     mean = base.new_zeros(base.shape) if target == "conflict" else None
     finite = bool(torch.isfinite(base).all())
@@ -576,9 +805,13 @@ def decouple_merge(
         stats.task_vector_norms.append(float(torch.linalg.matrix_norm(tau)))
         if mean is not None:
             mean.add_(weights[i] * tau)
+        if fast_ta:
+            tau_sum.add_(tau, alpha=coeffs[i])
         del tau
     if not finite:
         raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
+    if fast_ta:
+        return _merge_ta_reduced(base, full, weights, coeffs, tau_sum, target, mean, stats, solver, rtol, name)
     if target is None:
         task_vectors = (full(i) - base for i in range(len(experts)))
         merged_tau = merge_iter(merge_fn, task_vectors, weights, base=base, generator=generator, **kwargs)
@@ -632,22 +865,14 @@ def decouple_merge(
     rho = merge_iter(merge_fn, residuals(), weights, base=base, generator=generator, **kwargs).to(dtype)
     solved.close()  # drops the shared QR of W0^T
     mean = None
-    if skew.infos:
-        stats.solver = skew.infos[0].solver
-        stats.solver_error = max(x.orthogonality_error for x in skew.infos)
-        stats.solver_fallback = sum(x.fallback for x in skew.infos)
-    else:
-        stats.solver = "identity"
-    c = _magnitude_factor(skew.skew, skew.total)
-    stats.magnitude_factor = c
+    c = _merged_stats(stats, skew)
     if c is None:
         return base + rho, stats
-    stats.merged_skew_norm = skew.total  # the merged Q = c S has ||Q||_F = sum_i w_i ||Q_i||_F by construction
     if skew.frame is None:
         return cayley_apply(base, skew.skew, c).add_(rho), stats
     # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
-    rotated = cayley_apply(skew.frame_base, skew.skew, c)
-    skew.skew = skew.frame_base = None
+    rotated = cayley_apply_leading(skew.base_coords, skew.skew, c)
+    skew.skew = skew.base_coords = None
     out = rotated @ skew.frame.T
     del rotated
     return out.add_(rho), stats

@@ -207,25 +207,26 @@ def _child(args: dict) -> dict:
 
     from peft_orthomerge import merge_models
 
-    rss0, anon0 = _status_kb("VmRSS"), _status_kb("RssAnon")
-    peak_anon = [anon0]
+    rss0, anon0, file0 = _status_kb("VmRSS"), _status_kb("RssAnon"), _status_kb("RssFile")
+    peak_anon, peak_file = [anon0], [file0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
+            peak_file[0] = max(peak_file[0], _status_kb("RssFile"))
             time.sleep(0.005)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
-    merge_models(args["base"], args["experts"], args["output"], residual=args["residual"])
+    merge_models(args["base"], args["experts"], args["output"], residual=args["residual"], precision=args.get("precision", "float64"))
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
     hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of the process (file pages included)
     return {"seconds": seconds, "rss_mb": (hwm - rss0) / 1024, "anon_mb": (max(peak_anon[0], _status_kb("RssAnon")) - anon0) / 1024,
-            "imports_mb": rss0 / 1024}
+            "file_mb": (peak_file[0] - file0) / 1024, "imports_mb": rss0 / 1024}
 
 
 def bench_memory(quick: bool) -> list[dict]:
@@ -246,7 +247,7 @@ def bench_memory(quick: bool) -> list[dict]:
                 name=f"merge_models peak RSS, global+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
                 baseline=mb, ours=res["rss_mb"], ratio=res["rss_mb"] / mb, unit="MB",
                 notes=f"baseline = one checkpoint; ours = peak RSS above the child's {res['imports_mb']:.0f} MB after imports "
-                      f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB; {res['seconds']:.1f} s",
+                      f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB, file-backed {res['file_mb']:.0f} MB; {res['seconds']:.1f} s",
             ))
     return rows
 

@@ -247,7 +247,8 @@ def test_factored_rotation_pieces_match_dense_formulas(shape):
     # accumulation in frame coordinates equals F^T Q F
     acc = torch.zeros(shape[1], shape[1], dtype=F64)
     rot.add_skew_in_frame(acc, rot.skew_core(), 0.7)
-    assert torch.allclose(acc, 0.7 * rot.frame.T @ q_ref @ rot.frame, atol=1e-8)
+    frame = rot.frame.dense()
+    assert torch.allclose(acc, 0.7 * frame.T @ q_ref @ frame, atol=1e-8)
     assert info.orthogonality_error < 1e-11
 
 
@@ -465,3 +466,20 @@ def test_cayley_apply_leading_matches_dense_cayley(k, n):
     expected = padded @ (eye + 1.7 * s) @ torch.linalg.inv(eye - 1.7 * s)
     assert torch.allclose(cayley_apply_leading(a, s.clone(), 1.7), expected, atol=1e-12)
     assert torch.allclose(cayley_apply(padded, s.clone(), 1.7), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 48)])
+def test_conflict_target_with_an_expert_that_keeps_no_row(shape):
+    """Expert A conflicts with the mean on half of its rows, expert B on none: B is merged
+    unrotated (``rho_B = tau_B``), A rotated towards its conflicting rows; both paths (reduced basis
+    and row blocks) against the dense reference."""
+    out, n = shape
+    gen = torch.Generator().manual_seed(21)
+    w0 = torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
+    tau = 0.3 * torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
+    half = torch.ones(out, 1, dtype=F64)
+    half[: out // 2] = -2.0
+    experts = [w0 + tau, w0 + half * tau]
+    got, stats = decouple_merge(w0, experts, [0.5, 0.5], "conflict", "ta", {"lam": 0.9})
+    assert stats.rows_kept == [out // 2, 0]
+    assert torch.allclose(got, ref_merge(w0, experts, [0.5, 0.5], "conflict", lam=0.9), atol=1e-12, rtol=0)

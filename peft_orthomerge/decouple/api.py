@@ -31,7 +31,7 @@ from ..io.output import (
 )
 from ..io.resolve import resolve_source
 from ..io.tensors import TensorReader
-from ..memory import release_free_memory
+from ..memory import release_free_memory, return_large_blocks
 from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
 from ..ops.decouple_rows import decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.procrustes import check_solver
@@ -429,6 +429,23 @@ def _validate_checkpoints(base: TensorReader, experts: Sequence[TensorReader]) -
                 )
 
 
+class _LazyTensors(Sequence):
+    """The experts' copies of one tensor, each read from its file when indexed (and dropped by the
+    caller after use), so at most one expert's full tensor is alive at a time."""
+
+    def __init__(self, readers: Sequence[TensorReader], name: str, *, transpose: bool = False) -> None:
+        self.readers, self.name, self.transpose = list(readers), name, transpose
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        tensor = self.readers[i].get(self.name)
+        return tensor.T if self.transpose else tensor
+
+
 class _FileRows:
     """One tensor of a checkpoint as a `RowSource`: blocks of rows read from the file on demand."""
 
@@ -568,6 +585,7 @@ def merge_models(
         )
 
     names = base_reader.keys()
+    return_large_blocks()  # glibc: large temporaries go back to the OS when freed (see `memory`)
     # GPT-2-style Conv1D weights are stored (in, out): transposed for the math and back
     conv1d = conv1d_weight_names(base_dir, names)
 
@@ -598,9 +616,10 @@ def merge_models(
                     writer.add(name, w0)
                     done[name] = "copied"
                     continue
-                experts = [r.get(name) for r in readers]
+                # read when used (decouple_merge converts one expert at a time), not all at once
+                experts = _LazyTensors(readers, name, transpose=transposed)
                 if transposed:  # the math sees the torch layout (out, in)
-                    w0, experts = w0.T, [e.T for e in experts]
+                    w0 = w0.T
                 out, stats = _merge_tensor(
                     name, w0, experts, weights_n, decoupled=decoupled, target=target,
                     residual=residual, kwargs=kwargs, solver=solver, device=dev, dtype=dtype,

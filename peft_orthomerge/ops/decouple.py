@@ -66,10 +66,47 @@ ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i||: exact cancell
 
 
 @dataclass
+class Frame:
+    """The ``in x in`` orthogonal ``F`` of a complete QR ``W0^T = F [R0; 0]``, kept as LAPACK's
+    Householder reflectors (`torch.geqrf`: ``in x out`` numbers instead of ``in x in``); products
+    with ``F`` go through `torch.ormqr` (fewer flops than a dense product, no ``in x in`` matrix).
+    ``F[:, :out]`` spans the rows of ``W0``."""
+
+    reflectors: torch.Tensor
+    tau: torch.Tensor
+
+    @classmethod
+    def of(cls, w0: torch.Tensor) -> tuple["Frame", torch.Tensor]:
+        """The frame of ``w0`` (``(out, in)``, ``2 out < in``) and ``R0`` (``(out, out)``, upper triangular)."""
+        h, tau = torch.geqrf(w0.T)
+        return cls(h, tau), torch.triu(h[: w0.shape[0]])
+
+    @property
+    def n(self) -> int:
+        return self.reflectors.shape[0]
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ F``."""
+        return torch.ormqr(self.reflectors, self.tau, x, left=False, transpose=False)
+
+    def right_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ F^T``."""
+        return torch.ormqr(self.reflectors, self.tau, x, left=False, transpose=True)
+
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        """``F @ x``."""
+        return torch.ormqr(self.reflectors, self.tau, x, left=True, transpose=False)
+
+    def dense(self) -> torch.Tensor:
+        """``F`` itself (``in x in``), for tests and dense fallbacks."""
+        return self.left(torch.eye(self.n, dtype=self.reflectors.dtype, device=self.reflectors.device))
+
+
+@dataclass
 class Rotation:
     """An orthogonal ``P = I + B (C - I) B^T`` stored compactly.
 
-    ``frame`` ``F`` (``in x in`` orthogonal, shared by all tasks of one call) and ``coeff`` ``G``
+    ``frame`` `Frame` ``F`` (``in x in`` orthogonal, shared by all tasks of one call) and ``coeff`` ``G``
     give the basis ``B = [F[:, :k], F[:, k:] @ G]`` (``(in, m)``, orthonormal columns); ``frame``
     ``None`` means the standard basis (``m = in``, ``P = C``). The core ``C`` (``m x m``
     orthogonal) is stored densely (``core``) or factored (``factors = (P_c, Z, Y)``,
@@ -81,7 +118,7 @@ class Rotation:
     n: int
     core: torch.Tensor | None = None
     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    frame: torch.Tensor | None = None
+    frame: Frame | None = None
     coeff: torch.Tensor | None = None
     base_coords: torch.Tensor | None = None
     target_coords: torch.Tensor | None = None
@@ -90,8 +127,11 @@ class Rotation:
     def basis(self) -> torch.Tensor | None:
         if self.frame is None:
             return None
-        k = self.frame.shape[-1] - self.coeff.shape[0]
-        return torch.cat([self.frame[:, :k], self.frame[:, k:] @ self.coeff], dim=-1)
+        k = self.frame.n - self.coeff.shape[0]
+        coords = self.coeff.new_zeros(self.frame.n, k + self.coeff.shape[1])  # blockdiag(I, G)
+        coords[:k, :k].fill_diagonal_(1)
+        coords[k:, k:] = self.coeff
+        return self.frame.left(coords)
 
     def core_matrix(self) -> torch.Tensor:
         if self.core is not None:
@@ -122,9 +162,8 @@ class Rotation:
             return self.apply(w0)
         k = self.base_coords.shape[-1]
         ac = self.base_core_rows()  # [A, 0] C = A C[:k]
-        # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T (summed in place: one (out, in) temporary less)
-        out = ac[:, :k] @ self.frame[:, :k].T
-        return out.add_((ac[:, k:] @ self.coeff.T) @ self.frame[:, k:].T)
+        # W0 = A F[:, :k]^T, so W0 @ P = (A C) B^T = [A C_1, A C_2 G^T] F^T
+        return self.frame.right_t(torch.cat([ac[:, :k], ac[:, k:] @ self.coeff.T], dim=-1))
 
     def base_core_rows(self) -> torch.Tensor:
         """``A C[:k]`` (``(out, m)``, ``k = base_coords.shape[-1]``): ``W0 @ P = (A C[:k]) B^T`` needs
@@ -141,7 +180,7 @@ class Rotation:
             return inverse_cayley(self.core, name=name)
         pc, z, y = self.factors
         # built column-major, the layout of Y (a Householder product) and of LAPACK's LU
-        return inverse_cayley(torch.block_diag(pc.T, z.T).T, name=name, right=y)
+        return inverse_cayley(torch.block_diag(pc.T, z.T).T, name=name, right=y, overwrite=True)
 
     def skew(self, name: str | None = None) -> torch.Tensor:
         """Dense ``Q = (P - I)(P + I)^-1 = B Q_c B^T``."""
@@ -154,7 +193,7 @@ class Rotation:
     def add_skew_in_frame(self, acc: torch.Tensor, qc: torch.Tensor, alpha: float) -> None:
         """``acc += alpha * F^T Q F`` (frame coordinates) for ``Q = B Q_c B^T``, ``B = F blockdiag(I, G)``:
         never forms an ``in x in`` product per task."""
-        k = self.frame.shape[-1] - self.coeff.shape[0]
+        k = self.frame.n - self.coeff.shape[0]
         g = self.coeff
         acc[:k, :k].add_(qc[:k, :k], alpha=alpha)
         top = qc[:k, k:] @ g.T
@@ -387,16 +426,14 @@ def iter_procrustes(
         # B_i = [Q0, Q_i] = F blockdiag(I, G_i) with the frame F = [Q0, Q0c] (one complete QR of
         # W0^T shared by all tasks): Q0 spans the rows of W0, Q_i the part of the rows of T_i
         # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
-        frame, rfull = torch.linalg.qr(w0.T, mode="complete")  # (n, n), (n, out)
-        r0 = rfull[:out].clone()
-        del rfull
+        frame, r0 = Frame.of(w0)
     for target in targets:
         tt = target.T
         rot = Rotation(n)
         if reduced:
             # G_i from a QR inside the complement of Q0, so Q_i stays orthogonal to Q0 even where
             # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
-            tf = target @ frame  # T_i F = [T_i Q0, T_i Q0c], one product
+            tf = frame.right(target)  # T_i F = [T_i Q0, T_i Q0c], one product
             # Q0c^T T_i^T (n - out, out) is a column-major view, as LAPACK wants it;
             # Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
             g, ri = torch.linalg.qr(tf[:, out:].T)
@@ -493,14 +530,15 @@ def _check_pair(w0: torch.Tensor, w: torch.Tensor, name: str | None = None) -> N
 
 
 def inverse_cayley(
-    p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT, right: torch.Tensor | None = None
+    p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT, right: torch.Tensor | None = None, overwrite: bool = False
 ) -> torch.Tensor:
     """``Q = (P - I)(P + I)^-1`` made exactly skew; `NumericalError` (naming ``name``) when ``P``
     has an eigenvalue at or within about ``2/limit`` of -1.
 
     With ``right`` ``Y`` (orthogonal), ``P = p @ Y^T`` is given factored:
     ``(P + I)^-1 = Y (p + Y)^-1``, so ``Q = I - 2 X`` with ``X (p + Y) = Y`` (one LU, no ``P``) and
-    its skew part is ``X^T - X`` (the identity cancels).
+    its skew part is ``X^T - X`` (the identity cancels). ``overwrite=True`` lets it reuse ``p``'s
+    memory (the caller's own temporary; best column-major) for ``p + Y`` and its LU factors.
     """
     n = p.shape[-1]
     if right is None:
@@ -508,12 +546,19 @@ def inverse_cayley(
         q, status = torch.linalg.solve_ex(p + eye, p - eye, left=False)
         skew = 0.5 * (q - q.transpose(-2, -1)) if int(status.max() if status.numel() else 0) == 0 else None
     else:
-        lu, piv, status = torch.linalg.lu_factor_ex(p + right)
+        a = p.add_(right) if overwrite else p + right
+        del p
+        if a.mT.is_contiguous():  # column-major, LAPACK's layout: factored in place, no second matrix
+            piv = torch.empty(n, dtype=torch.int32, device=a.device)
+            lu, piv, status = torch.linalg.lu_factor_ex(a, out=(a, piv, torch.empty((), dtype=torch.int32, device=a.device)))
+        else:
+            lu, piv, status = torch.linalg.lu_factor_ex(a)
+        del a
         skew = None
         if int(status.max() if status.numel() else 0) == 0:
             x = torch.linalg.lu_solve(lu, piv, right, left=False)
             del lu
-            skew = x.transpose(-2, -1).contiguous().sub_(x.contiguous())  # blocked transpose, then a contiguous sub
+            skew = _skew_part_in_place(x.contiguous())
     if skew is None or not (float(torch.linalg.matrix_norm(skew)) if n else 0.0) < limit:
         raise NumericalError(
             "orthogonal factor has an eigenvalue at -1 (a half turn); the inverse Cayley map is undefined",
@@ -521,6 +566,17 @@ def inverse_cayley(
             hint="The expert is too far from the base for rotation merging; use target=None (plain Euclidean) for it, or exclude this tensor.",
         )
     return skew
+
+
+def _skew_part_in_place(x: torch.Tensor, panel: int = 256) -> torch.Tensor:
+    """``x <- x^T - x`` for a square contiguous ``x``, by panels of rows: no second full-size matrix."""
+    n = x.shape[-1]
+    for i in range(0, n, panel):
+        j = min(n, i + panel)
+        d = x[i:j, i:].T - x[i:, i:j]  # rows i:j of the result are -(this)^T; columns i:j are this
+        x[i:, i:j] = d
+        x[i:j, i:] = d.T.neg()
+    return x
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
@@ -593,7 +649,7 @@ class _SkewSum:
     product; ``base_coords`` ``A`` then gives ``W0 @ F = [A, 0]``."""
 
     skew: torch.Tensor | None = None
-    frame: torch.Tensor | None = None
+    frame: Frame | None = None
     base_coords: torch.Tensor | None = None
     total: float = 0.0
     infos: list[ProcrustesInfo] = field(default_factory=list)
@@ -647,7 +703,6 @@ def _merge_ta_reduced(
     full: Callable[[int], torch.Tensor],
     weights: list[float],
     coeffs: list[float],
-    tau_sum: torch.Tensor,
     target: str,
     mean: torch.Tensor | None,
     stats: DecoupleStats,
@@ -657,16 +712,16 @@ def _merge_ta_reduced(
 ) -> tuple[torch.Tensor, DecoupleStats]:
     """Task arithmetic (``rho = sum_i c_i rho_i``) in the reduced basis (``2 out < in``), no residual formed.
 
-    ``W0 P + sum_i c_i (W_i - W0 P_i) = W0 P + sum_i c_i tau_i - E F^T`` with ``tau_sum`` =
-    ``sum_i c_i tau_i`` and ``E = sum_i c_i W0 (P_i - I) F`` summed in frame coordinates: with
-    ``W0 P_i = X_i B_i^T``, ``X_i = A C_i[:out]`` (``A = R0^T``, ``W0 B_i = [A, 0]``) and
-    ``B_i = F blockdiag(I, G_i)``, ``W0 (P_i - I) F = [X_i1 - A, X_i2 G_i^T]``: per task two
-    ``out x out``-sized products and one ``out x out x (in - out)``, no ``(out, in) x (in, in)``.
+    ``W0 P + sum_i c_i (W_i - W0 P_i) = (W0 P F + E) F^T`` with ``E = sum_i c_i rho_i F`` summed in
+    frame coordinates: with ``W0 P_i = X_i B_i^T``, ``X_i = A C_i[:out]`` (``A = R0^T``,
+    ``W0 B_i = [A, 0]``), ``B_i = F blockdiag(I, G_i)`` and the target ``T_i = b_i B_i^T``, the
+    residual is ``rho_i = r_i B_i^T + U_i`` with ``r_i = b_i - X_i`` and ``U_i = W_i - T_i`` (zero for
+    the global target; the conflict target's rows left at ``W0``), so
+    ``rho_i F = [r_i1, r_i2 G_i^T] + U_i F``: per task two ``out x out``-sized products and one
+    ``out x out x (in - out)``, no ``(out, in) x (in, in)``; one ``(out, in)`` accumulator.
     The report's norms come from the same small matrices (``B_i`` has orthonormal columns):
-    ``||W0 (P_i - I)|| = ||X_i - [A, 0]||``; the global target ``T_i = b_i B_i^T`` gives
-    ``||rho_i|| = ||b_i - X_i||``; the conflict target adds the rows it leaves out
-    (``U_i = W_i - T_i``): ``||rho_i||^2 = ||r_i||^2 + 2 <r_i, U_i B_i> + ||U_i||^2``,
-    ``r_i = b_i - X_i``. Norms are summed in float64.
+    ``||W0 (P_i - I)|| = ||X_i - [A, 0]||``, ``||rho_i||^2 = ||r_i||^2 + 2 <r_i, U_i B_i> + ||U_i||^2``.
+    Norms are summed in float64.
     """
     out, n = base.shape
     pending: list[torch.Tensor] = []
@@ -681,7 +736,8 @@ def _merge_ta_reduced(
     stats.skew_norms = [0.0] * count
     stats.orth_part_norms = [0.0] * count
     stats.residual_norms = list(stats.task_vector_norms)  # rho_i = tau_i where P_i = I
-    corr: torch.Tensor | None = None  # E, (out, in), frame coordinates
+    acc: torch.Tensor | None = None  # E = sum_i c_i rho_i F, (out, in), frame coordinates
+    plain: torch.Tensor | None = None  # sum_i c_i tau_i of unrotated experts (conflict target, no row kept)
     for i in range(count):
         f = full(i)
         drop = None
@@ -694,10 +750,16 @@ def _merge_ta_reduced(
             t.mul_(keep[:, None]).add_(base)  # W0 + tau_i * mask_i, in place
             drop = (~keep).nonzero().squeeze(-1) if not bool(keep.all()) else None
             del keep
-        if torch.equal(t, base):
+        if torch.equal(t, base):  # P_i = I, rho_i = tau_i (zero for the global target)
+            if target != "global":
+                plain = base.new_zeros(out, n) if plain is None else plain
+                plain.add_(f - base, alpha=coeffs[i])
+            del t, f
             continue
         pending.append(t)
         del t
+        if drop is None:  # W_i is not needed again: free it while the rotation is solved
+            f = None
         rot, info = next(solved)
         stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
         a, g = rot.base_coords, rot.coeff
@@ -705,33 +767,35 @@ def _merge_ta_reduced(
         r = rot.target_coords.T - x  # T_i - W0 P_i = r B^T
         x[:, :out].sub_(a)  # W0 (P_i - I) = X B^T
         stats.orth_part_norms[i] = _norm64(x)
+        del x
+        if acc is None:
+            acc = base.new_zeros(out, n)
+        acc[:, :out].add_(r[:, :out], alpha=coeffs[i])
+        acc[:, out:].addmm_(r[:, out:], g.T, alpha=coeffs[i])
         rho2 = _norm64(r) ** 2
         if drop is not None:  # rows of W_i the conflict target left at W0: U_i = tau_i there
             u = f[drop] - base[drop]
-            uf = u @ rot.frame
+            uf = rot.frame.right(u)
+            acc[drop] += coeffs[i] * uf
             ub = torch.cat([uf[:, :out], uf[:, out:] @ g], dim=-1)
             del uf
             cross = float(torch.sum(r[drop].to(torch.float64) * ub.to(torch.float64)))
             rho2 = max(rho2 + 2 * cross + _norm64(u) ** 2, 0.0)
             del u, ub
         stats.residual_norms[i] = rho2**0.5
-        if corr is None:
-            corr = base.new_zeros(out, n)
-        corr[:, :out].add_(x[:, :out], alpha=coeffs[i])
-        corr[:, out:].addmm_(x[:, out:], g.T, alpha=coeffs[i])
-        del rot, x, r, f
+        del rot, r, f
     solved.close()  # drops the shared QR of W0^T
     c = _merged_stats(stats, skew)
-    if corr is None:  # every target was the base
-        return base + tau_sum, stats
-    if c is None:
-        merged = base - corr @ skew.frame.T
+    if acc is None:  # every target was the base
+        merged = base.clone()
+    elif c is None:  # the rotations cancel: W0 + E F^T
+        merged = skew.frame.right_t(acc).add_(base)
     else:
         # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
         rotated = cayley_apply_leading(skew.base_coords, skew.skew, c)
         skew.skew = skew.base_coords = None
-        merged = rotated.sub_(corr) @ skew.frame.T
-    return merged.add_(tau_sum), stats
+        merged = skew.frame.right_t(rotated.add_(acc))
+    return (merged if plain is None else merged.add_(plain)), stats
 
 
 def decouple_merge(
@@ -788,10 +852,9 @@ def decouple_merge(
     if fast_ta:
         lam = 1.0 / len(weights) if kwargs.get("lam") is None else float(kwargs["lam"])
         coeffs = [lam * len(weights) * float(w) for w in weights]  # as `task_arithmetic`: lam * sum (N w_i) rho_i
-        tau_sum = base.new_zeros(base.shape)
 
     # first pass, one expert at a time and before any work: finiteness, ||tau_i||, for the
-    # conflict target the weighted mean task vector, for the fast TA path sum_i c_i tau_i
+    # conflict target the weighted mean task vector
     stats = DecoupleStats()
     mean = base.new_zeros(base.shape) if target == "conflict" else None
     finite = bool(torch.isfinite(base).all())
@@ -805,13 +868,11 @@ def decouple_merge(
         stats.task_vector_norms.append(float(torch.linalg.matrix_norm(tau)))
         if mean is not None:
             mean.add_(weights[i] * tau)
-        if fast_ta:
-            tau_sum.add_(tau, alpha=coeffs[i])
         del tau
     if not finite:
         raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
     if fast_ta:
-        return _merge_ta_reduced(base, full, weights, coeffs, tau_sum, target, mean, stats, solver, rtol, name)
+        return _merge_ta_reduced(base, full, weights, coeffs, target, mean, stats, solver, rtol, name)
     if target is None:
         task_vectors = (full(i) - base for i in range(len(experts)))
         merged_tau = merge_iter(merge_fn, task_vectors, weights, base=base, generator=generator, **kwargs)
@@ -873,6 +934,6 @@ def decouple_merge(
     # W0 @ P = (W0 F) cayley(c S_F) F^T with S_F the skew sum in frame coordinates
     rotated = cayley_apply_leading(skew.base_coords, skew.skew, c)
     skew.skew = skew.base_coords = None
-    out = rotated @ skew.frame.T
+    out = skew.frame.right_t(rotated)
     del rotated
     return out.add_(rho), stats

@@ -20,7 +20,7 @@ Rows:
 - *merge_models peak RSS*: a fresh child process merges bf16 checkpoints (quick: 2 layers, vocab
   4000, 2 experts; full: 8 layers, vocab 32000, 5 experts) with `merge_models` (defaults, and
   ``residual="ties"`` in the full run); ``baseline`` = one checkpoint's size (MB), ``ours`` = the
-  process's peak RSS (``ru_maxrss``, file pages included) above its RSS after imports (MB),
+  process's peak RSS (``VmHWM``, file pages included) above its RSS after imports (MB),
   ``ratio`` = ours / baseline (goal < 1.5). Notes add the peak anonymous memory and the time.
 
 Run: ``python benchmarks/bench_decouple.py [--quick]`` (one thread).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -224,7 +223,9 @@ def _child(args: dict) -> dict:
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
-    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of the process (file pages included)
+    # VmHWM: this address space's peak RSS, file pages included (getrusage's ru_maxrss would also
+    # carry the parent's peak across exec: the parent wrote the checkpoints)
+    hwm = _status_kb("VmHWM")
     return {"seconds": seconds, "rss_mb": (hwm - rss0) / 1024, "anon_mb": (max(peak_anon[0], _status_kb("RssAnon")) - anon0) / 1024,
             "file_mb": (peak_file[0] - file0) / 1024, "imports_mb": rss0 / 1024}
 

@@ -17,7 +17,6 @@ import ctypes.util
 import functools
 import sys
 
-
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
 

@@ -76,7 +76,7 @@ class Frame:
     tau: torch.Tensor
 
     @classmethod
-    def of(cls, w0: torch.Tensor) -> tuple["Frame", torch.Tensor]:
+    def of(cls, w0: torch.Tensor) -> tuple[Frame, torch.Tensor]:
         """The frame of ``w0`` (``(out, in)``, ``2 out < in``) and ``R0`` (``(out, out)``, upper triangular)."""
         h, tau = torch.geqrf(w0.T)
         return cls(h, tau), torch.triu(h[: w0.shape[0]])
@@ -225,6 +225,7 @@ class DecoupleStats:
     solver_error: float = 0.0
     solver_fallback: int = 0
     rows_kept: list[int] = field(default_factory=list)  # conflict target only
+    merged_delta_norm: float | None = None  # ||out - W0||_F, set by the row-block path (`decouple_rows`)
 
     def as_extra(self) -> dict[str, float]:
         out: dict[str, float] = {"solver_error": self.solver_error, "solver_fallback": float(self.solver_fallback)}

@@ -63,9 +63,9 @@ def test_runner_reports_failures_by_name(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 1
     assert "FAILED bench_polar: RuntimeError: broken benchmark" in printed
-    assert "not present: bench_decouple, bench_real_weights, bench_scale" in printed
+    assert "not present: bench_decouple, bench_real_weights, bench_scale, bench_reader" in printed
     data = json.loads(out.read_text())
-    assert data["missing"] == ["bench_decouple", "bench_real_weights", "bench_scale"]
+    assert data["missing"] == ["bench_decouple", "bench_real_weights", "bench_scale", "bench_reader"]
 
     (tmp_path / "bench_polar.py").unlink()
     (tmp_path / "bench_zz_nan.py").unlink()

@@ -699,6 +699,31 @@ def _norm64(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
+def _solver_feed(
+    base: torch.Tensor, solver: str, rtol: float
+) -> tuple[list[torch.Tensor], Iterator[tuple[Rotation, ProcrustesInfo]]]:
+    """`iter_procrustes` fed on demand: append one target to the list, then ``next()`` the iterator
+    for its rotation (only that target is alive; the shared QR of ``W0^T`` is made once)."""
+    pending: list[torch.Tensor] = []
+
+    def next_target() -> Iterator[torch.Tensor]:
+        while pending:
+            yield pending.pop()
+
+    return pending, iter_procrustes(base, next_target(), solver=solver, rtol=rtol)
+
+
+def _conflict_target(
+    f: torch.Tensor, base: torch.Tensor, mean: torch.Tensor, stats: DecoupleStats
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conflict target ``W0 + tau_i * mask_i`` of the expert ``f`` and its row mask (rows of
+    ``tau_i`` against the weighted mean task vector ``mean``); records the rows kept in ``stats``."""
+    t = f - base
+    keep = conflict_rows(t, mean)
+    stats.rows_kept.append(int(keep.sum()))
+    return t.mul_(keep[:, None]).add_(base), keep  # in place
+
+
 def _merge_ta_reduced(
     base: torch.Tensor,
     full: Callable[[int], torch.Tensor],
@@ -725,13 +750,7 @@ def _merge_ta_reduced(
     Norms are summed in float64.
     """
     out, n = base.shape
-    pending: list[torch.Tensor] = []
-
-    def next_target() -> Iterator[torch.Tensor]:
-        while pending:
-            yield pending.pop()
-
-    solved = iter_procrustes(base, next_target(), solver=solver, rtol=rtol)
+    pending, solved = _solver_feed(base, solver, rtol)
     skew = _SkewSum()
     count = len(weights)
     stats.skew_norms = [0.0] * count
@@ -745,10 +764,7 @@ def _merge_ta_reduced(
         if target == "global":
             t = f
         else:
-            t = f - base
-            keep = conflict_rows(t, mean)
-            stats.rows_kept.append(int(keep.sum()))
-            t.mul_(keep[:, None]).add_(base)  # W0 + tau_i * mask_i, in place
+            t, keep = _conflict_target(f, base, mean, stats)
             drop = (~keep).nonzero().squeeze(-1) if not bool(keep.all()) else None
             del keep
         if torch.equal(t, base):  # P_i = I, rho_i = tau_i (zero for the global target)
@@ -881,15 +897,8 @@ def decouple_merge(
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
 
-    # Procrustes solves one target at a time: `pending` hands it the next target when (and only
-    # when) the residual stream below asks for that expert's rotation.
-    pending: list[torch.Tensor] = []
-
-    def next_target() -> Iterator[torch.Tensor]:
-        while pending:
-            yield pending.pop()
-
-    solved = iter_procrustes(base, next_target(), solver=solver, rtol=rtol)
+    # Procrustes solves one target at a time, when the residual stream below asks for it
+    pending, solved = _solver_feed(base, solver, rtol)
     skew = _SkewSum()
     stats.skew_norms = [0.0] * len(experts)
     stats.orth_part_norms = [0.0] * len(experts)
@@ -902,11 +911,7 @@ def decouple_merge(
             if target == "global":
                 t = f
             else:
-                t = f - base
-                keep = conflict_rows(t, mean)
-                stats.rows_kept.append(int(keep.sum()))
-                t.mul_(keep[:, None]).add_(base)  # W0 + tau_i * mask_i, in place
-                del keep
+                t, _ = _conflict_target(f, base, mean, stats)
             if torch.equal(t, base):
                 del t
                 rho = f - base

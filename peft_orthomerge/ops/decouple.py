@@ -19,7 +19,8 @@ For expert weights ``W_i`` and the base ``W0``:
 2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = 2 out`` dimensional span
    ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)`` of the rows of ``W0`` (``Q0``) and of ``T_i``
    (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``), with the frame ``F = [Q0, Q0c]`` from
-   one complete QR of ``W0^T`` shared by all tasks; ``P = I + B (C - I) B^T`` with an ``m x m``
+   one complete QR of ``W0^T`` shared by all tasks, kept as Householder reflectors (`Frame`: no
+   ``in x in`` matrix, products by ``ormqr``); ``P = I + B (C - I) B^T`` with an ``m x m``
    core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
    coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``
    from an ``out x out`` SVD, ``Z = polar(Y[out:, out:])`` by certified Newton-Schulz, a block of
@@ -35,8 +36,10 @@ For expert weights ``W_i`` and the base ``W0``:
    no inverse, `cayley_apply`).
 5. Residuals ``rho_i = W_i - W0 @ P_i`` merged with a Euclidean method (`registry`); the result
    is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``. Task arithmetic
-   in the reduced basis never forms ``rho_i`` (`_merge_ta_reduced`): the result is
-   ``W0 P + sum_i c_i tau_i - sum_i c_i W0 (P_i - I)`` with the last sum kept in frame coordinates.
+   never forms ``rho_i``: with ``2 out >= in`` `decouple_merge` hands it to the row-block path
+   (`decouple_rows`: ``W0 + sum_i c_i tau_i + W0 X`` from ``in x in`` Gram matrices); in the
+   reduced basis `_merge_ta_reduced` sums ``c_i rho_i F`` in frame coordinates from the small
+   per-task matrices and applies ``(W0 P F + sum_i c_i rho_i F) F^T`` once.
 
 Everything is computed in float64 by default (``dtype``); results come back in that dtype.
 """

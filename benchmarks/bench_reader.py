@@ -158,7 +158,7 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
     else:
         for row in run(quick=args.quick):
-            print(row)
+            print(f"{row['name']:<48} baseline {row['baseline']:10.4f} ours {row['ours']:10.4f} ratio {row['ratio']:6.3f}  {row['notes']}")
 
 
 if __name__ == "__main__":

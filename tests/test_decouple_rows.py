@@ -15,12 +15,8 @@ from test_decouple_ops import ref_merge
 
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
 from peft_orthomerge.ops.decouple import decouple_merge
-from peft_orthomerge.ops.decouple_rows import (
-    TensorRows,
-    decouple_merge_ta_rows,
-    ta_coefficients,
-    task_arithmetic_rows,
-)
+from peft_orthomerge.ops.decouple_rows import TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
+from peft_orthomerge.ops.euclidean import ta_coefficients
 
 F64 = torch.float64
 # square, tall (gate/up, embeddings), barely-wide (n/2 <= out < n) and a rank-deficient tall base
@@ -71,7 +67,7 @@ def test_lam_and_weights_follow_the_ta_method(lam):
     got, _ = decouple_merge_ta_rows(w0, experts, weights, "global", kwargs)
     assert torch.allclose(got, ref_merge(w0, experts, weights, "global", lam=lam), atol=1e-10, rtol=0)
     expected = [(1 / 4 if lam is None else lam) * 4 * w for w in weights]
-    assert ta_coefficients(4, weights, kwargs) == pytest.approx(expected, rel=1e-15)
+    assert ta_coefficients(weights, **(kwargs or {})) == pytest.approx(expected, rel=1e-15)
 
 
 @pytest.mark.parametrize("target", ["global", "conflict"])

@@ -60,6 +60,7 @@ from .procrustes import (
     orthogonality_error,
     resolve_solver,
 )
+from .euclidean import ta_coefficients
 from .registry import get_euclidean, merge_iter
 
 TARGETS = ("global", "conflict", None)
@@ -870,8 +871,7 @@ def decouple_merge(
     # task arithmetic in the reduced basis never forms a residual (`_merge_ta_reduced`)
     fast_ta = target is not None and residual == "ta" and 2 * base.shape[0] < base.shape[1] and set(kwargs) <= {"lam"}
     if fast_ta:
-        lam = 1.0 / len(weights) if kwargs.get("lam") is None else float(kwargs["lam"])
-        coeffs = [lam * len(weights) * float(w) for w in weights]  # as `task_arithmetic`: lam * sum (N w_i) rho_i
+        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
 
     # first pass, one expert at a time and before any work: finiteness, ||tau_i||, for the
     # conflict target the weighted mean task vector

@@ -47,11 +47,12 @@ from .decouple import (
     ProcrustesInfo,
     _closest_polar_svd,
     _magnitude_factor,
+    _probe_orthogonality_error,
     conflict_rows,
     inverse_cayley,
 )
 from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
-from .registry import get_euclidean
+from .euclidean import ta_coefficients
 
 BLOCK_BYTES = 16 * 1024**2  # row blocks of about this many bytes per (out, in)-sized temporary
 
@@ -80,14 +81,6 @@ def _source(x: torch.Tensor | RowSource) -> RowSource:
     return TensorRows(x) if isinstance(x, torch.Tensor) else x
 
 
-def ta_coefficients(n: int, weights: Sequence[float], residual_kwargs: Mapping[str, Any] | None) -> list[float]:
-    """The ``c_i`` of ``"ta"`` (merged = ``sum_i c_i rho_i``), read off the registered method itself
-    applied to the unit vectors, so they can never drift from its definition."""
-    units = torch.eye(n, dtype=torch.float64)
-    merged = get_euclidean("ta")(list(units), list(weights), **dict(residual_kwargs or {}))
-    return [float(x) for x in merged]
-
-
 def _block_rows(n_in: int, element_bytes: int, block_bytes: int | None) -> int:
     """Rows per block: ``block_bytes`` (default `BLOCK_BYTES`) of ``n_in`` elements each, at least one."""
     budget = BLOCK_BYTES if block_bytes is None else block_bytes
@@ -104,15 +97,8 @@ def _polar(m: torch.Tensor, solver: str, rtol: float) -> tuple[torch.Tensor, Pro
             return x, info
         info.fallback = 1
     p = _closest_polar_svd(m, rtol)
-    info.orthogonality_error = _probe_orthogonality(p)
+    info.orthogonality_error = _probe_orthogonality_error(p)
     return p, info
-
-
-def _probe_orthogonality(p: torch.Tensor, probes: int = 8) -> float:
-    """Estimate of ``||P^T P - I||_F`` from random probes (``E ||A x||^2 = ||A||_F^2``), O(n^2)."""
-    gen = torch.Generator(device=p.device).manual_seed(0)
-    x = torch.randn(p.shape[-1], probes, generator=gen, dtype=p.dtype, device=p.device)
-    return float(torch.linalg.matrix_norm(p.T @ (p @ x) - x)) / probes**0.5
 
 
 def _combine_rows(
@@ -162,7 +148,7 @@ def task_arithmetic_rows(
     for src in sources:
         if tuple(src.shape) != tuple(base.shape):
             raise IncompatibleInputsError(f"shape mismatch: base {tuple(base.shape)} vs expert {tuple(src.shape)}", tensor=name)
-    coeffs = ta_coefficients(len(sources), weights, residual_kwargs)
+    coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     device = torch.device(device if device is not None else (w0.device if isinstance(w0, torch.Tensor) else "cpu"))
     if not base.shape:
         raise ConfigError("task_arithmetic_rows needs a tensor of at least one dimension", tensor=name)
@@ -226,7 +212,7 @@ def decouple_merge_ta_rows(
     solver = resolve_solver(solver, device)
     out_dtype = dtype if out_dtype is None else out_dtype
     weights = [float(w) for w in weights]
-    coeffs = ta_coefficients(len(sources), weights, residual_kwargs)
+    coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     n_out, n_in = base.shape
     # the conflict target holds every task vector of a block at once: smaller blocks
     share = len(sources) if target == "conflict" else 1

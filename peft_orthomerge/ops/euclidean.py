@@ -110,13 +110,23 @@ def _weighted_sum(task_vectors: Iterable[torch.Tensor], weights: Sequence[float]
     return acc
 
 
+def _ta_lam(count: int, lam: float | None) -> float:
+    return 1.0 / count if lam is None else float(lam)
+
+
+def ta_coefficients(weights: Sequence[float], lam: float | None = None) -> list[float]:
+    """The ``c_i`` of task arithmetic, ``merged = sum_i c_i tau_i = lam * sum_i (N w_i) tau_i``, for
+    callers that apply the linear combination themselves (the streamed decoupled merges)."""
+    lam = _ta_lam(len(weights), lam)
+    return [lam * len(weights) * float(w) for w in weights]
+
+
 @register_euclidean("ta", linear=True)
 def task_arithmetic(task_vectors, weights, *, base=None, generator=None, lam: float | None = None):
     """Task arithmetic, per tensor: ``lam * sum_i (N w_i) tau_i``; ``lam`` default ``1/N`` (weighted mean).
 
     Linear: ``task_vectors`` may be any iterable, consumed one at a time (no stacked copy)."""
-    lam = 1.0 / len(weights) if lam is None else float(lam)
-    return _weighted_sum(task_vectors, weights).mul_(lam)
+    return _weighted_sum(task_vectors, weights).mul_(_ta_lam(len(weights), lam))
 
 
 @register_euclidean("ties")
@@ -155,7 +165,7 @@ def dare_ta(task_vectors, weights, *, base=None, generator=None, p: float = 0.5,
     one draw for the stacked tasks, which `dare_ties` makes), so ``task_vectors`` may be any
     iterable, consumed one at a time."""
     p = _check_fraction("p", p, low_open=False, high_open=True)
-    lam = 1.0 / len(weights) if lam is None else float(lam)
+    lam = _ta_lam(len(weights), lam)
     gen: list[torch.Generator] = []  # created on the first task vector's device
 
     def drop(tau: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from peft_orthomerge.ops.decouple import decouple_merge  # noqa: E402
+from peft_orthomerge.ops.decouple import decouple_merge
 
 F32 = torch.float32
 
@@ -76,7 +76,9 @@ def _experts(w0: torch.Tensor, count: int, gen: torch.Generator, scale: float = 
 
 
 # -- the straightforward implementation of the same mathematics (fp32, dense) --------------------
-def baseline_merge(w0: torch.Tensor, experts: list[torch.Tensor], weights: list[float], rtol: float = 1e-5) -> torch.Tensor:
+def baseline_merge(
+    w0: torch.Tensor, experts: list[torch.Tensor], weights: list[float], rtol: float = 1e-5
+) -> torch.Tensor:
     w0 = w0.to(F32)
     n = w0.shape[1]
     eye = torch.eye(n, dtype=F32)
@@ -127,14 +129,14 @@ def bench_layer(quick: bool, repeats: int = 3, cheap_s: float = 8.0) -> list[dic
         "default": lambda w0, ws: decouple_merge(w0, ws, weights, "global", "ta")[0],  # solver="auto", float64
         "fp32": lambda w0, ws: decouple_merge(w0, ws, weights, "global", "ta", solver="svd", dtype=F32, rtol=1e-5)[0],
     }
-    total = {"baseline": 0.0, **{k: 0.0 for k in runs}}
-    worst = {k: 0.0 for k in runs}
+    total = {"baseline": 0.0, **dict.fromkeys(runs, 0.0)}
+    worst = dict.fromkeys(runs, 0.0)
     per_module = []
     for name, (out, n) in _shapes(hidden, inter).items():
         w0 = _weight(out, n, gen)
         ws = _experts(w0, count, gen)
         times: dict[str, list[float]] = {k: [] for k in total}
-        for rep in range(repeats):
+        for _rep in range(repeats):
             t, ref = _timed(baseline_merge, w0, ws, weights)
             times["baseline"].append(t)
             for key, fn in runs.items():
@@ -150,12 +152,22 @@ def bench_layer(quick: bool, repeats: int = 3, cheap_s: float = 8.0) -> list[dic
         per_module.append(f"{name.split('.')[-1]} {med['baseline'] / med['default']:.1f}x")
     shape = f"hidden {hidden}, inter {inter}, GQA 4:1, {count} experts"
     return [
-        dict(name=f"decouple one layer, default fp64 ({shape})", baseline=total["baseline"], ours=total["default"],
-             ratio=total["baseline"] / total["default"],
-             unit="s", notes=f"baseline: dense fp32 full SVDs; max rel. diff {worst['default']:.1e}; per projection: {', '.join(per_module)}"),
-        dict(name=f"decouple one layer, fp32 ({shape})", baseline=total["baseline"], ours=total["fp32"],
-             ratio=total["baseline"] / total["fp32"], unit="s",
-             notes=f"same algorithm as ours in fp32; max rel. diff {worst['fp32']:.1e}"),
+        dict(
+            name=f"decouple one layer, default fp64 ({shape})",
+            baseline=total["baseline"],
+            ours=total["default"],
+            ratio=total["baseline"] / total["default"],
+            unit="s",
+            notes=f"baseline: dense fp32 full SVDs; max rel. diff {worst['default']:.1e}; per projection: {', '.join(per_module)}",
+        ),
+        dict(
+            name=f"decouple one layer, fp32 ({shape})",
+            baseline=total["baseline"],
+            ours=total["fp32"],
+            ratio=total["baseline"] / total["fp32"],
+            unit="s",
+            notes=f"same algorithm as ours in fp32; max rel. diff {worst['fp32']:.1e}",
+        ),
     ]
 
 
@@ -167,12 +179,24 @@ def _write_checkpoints(root: Path, quick: bool, experts: int) -> tuple[Path, lis
     hidden, inter, layers, vocab = (256, 704, 2, 4000) if quick else (1024, 2816, 8, 32000)
     heads = hidden // 64
     config = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
     )
     gen = torch.Generator().manual_seed(1)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     kv = config["num_key_value_heads"] * 64
     for i in range(layers):
         for name, (out, n) in _shapes(hidden, inter).items():
@@ -185,7 +209,14 @@ def _write_checkpoints(root: Path, quick: bool, experts: int) -> tuple[Path, lis
         d = root / f"m{j}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps(config))
-        state = base if j == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16) for k, v in base.items()}
+        state = (
+            base
+            if j == 0
+            else {
+                k: (v.float() + 0.002 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16)
+                for k, v in base.items()
+            }
+        )
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
         del state
         dirs.append(d)
@@ -219,15 +250,26 @@ def _child(args: dict) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
-    merge_models(args["base"], args["experts"], args["output"], residual=args["residual"], precision=args.get("precision", "float64"))
+    merge_models(
+        args["base"],
+        args["experts"],
+        args["output"],
+        residual=args["residual"],
+        precision=args.get("precision", "float64"),
+    )
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
     # VmHWM: this address space's peak RSS, file pages included (getrusage's ru_maxrss would also
     # carry the parent's peak across exec: the parent wrote the checkpoints)
     hwm = _status_kb("VmHWM")
-    return {"seconds": seconds, "rss_mb": (hwm - rss0) / 1024, "anon_mb": (max(peak_anon[0], _status_kb("RssAnon")) - anon0) / 1024,
-            "file_mb": (peak_file[0] - file0) / 1024, "imports_mb": rss0 / 1024}
+    return {
+        "seconds": seconds,
+        "rss_mb": (hwm - rss0) / 1024,
+        "anon_mb": (max(peak_anon[0], _status_kb("RssAnon")) - anon0) / 1024,
+        "file_mb": (peak_file[0] - file0) / 1024,
+        "imports_mb": rss0 / 1024,
+    }
 
 
 def bench_memory(quick: bool) -> list[dict]:
@@ -238,18 +280,30 @@ def bench_memory(quick: bool) -> list[dict]:
         base, tuned, size = _write_checkpoints(Path(tmp), quick, experts)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         for residual in ("ta",) if quick else ("ta", "ties"):
-            args = {"base": str(base), "experts": [str(e) for e in tuned], "output": str(Path(tmp) / f"out-{residual}"), "residual": residual}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env)
+            args = {
+                "base": str(base),
+                "experts": [str(e) for e in tuned],
+                "output": str(Path(tmp) / f"out-{residual}"),
+                "residual": residual,
+            }
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env
+            )
             if out.returncode != 0:
                 raise RuntimeError(f"merge_models child failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             mb = size / 1024**2
-            rows.append(dict(
-                name=f"merge_models peak RSS, global+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
-                baseline=mb, ours=res["rss_mb"], ratio=res["rss_mb"] / mb, unit="MB",
-                notes=f"baseline = one checkpoint; ours = peak RSS above the child's {res['imports_mb']:.0f} MB after imports "
-                      f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB, file-backed {res['file_mb']:.0f} MB; {res['seconds']:.1f} s",
-            ))
+            rows.append(
+                dict(
+                    name=f"merge_models peak RSS, global+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
+                    baseline=mb,
+                    ours=res["rss_mb"],
+                    ratio=res["rss_mb"] / mb,
+                    unit="MB",
+                    notes=f"baseline = one checkpoint; ours = peak RSS above the child's {res['imports_mb']:.0f} MB after imports "
+                    f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB, file-backed {res['file_mb']:.0f} MB; {res['seconds']:.1f} s",
+                )
+            )
     return rows
 
 
@@ -264,4 +318,6 @@ if __name__ == "__main__":
         sys.exit(0)
     rows = run(quick="--quick" in sys.argv)
     for row in rows:
-        print(f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}")
+        print(
+            f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}"
+        )

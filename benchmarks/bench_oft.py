@@ -44,8 +44,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the checkout's peft_orthomerge, installed or not
-MODULES_8B = {"q_proj": 4096, "k_proj": 4096, "v_proj": 4096, "o_proj": 4096, "gate_proj": 4096, "up_proj": 4096, "down_proj": 14336}
-SHAPE_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+MODULES_8B = {
+    "q_proj": 4096,
+    "k_proj": 4096,
+    "v_proj": 4096,
+    "o_proj": 4096,
+    "gate_proj": 4096,
+    "up_proj": 4096,
+    "down_proj": 14336,
+}
+SHAPE_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000
+)
 REPS = 5  # runs per measurement; the median is reported
 PEFT_REPS = 2  # PEFT's dense merge of the full 1B shape takes minutes per run on one thread
 
@@ -55,7 +65,9 @@ def _module_path(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.{group}.{proj}"
 
 
-def write_synthetic_adapter(path: Path, in_features: dict[str, int], layers: int, *, b: int = 32, seed: int = 0) -> int:
+def write_synthetic_adapter(
+    path: Path, in_features: dict[str, int], layers: int, *, b: int = 32, seed: int = 0
+) -> int:
     """A PEFT-format OFT adapter (Neumann flag) with random blocks of std 0.01; returns its file size."""
     path.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -133,9 +145,17 @@ def _child(task: str, args: dict) -> dict:
 
 
 def _run_child(task: str, args: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PEFT_ORTHOMERGE_QUIET": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PEFT_ORTHOMERGE_QUIET": "1",
+    }
     out = subprocess.run(
-        [sys.executable, __file__, "--child", task, json.dumps(args)], capture_output=True, text=True, env=env, check=False
+        [sys.executable, __file__, "--child", task, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"child {task} failed:\n{out.stderr[-3000:]}")
@@ -147,13 +167,18 @@ def bench_merge(tmp: Path, quick: bool) -> list[dict]:
     layers = 2 if quick else 32
     reps = 1 if quick else REPS
     inputs = [tmp / f"adapter{i}" for i in range(5)]
-    size = [write_synthetic_adapter(d, MODULES_8B, layers, seed=i) for i, d in enumerate(inputs)][0]
+    sizes = [write_synthetic_adapter(d, MODULES_8B, layers, seed=i) for i, d in enumerate(inputs)]
+    size = sizes[0]
     args = {"inputs": [str(d) for d in inputs]}
     floors, ours, exhaustive = [], [], []
     for rep in range(reps):  # alternate (same page-cache state for all), report medians
         floors.append(_run_child("floor", {**args, "output": str(tmp / f"floor{rep}")}))
         ours.append(_run_child("merge", {**args, "output": str(tmp / f"merged{rep}")}))
-        exhaustive.append(_run_child("merge", {**args, "output": str(tmp / f"exhaustive{rep}"), "kwargs": {"orthogonality_blocks": None}}))
+        exhaustive.append(
+            _run_child(
+                "merge", {**args, "output": str(tmp / f"exhaustive{rep}"), "kwargs": {"orthogonality_blocks": None}}
+            )
+        )
     floor = statistics.median(r["seconds"] for r in floors)
     mid = statistics.median(r["seconds"] for r in ours)
     every = statistics.median(r["seconds"] for r in exhaustive)
@@ -180,8 +205,16 @@ def _write_base(path: Path, layers: int) -> None:
     config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **SHAPE_1B)
     config.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
-    h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "lm_head.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    h, inter, kv = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_key_value_heads * (config.hidden_size // config.num_attention_heads),
+    )
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "lm_head.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -204,7 +237,9 @@ def _fold_in_memory(model, adapter_dir: Path) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for name, mod in adapter.modules.items():
-            rotation = peft_rotation(vec_to_skew(adapter.canonical(name), mod.b), adapter.use_cayley_neumann, adapter.terms)
+            rotation = peft_rotation(
+                vec_to_skew(adapter.canonical(name), mod.b), adapter.use_cayley_neumann, adapter.terms
+            )
             layer = modules[name]
             layer.weight.data = fold_weight(layer.weight.data, rotation, mod.kind)  # as PEFT's merge assigns it
     return time.perf_counter() - start
@@ -229,7 +264,9 @@ def bench_fold(tmp: Path, quick: bool) -> list[dict]:
         start = time.perf_counter()
         merge_oft_checkpoints([tmp / "adapter"], tmp / f"folded{rep}", fold_into=tmp / "base")
         ours_files.append(time.perf_counter() - start)
-        ours_compute.append(_fold_in_memory(AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32), tmp / "adapter"))
+        ours_compute.append(
+            _fold_in_memory(AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32), tmp / "adapter")
+        )
     for rep in range(peft_reps):
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from peft_orthomerge.ops.decouple import _complete_qr, _polar_near_orthogonal  # noqa: E402
-from peft_orthomerge.ops.procrustes import polar, polar_svd, quintic_newton_schulz  # noqa: E402
+from peft_orthomerge.ops.decouple import _complete_qr, _polar_near_orthogonal
+from peft_orthomerge.ops.procrustes import polar, polar_svd, quintic_newton_schulz
 
 F64 = torch.float64
 
@@ -75,11 +75,13 @@ def cases(quick: bool) -> list[tuple[str, torch.Tensor]]:
             x = torch.cat([_find(state, i, "intermediate.dense.weight") for i in range(4)], dim=1)
             y = torch.cat([_find(state, i, "intermediate.dense.weight") for i in range(2, 6)], dim=1)
             out.append(("MiniLM d=1536 (inter. layers 0-3 vs 2-5)", x.T @ y))
-    for n in ((256, 512) if quick else (1024, 2048)):
+    for n in (256, 512) if quick else (1024, 2048):
         w0 = _spectrum_matrix(n, -1.5, gen)
         tau = 0.05 * w0.pow(2).mean().sqrt() * torch.randn(n, n, generator=gen, dtype=F64)
         out.append((f"synthetic d={n} (W0^T W)", w0.T @ (w0 + tau)))
-    out.append((f"ill-conditioned d={128 if quick else 512} (cond 1e10)", _spectrum_matrix(128 if quick else 512, -10, gen)))
+    out.append(
+        (f"ill-conditioned d={128 if quick else 512} (cond 1e10)", _spectrum_matrix(128 if quick else 512, -10, gen))
+    )
     return out
 
 
@@ -95,10 +97,10 @@ def run(quick: bool = True) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for name, a in cases(quick):
-        for dtype in ((F64, torch.float32) if name.startswith("synthetic") else (F64,)):
+        for dtype in (F64, torch.float32) if name.startswith("synthetic") else (F64,):
             x = a.to(dtype)
-            t_svd, ref = _time(lambda: polar_svd(x))
-            t_ns, res = _time(lambda: polar(x, "newton_schulz"))
+            t_svd, ref = _time(lambda x=x: polar_svd(x))
+            t_ns, res = _time(lambda x=x: polar(x, "newton_schulz"))
             dist = float(torch.linalg.matrix_norm(res.factor.to(F64) - ref.to(F64)))
             quint = float((torch.linalg.svdvals(quintic_newton_schulz(x)).to(F64) - 1).abs().max())
             rows.append(
@@ -159,4 +161,6 @@ def completion_rows(quick: bool) -> list[dict]:
 
 if __name__ == "__main__":
     for row in run(quick="--quick" in sys.argv):
-        print(f"{row['name']:<52} svd {row['baseline']:8.3f}s  NS {row['ours']:8.3f}s  ratio {row['ratio']:6.2f}  {row['notes']}")
+        print(
+            f"{row['name']:<52} svd {row['baseline']:8.3f}s  NS {row['ours']:8.3f}s  ratio {row['ratio']:6.2f}  {row['notes']}"
+        )

@@ -20,6 +20,7 @@ of each are kept). Rows: ratio = ours / baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -58,10 +59,8 @@ def child(mode: str, path: str) -> dict:
 
     from peft_orthomerge.io.tensors import TensorReader, ensure_finite
 
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+    with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
     rss0 = _status_kb("VmRSS")
     resident0 = _status_kb("RssFile", "RssAnon")
     start = time.perf_counter()
@@ -99,7 +98,10 @@ def run(quick: bool = False) -> list[dict]:
         path = Path(tmp) / "model.safetensors"
         g = torch.Generator().manual_seed(0)
         save_file(
-            {f"t{i:03d}": torch.randn(cfg["rows"], cfg["cols"], generator=g).bfloat16() for i in range(cfg["tensors"])},
+            {
+                f"t{i:03d}": torch.randn(cfg["rows"], cfg["cols"], generator=g).bfloat16()
+                for i in range(cfg["tensors"])
+            },
             str(path),
         )
         mb = path.stat().st_size / 2**20
@@ -158,7 +160,9 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
     else:
         for row in run(quick=args.quick):
-            print(f"{row['name']:<48} baseline {row['baseline']:10.4f} ours {row['ours']:10.4f} ratio {row['ratio']:6.3f}  {row['notes']}")
+            print(
+                f"{row['name']:<48} baseline {row['baseline']:10.4f} ours {row['ours']:10.4f} ratio {row['ratio']:6.3f}  {row['notes']}"
+            )
 
 
 if __name__ == "__main__":

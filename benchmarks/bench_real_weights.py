@@ -65,7 +65,9 @@ def _fold_row(model, quick: bool) -> dict:
     from peft_orthomerge.ops.skew import peft_rotation, to_canonical, vec_to_skew
 
     layers = [0] if quick else None
-    config = OFTConfig(r=0, oft_block_size=32, target_modules=TARGETS, layers_to_transform=layers, use_cayley_neumann=True)
+    config = OFTConfig(
+        r=0, oft_block_size=32, target_modules=TARGETS, layers_to_transform=layers, use_cayley_neumann=True
+    )
     peft_model = get_peft_model(copy.deepcopy(model), config)
     g = torch.Generator().manual_seed(0)
     vectors = {}
@@ -79,7 +81,9 @@ def _fold_row(model, quick: bool) -> dict:
     for _ in range(3):  # best of 3 (the first call also pays torch's one-off kernel set-up)
         t0 = time.perf_counter()
         ours = {
-            m: fold_weight(base[f"{m}.weight"].detach(), peft_rotation(vec_to_skew(to_canonical(v, True)), True), "linear")
+            m: fold_weight(
+                base[f"{m}.weight"].detach(), peft_rotation(vec_to_skew(to_canonical(v, True)), True), "linear"
+            )
             for m, v in vectors.items()
         }
         t_ours = min(t_ours, time.perf_counter() - t0)
@@ -112,7 +116,9 @@ def _geometry_rows(weights: dict[str, torch.Tensor], b: int = 32, n_tasks: int =
         vecs = [torch.randn(r, b * (b - 1) // 2, generator=g, dtype=torch.float64) * 0.01 for _ in range(n_tasks)]
         weights_ = [1.0 / n_tasks] * n_tasks
         om = fold_weight(w0, cayley(vec_to_skew(merge_module(vecs, weights_).vec, b)), "linear")
-        ta = w0 + sum(wt * (fold_weight(w0, cayley(vec_to_skew(v, b)), "linear") - w0) for v, wt in zip(vecs, weights_))
+        ta = w0 + sum(
+            wt * (fold_weight(w0, cayley(vec_to_skew(v, b)), "linear") - w0) for v, wt in zip(vecs, weights_)
+        )
         for key, fn in (("spectral norm", spectral_norm), ("hyperspherical energy", hyperspherical_energy)):
             ref = fn(w0)
             for i, merged in enumerate((ta, om)):
@@ -174,4 +180,6 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     quick = "--quick" in sys.argv
     for row in run(quick):
-        print(f"{row['name']:<58} baseline {row['baseline']:.4g}  ours {row['ours']:.4g}  ratio {row['ratio']:.3g}  {row['notes']}")
+        print(
+            f"{row['name']:<58} baseline {row['baseline']:.4g}  ours {row['ours']:.4g}  ratio {row['ratio']:.3g}  {row['notes']}"
+        )

@@ -43,7 +43,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 
 # -- synthetic checkpoints ---------------------------------------------------------------------
-def llama_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, **_) -> dict[str, tuple[int, ...]]:
+def llama_shapes(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, **_
+) -> dict[str, tuple[int, ...]]:
     """Tensor names and torch-layout shapes of a Llama checkpoint (untied lm_head)."""
     kv = hidden // heads * kv_heads
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -159,11 +161,22 @@ def child(args: argparse.Namespace) -> None:
     leave_process_group(0)
 
 
-def _measure(nproc: int, base: Path, experts: list[Path], out: Path, report: Path, device: str, threads: int) -> list[dict]:
+def _measure(
+    nproc: int, base: Path, experts: list[Path], out: Path, report: Path, device: str, threads: int
+) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = str(threads)
-    child_args = [str(Path(__file__).resolve()), "--child", "--base", str(base), "--out", str(out), "--report", str(report)]
+    child_args = [
+        str(Path(__file__).resolve()),
+        "--child",
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+    ]
     child_args += ["--device", device, "--threads", str(threads), "--experts", *map(str, experts)]
     if nproc == 1:
         cmd = [sys.executable, *child_args]

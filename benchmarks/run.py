@@ -77,7 +77,9 @@ def run_module(path: Path, *, quick: bool, device: str) -> list[dict]:
     return check_rows(path.stem, run(**kwargs))
 
 
-def run_all(*, quick: bool, device: str = "cpu", only: list[str] | None = None, directory: Path = HERE) -> tuple[list[dict], dict[str, str]]:
+def run_all(
+    *, quick: bool, device: str = "cpu", only: list[str] | None = None, directory: Path = HERE
+) -> tuple[list[dict], dict[str, str]]:
     """Run the benchmarks; return ``(rows, failures)`` with ``failures[module] = error text``.
 
     Each row gets ``module`` and ``seconds`` (that module's wall time) added.
@@ -91,7 +93,7 @@ def run_all(*, quick: bool, device: str = "cpu", only: list[str] | None = None, 
         start = time.perf_counter()
         try:
             module_rows = run_module(path, quick=quick, device=device)
-        except Exception as exc:  # noqa: BLE001 - report, keep going, fail at the end
+        except Exception as exc:
             failures[path.stem] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
             continue
@@ -123,7 +125,10 @@ def format_table(rows: list[dict]) -> str:
     widths[-1] = len(headers[-1])  # notes are not padded
     sep = "  "
     out = [sep.join(h.ljust(w) for h, w in zip(headers, widths)), sep.join("-" * w for w in widths)]
-    out += [sep.join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in body]
+    out += [
+        sep.join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        for line in body
+    ]
     return "\n".join(out)
 
 
@@ -143,14 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     present = {p.stem for p in discover(args.dir)}
     missing = [n for n in KNOWN if n not in present]
     rows, failures = run_all(quick=args.quick, device=args.device, only=args.only, directory=args.dir)
-    print(f"\nbenchmarks ({'quick' if args.quick else 'full'}, device {args.device}); each ratio is defined in its notes")
+    print(
+        f"\nbenchmarks ({'quick' if args.quick else 'full'}, device {args.device}); each ratio is defined in its notes"
+    )
     print(format_table(rows))
     if missing:
         print(f"not present: {', '.join(missing)}")
     for name, error in failures.items():
         print(f"FAILED {name}: {error}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "failures": failures, "missing": missing}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps({"rows": rows, "failures": failures, "missing": missing}, indent=2, default=str)
+        )
     return 1 if failures else 0
 
 

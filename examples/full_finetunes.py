@@ -13,8 +13,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from peft_orthomerge import merge_models
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+)
 
 
 def base_model():
@@ -42,19 +49,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base_model().save_pretrained(root / "base")
-        experts = [fake_finetune(root / "expert1", 1), fake_finetune(root / "expert2", 2), fake_finetune(root / "expert3", 3, against=1)]
+        experts = [
+            fake_finetune(root / "expert1", 1),
+            fake_finetune(root / "expert2", 2),
+            fake_finetune(root / "expert3", 3, against=1),
+        ]
         report = merge_models(
-            root / "base", experts, root / "merged", weights=[0.5, 0.3, 0.2],
-            target="conflict", residual="dare_ties", residual_kwargs={"p": 0.3, "seed": 7},
+            root / "base",
+            experts,
+            root / "merged",
+            weights=[0.5, 0.3, 0.2],
+            target="conflict",
+            residual="dare_ties",
+            residual_kwargs={"p": 0.3, "seed": 7},
         )
         print(report)
         merged = AutoModelForCausalLM.from_pretrained(root / "merged")
         print("output files:", sorted(p.name for p in (root / "merged").iterdir()))
         stats = report.modules[0]
-        print(f"{stats.name}: conflicting rows kept per expert", [int(stats.extra[f"rows_kept_{i}"]) for i in range(3)])
-        print("  task vector norms", [round(stats.extra[f"task_vector_norm_{i}"], 4) for i in range(3)],
-              "orthogonal part norms", [round(stats.extra[f"orth_part_norm_{i}"], 4) for i in range(3)],
-              "residual norms", [round(stats.extra[f"residual_norm_{i}"], 4) for i in range(3)])
+        print(
+            f"{stats.name}: conflicting rows kept per expert", [int(stats.extra[f"rows_kept_{i}"]) for i in range(3)]
+        )
+        print(
+            "  task vector norms",
+            [round(stats.extra[f"task_vector_norm_{i}"], 4) for i in range(3)],
+            "orthogonal part norms",
+            [round(stats.extra[f"orth_part_norm_{i}"], 4) for i in range(3)],
+            "residual norms",
+            [round(stats.extra[f"residual_norm_{i}"], 4) for i in range(3)],
+        )
         with torch.no_grad():
             print("logits of the merged model:", merged(torch.tensor([[1, 2, 3]])).logits.shape)
 

@@ -19,8 +19,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_orthomerge import merge_lora_adapters
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+)
 
 
 def base_model():
@@ -42,8 +49,12 @@ def fake_finetuned_lora(path: Path, seed: int, **config) -> Path:
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        a = fake_finetuned_lora(Path(tmp) / "math", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-        b = fake_finetuned_lora(Path(tmp) / "code", 2, r=8, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "v_proj", "up_proj"])
+        a = fake_finetuned_lora(
+            Path(tmp) / "math", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+        )
+        b = fake_finetuned_lora(
+            Path(tmp) / "code", 2, r=8, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "v_proj", "up_proj"]
+        )
         ids = torch.tensor([[1, 7, 42, 3, 99, 5]])
 
         merged = merge_lora_adapters(base_model(), [a, b], [0.5, 0.5], target="global", residual="ta")
@@ -51,7 +62,10 @@ def main() -> None:
         conflict = merge_lora_adapters(base_model(), [a, b], target="conflict", residual="ties")
         plain = merge_lora_adapters(base_model(), [a, b], target=None)
         with torch.no_grad():
-            logits = {name: m(ids).logits for name, m in [("global+ta", merged), ("conflict+ties", conflict), ("euclidean ta", plain)]}
+            logits = {
+                name: m(ids).logits
+                for name, m in [("global+ta", merged), ("conflict+ties", conflict), ("euclidean ta", plain)]
+            }
         for name, value in logits.items():
             print(f"{name:>14}: logits norm {float(value.norm()):.4f}")
 

@@ -15,8 +15,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from peft_orthomerge import merge_oft_checkpoints
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+)
 
 
 def base_model():
@@ -27,8 +34,9 @@ def base_model():
 def fake_finetuned_adapter(path: Path, seed: int) -> Path:
     base = base_model()
     torch.manual_seed(seed)  # after building the base, which seeds itself
-    config = OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                       init_weights=False)
+    config = OFTConfig(
+        r=0, oft_block_size=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_weights=False
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():

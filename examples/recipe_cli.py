@@ -22,8 +22,15 @@ def build_inputs(workdir: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(workdir / "base")
     for seed, name in enumerate(["oft-math", "oft-code"]):
         model = get_peft_model(
@@ -52,7 +59,13 @@ def main(workdir: Path) -> None:
     cli("inspect", str(workdir / "oft-math"), str(workdir / "oft-code"))
     cli("report", str(workdir / "merged-adapter"))
     # the output records its recipe: reproduce the merge from it
-    cli("merge", str(workdir / "merged-adapter" / "orthomerge_recipe.yaml"), "--out", str(workdir / "reproduced"), "--quiet")
+    cli(
+        "merge",
+        str(workdir / "merged-adapter" / "orthomerge_recipe.yaml"),
+        "--out",
+        str(workdir / "reproduced"),
+        "--quiet",
+    )
     print((workdir / "merged-adapter" / "README.md").read_text()[:400])
 
 

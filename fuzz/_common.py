@@ -20,12 +20,56 @@ MODULES = (
     "base_model.model.model.layers.1.self_attn.v_proj",
 )
 SUFFIXES = (
-    ".oft_R.weight", ".oft_embedding_R.weight", ".oft_r", ".oft_s", ".bias", ".weight", "",
-    ".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
-    ".lora_magnitude_vector", ".base_layer.weight",
+    ".oft_R.weight",
+    ".oft_embedding_R.weight",
+    ".oft_r",
+    ".oft_s",
+    ".bias",
+    ".weight",
+    "",
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_B.bias",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+    ".lora_magnitude_vector",
+    ".base_layer.weight",
 )
-DTYPES = ("F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F4", "C64", "U16", "U64", "I8", "Q99")
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1, "I8": 1, "C64": 8, "U16": 2, "U64": 8}
+DTYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I64",
+    "I32",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "F8_E8M0",
+    "F4",
+    "C64",
+    "U16",
+    "U64",
+    "I8",
+    "Q99",
+)
+DTYPE_BYTES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "U8": 1,
+    "BOOL": 1,
+    "I8": 1,
+    "C64": 8,
+    "U16": 2,
+    "U64": 8,
+}
 PEFT_TYPES = ("OFT", "LORA", "oft", "lora", "BOFT", "", None, 3, ["OFT"])
 CONFIG_KEYS = {
     "r": (0, 1, 2, 4, 8, -1, None, "8", 10**9),
@@ -116,23 +160,23 @@ class BytesProvider:
         self._pos += len(chunk)
         return chunk
 
-    def ConsumeBytes(self, count: int) -> bytes:  # noqa: N802 - atheris' names
+    def ConsumeBytes(self, count: int) -> bytes:
         return self._take(max(0, count))
 
-    def ConsumeIntInRange(self, low: int, high: int) -> int:  # noqa: N802
+    def ConsumeIntInRange(self, low: int, high: int) -> int:
         span = high - low
         if span <= 0:
             return low
         nbytes = (span.bit_length() + 7) // 8
         return low + int.from_bytes(self._take(nbytes).ljust(nbytes, b"\x00"), "little") % (span + 1)
 
-    def ConsumeBool(self) -> bool:  # noqa: N802
+    def ConsumeBool(self) -> bool:
         return bool(self.ConsumeIntInRange(0, 1))
 
-    def PickValueInList(self, values):  # noqa: N802
+    def PickValueInList(self, values):
         return values[self.ConsumeIntInRange(0, len(values) - 1)]
 
-    def ConsumeUnicodeNoSurrogates(self, count: int) -> str:  # noqa: N802
+    def ConsumeUnicodeNoSurrogates(self, count: int) -> str:
         return self._take(max(0, count)).decode("utf-8", errors="replace")
 
     def remaining_bytes(self) -> int:
@@ -162,7 +206,23 @@ def run_atheris(one_input) -> None:
 RECIPE_VALUES = {
     "kind": ["oft", "lora", "full", "OFT", "", None, 1, ["oft"]],
     "base_model": ["base", "../base", "/etc", "org/base", "org/..", "a\x00b", "~nobody/x", None, 3, ""],
-    "path": ["a", "b", "../a", "/a", "a/../b", "org/name", "org/..", "..", ".", "", "a\x00b", "~root", "a/adapter_config.json", 5, None],
+    "path": [
+        "a",
+        "b",
+        "../a",
+        "/a",
+        "a/../b",
+        "org/name",
+        "org/..",
+        "..",
+        ".",
+        "",
+        "a\x00b",
+        "~root",
+        "a/adapter_config.json",
+        5,
+        None,
+    ],
     "weight": [1, 0, -1, 0.5, 1e308, 1e-320, float("nan"), float("inf"), "1", None, True, [1]],
     "method_name": ["orthomerge", "mean_q", "mean_r", "product_r", "euclidean", "karcher", "x", None],
     "granularity": ["module", "block", "row", None, 1],
@@ -206,9 +266,19 @@ def recipe_text(fdp) -> str | bytes:
         data["inputs"] = inputs
     if fdp.ConsumeBool():
         method: dict = {}
-        for key, pool in (("name", "method_name"), ("granularity", "granularity"), ("cayley", "cayley"), ("scale", "scale"),
-                          ("target", "target"), ("residual", "residual"), ("residual_kwargs", "residual_kwargs"),
-                          ("solver", "solver"), ("rank", "rank"), ("include", "regex"), ("exclude", "regex")):
+        for key, pool in (
+            ("name", "method_name"),
+            ("granularity", "granularity"),
+            ("cayley", "cayley"),
+            ("scale", "scale"),
+            ("target", "target"),
+            ("residual", "residual"),
+            ("residual_kwargs", "residual_kwargs"),
+            ("solver", "solver"),
+            ("rank", "rank"),
+            ("include", "regex"),
+            ("exclude", "regex"),
+        ):
             if fdp.ConsumeIntInRange(0, 3) == 0:
                 method[key] = pick(pool)
         data["method"] = method
@@ -227,7 +297,13 @@ def recipe_text(fdp) -> str | bytes:
         return text[:pos].encode() + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16)) + text[pos:].encode()
     if mode == 2:  # YAML features: tags, anchors, aliases, documents
         return text + fdp.PickValueInList(
-            ["x: !!python/object/apply:os.system [true]\n", "y: &a [*a]\n", "---\nkind: oft\n", "z: !!binary AAAA\n", "w: !custom 1\n"]
+            [
+                "x: !!python/object/apply:os.system [true]\n",
+                "y: &a [*a]\n",
+                "---\nkind: oft\n",
+                "z: !!binary AAAA\n",
+                "w: !custom 1\n",
+            ]
         )
     return text
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import coherent_adapter, config_bytes, is_known_bug, provider, safetensors_bytes  # noqa: E402
+from _common import coherent_adapter, config_bytes, is_known_bug, provider, safetensors_bytes
 
 try:
     import atheris
@@ -41,8 +41,7 @@ else:
 
 # Reported bugs, tolerated so fuzzing goes past them; each has a strict xfail test in
 # tests/test_hostile_oft.py / tests/test_hostile_lora.py. Remove an entry once it is fixed.
-KNOWN_BUGS: list[tuple[type, str, str]] = [
-]
+KNOWN_BUGS: list[tuple[type, str, str]] = []
 
 _WORK = Path(tempfile.mkdtemp(prefix="fuzz-adapter-"))
 atexit.register(shutil.rmtree, _WORK, True)

@@ -21,7 +21,7 @@ if __name__ == "__main__":  # before huggingface_hub is imported: never touch th
     os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="fuzz-hub-cache-")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import is_known_bug, provider, recipe_text  # noqa: E402
+from _common import is_known_bug, provider, recipe_text
 
 try:
     import atheris

@@ -49,8 +49,7 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
     lines += [
         f"# {title}",
         "",
-        f"Merged with peft-orthomerge {__version__}, method `{report.method}`, "
-        f"following {PAPER}.",
+        f"Merged with peft-orthomerge {__version__}, method `{report.method}`, following {PAPER}.",
         "",
     ]
     if base_model:
@@ -90,7 +89,12 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
     if report.passthrough:
         shown = report.passthrough[:MAX_TABLE_ROWS]
         more = len(report.passthrough) - len(shown)
-        lines += ["", "Tensors merged by weighted mean: " + ", ".join(f"`{n}`" for n in shown) + (f" and {more} more" if more else "")]
+        lines += [
+            "",
+            "Tensors merged by weighted mean: "
+            + ", ".join(f"`{n}`" for n in shown)
+            + (f" and {more} more" if more else ""),
+        ]
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"

@@ -21,7 +21,7 @@ _DEBUG = False
 class _Group(click.Group):
     """A click group whose errors are one line on stderr and exit code 2."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             self._main(args, prog_name, complete_var, **extra)
         except SystemExit as exc:
@@ -61,7 +61,10 @@ class _Group(click.Group):
             if _DEBUG:
                 raise
             text = " ".join(str(exc).split())
-            _fail(f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", agreed=hasattr(exc, "rank"))
+            _fail(
+                f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+                agreed=hasattr(exc, "rank"),
+            )
         sys.exit(0)
 
 
@@ -97,13 +100,30 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("recipe", metavar="RECIPE.yaml")
 @click.option("--out", "out", metavar="DIR", help="Output directory (overrides output.path of the recipe).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where the math runs.")
-@click.option("--dry-run", is_flag=True, help="Validate the recipe, check inputs and output, print the plan; write nothing.")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where the math runs.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Validate the recipe, check inputs and output, print the plan; write nothing."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the output path.")
-def merge(recipe: str, out: str | None, device: str, dry_run: bool, overwrite: bool, push_repo: str | None, private: bool, quiet: bool) -> None:
+def merge(
+    recipe: str,
+    out: str | None,
+    device: str,
+    dry_run: bool,
+    overwrite: bool,
+    push_repo: str | None,
+    private: bool,
+    quiet: bool,
+) -> None:
     """Run the merge described by RECIPE.yaml.
 
     Several processes (one node or many) split a full-model merge between them when started by
@@ -120,7 +140,9 @@ def merge(recipe: str, out: str | None, device: str, dry_run: bool, overwrite: b
         raise ConfigError(f"invalid Hub repo id {push_repo!r} for --push-to-hub; expected 'namespace/name'")
     parsed = load_recipe(recipe)
     main_process = _is_main_process()
-    result = run_recipe(parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet or not main_process)
+    result = run_recipe(
+        parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet or not main_process
+    )
     if not main_process:
         return
     if dry_run:

@@ -95,10 +95,17 @@ def _merge_oft(base_model: Any, adapters: Sequence[str], method: str, weights, w
     if method in OFT_ADAPTER_SPACE:
         name, _, granularity = method.partition("/")
         return merge_oft_adapters(
-            copy.deepcopy(base_model), list(adapters), weights, method=name, granularity=granularity or "module", **kwargs
+            copy.deepcopy(base_model),
+            list(adapters),
+            weights,
+            method=name,
+            granularity=granularity or "module",
+            **kwargs,
         )
     out = workdir / f"merged-{method}"
-    merge_oft_checkpoints(list(adapters), out, weights, method=method, fold_into=str(_base_dir(base_model, workdir)), **kwargs)
+    merge_oft_checkpoints(
+        list(adapters), out, weights, method=method, fold_into=str(_base_dir(base_model, workdir)), **kwargs
+    )
     model = type(base_model).from_pretrained(out)
     return model.to(dtype=base_model.dtype)
 
@@ -106,12 +113,8 @@ def _merge_oft(base_model: Any, adapters: Sequence[str], method: str, weights, w
 def _merge_lora(base_model: Any, adapters: Sequence[str], method: str, weights, kwargs: dict):
     from .decouple.api import merge_lora_adapters
 
-    for suffix, target in LORA_TARGETS.items():
-        if suffix and method.endswith(suffix):
-            residual = method[: -len(suffix)]
-            break
-    else:
-        residual, target = method, None
+    suffix = next((s for s in LORA_TARGETS if s and method.endswith(s)), "")
+    residual, target = (method[: -len(suffix)], LORA_TARGETS[suffix]) if suffix else (method, None)
     return merge_lora_adapters(
         copy.deepcopy(base_model), list(adapters), weights, target=target, residual=residual, export="model", **kwargs
     )
@@ -180,7 +183,9 @@ def compare_methods(
         seconds = time.perf_counter() - t0
         model.eval()
         scores = {k: float(v) for k, v in evaluate(model).items()}
-        rows.append({"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None})
+        rows.append(
+            {"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None}
+        )
 
     with tempfile.TemporaryDirectory(prefix="orthomerge-compare-") as tmp:
         workdir = Path(tmp)

@@ -51,7 +51,9 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {device!r}", hint=f"Use one of {', '.join(DEVICE_CHOICES)} or cuda:N.") from exc
+        raise ConfigError(
+            f"unknown device {device!r}", hint=f"Use one of {', '.join(DEVICE_CHOICES)} or cuda:N."
+        ) from exc
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":
@@ -82,7 +84,9 @@ def compute_dtype(dtype: torch.dtype, *, precise: bool = False) -> torch.dtype:
 
 def to_compute(tensor: torch.Tensor, device: torch.device, *, precise: bool = False) -> torch.Tensor:
     """Move ``tensor`` to ``device`` in its compute dtype (one copy; non-blocking from pinned memory)."""
-    return tensor.to(device=device, dtype=compute_dtype(tensor.dtype, precise=precise), non_blocking=tensor.is_pinned())
+    return tensor.to(
+        device=device, dtype=compute_dtype(tensor.dtype, precise=precise), non_blocking=tensor.is_pinned()
+    )
 
 
 def to_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .io.jsonfile import read_json_object
 from .errors import ConfigError, InputError, OrthoMergeError
+from .io.jsonfile import read_json_object
 from .io.output import atomic_output_dir
 from .io.resolve import resolve_source
 from .io.tensors import TensorReader
@@ -47,7 +47,11 @@ MAX_DRIFT_MATRICES = 256
 DIAGNOSTICS_DIR = "diagnostics"
 # `ModuleStats.extra` key prefixes of decoupled merges (peft_orthomerge.ops.decouple.DecoupleStats):
 # ``<prefix>_<i>`` for input i.
-DECOUPLED_KEYS = {"orthogonal part": "orth_part_norm", "residual": "residual_norm", "full task vector": "task_vector_norm"}
+DECOUPLED_KEYS = {
+    "orthogonal part": "orth_part_norm",
+    "residual": "residual_norm",
+    "full task vector": "task_vector_norm",
+}
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -95,7 +99,10 @@ def decoupled_stats(modules: list[ModuleStats]) -> dict[str, dict[str, float]]:
     ``||rho_i||`` and the full task vector ``||W_i - W0||``, per module type."""
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for m in modules:
-        values = {label: [v for k, v in m.extra.items() if re.fullmatch(rf"{prefix}_\d+", k)] for label, prefix in DECOUPLED_KEYS.items()}
+        values = {
+            label: [v for k, v in m.extra.items() if re.fullmatch(rf"{prefix}_\d+", k)]
+            for label, prefix in DECOUPLED_KEYS.items()
+        }
         if not all(values.values()):
             continue
         _, mtype = layer_and_type(m.name)
@@ -166,8 +173,15 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
             for name, mod in adapter.modules.items():
                 key = f"{name}.weight"
                 if key in base:
-                    rotation = peft_rotation(vec_to_skew(adapter.canonical(name), mod.b), adapter.use_cayley_neumann, adapter.terms)
-                    yield key, lambda key=key, rotation=rotation, kind=mod.kind: fold_weight(base.get(key), rotation, kind, name=key)
+                    rotation = peft_rotation(
+                        vec_to_skew(adapter.canonical(name), mod.b), adapter.use_cayley_neumann, adapter.terms
+                    )
+                    yield (
+                        key,
+                        lambda key=key, rotation=rotation, kind=mod.kind: fold_weight(
+                            base.get(key), rotation, kind, name=key
+                        ),
+                    )
             return
         if peft_type == "LORA":
             from .decouple.lora_reader import read_adapter_dir as read_lora_dir
@@ -177,7 +191,12 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
             for name in adapter.modules:
                 key = f"{name}.weight"
                 if key in base:
-                    yield key, lambda key=key, name=name: adapter.expert_weight(name, base.get(key).double(), fan_in_fan_out=fan_in_fan_out)
+                    yield (
+                        key,
+                        lambda key=key, name=name: adapter.expert_weight(
+                            name, base.get(key).double(), fan_in_fan_out=fan_in_fan_out
+                        ),
+                    )
             return
         raise InputError(f"unsupported adapter type {config.get('peft_type')!r}", path=output_dir)
     merged = TensorReader.from_dir(output_dir, "model")
@@ -252,7 +271,9 @@ def compute_diagnostics(output_dir: str | Path) -> dict[str, Any]:
         from .inspection import inspect_sources
 
         try:
-            rel = inspect_sources(list(report.inputs), base=base_ref if report.kind == "full" else None).get("relations")
+            rel = inspect_sources(list(report.inputs), base=base_ref if report.kind == "full" else None).get(
+                "relations"
+            )
             if rel:
                 result["cosine"] = rel["cosine"]
                 result["conflicting_row_share"] = rel["conflicting_row_share"]
@@ -277,7 +298,9 @@ def _require_matplotlib():
     return plt
 
 
-def run_diagnostics(output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False) -> list[Path]:
+def run_diagnostics(
+    output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False
+) -> list[Path]:
     """Write ``report.json`` and PNG plots (default: ``OUTPUT_DIR/diagnostics``, replaced on rerun)."""
     plt = _require_matplotlib() if plots else None
     output_dir = Path(output_dir).expanduser()
@@ -328,8 +351,14 @@ def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for ref, norms in zip(data["inputs"], per_layer["input_norms"]):
             ax.plot(per_layer["layers"], norms, marker=".", alpha=0.8, label=f"input {_short(ref)}")
-        ax.plot(per_layer["layers"], per_layer["merged_norm"], color="black", linewidth=2.2, marker="o", label="merged")
-        ax.set(title="Input norms vs merged norm per layer", xlabel=xlabel, ylabel="Frobenius norm (all modules of the layer)")
+        ax.plot(
+            per_layer["layers"], per_layer["merged_norm"], color="black", linewidth=2.2, marker="o", label="merged"
+        )
+        ax.set(
+            title="Input norms vs merged norm per layer",
+            xlabel=xlabel,
+            ylabel="Frobenius norm (all modules of the layer)",
+        )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "norms_per_layer.png")
@@ -341,7 +370,14 @@ def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
         im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{cos[i][j]:.2f}", ha="center", va="center", color="white" if abs(cos[i][j]) > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{cos[i][j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if abs(cos[i][j]) > 0.6 else "black",
+                )
         ax.set_xticks(range(n), labels, rotation=30, ha="right")
         ax.set_yticks(range(n), labels)
         ax.set(title="Task-by-task cosine similarity", xlabel="task", ylabel="task")
@@ -356,7 +392,11 @@ def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
             xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(types))]
             ax.bar(xs, [data["decoupled"][t][label] for t in types], width=width, label=label)
         ax.set_xticks(range(len(types)), types, rotation=20, ha="right")
-        ax.set(title="Decoupled task vectors: orthogonal part vs residual", xlabel="module type", ylabel="mean Frobenius norm")
+        ax.set(
+            title="Decoupled task vectors: orthogonal part vs residual",
+            xlabel="module type",
+            ylabel="mean Frobenius norm",
+        )
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
         save(fig, "decoupled_norms.png")
@@ -372,13 +412,17 @@ def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
             xs = [r["x"] for r in rows]
             axes[0].plot(xs, [r["spectral_norm_rel_change"] for r in rows], marker="o", label=mtype)
             axes[1].plot(xs, [r["he_rel_change"] for r in rows], marker="o", label=mtype)
-        axes[0].set(title="Spectral norm: change from base", xlabel="layer", ylabel="relative change (s1(W) - s1(W0)) / s1(W0)")
+        axes[0].set(
+            title="Spectral norm: change from base", xlabel="layer", ylabel="relative change (s1(W) - s1(W0)) / s1(W0)"
+        )
         axes[1].set(title="Hyperspherical energy: change from base", xlabel="layer", ylabel="relative change of HE")
         for ax in axes:
             ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
             ax.grid(alpha=0.3)
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         axes[0].legend(fontsize=8, ncol=2)
-        fig.suptitle("How far the merged weights moved from the base (orthogonal merges: 0 up to rounding)", fontsize=10)
+        fig.suptitle(
+            "How far the merged weights moved from the base (orthogonal merges: 0 up to rounding)", fontsize=10
+        )
         save(fig, "drift_from_base.png")
     return written

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .io.jsonfile import read_json_object
 from .errors import IncompatibleInputsError, InputError
+from .io.jsonfile import read_json_object
 from .io.resolve import resolve_source
 from .io.tensors import TensorReader
 from .progress import progress
@@ -119,7 +119,9 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
             **_summary_of_tensors(reader),
         )
         return info, reader
-    raise InputError("neither a PEFT adapter (adapter_config.json) nor a model checkpoint (config.json)", path=directory)
+    raise InputError(
+        "neither a PEFT adapter (adapter_config.json) nor a model checkpoint (config.json)", path=directory
+    )
 
 
 class LoraTasks:
@@ -149,12 +151,19 @@ class LoraTasks:
         else:
             if self.adapter.use_dora:
                 raise IncompatibleInputsError(
-                    "DoRA task vectors depend on the base weights", path=self.adapter.label, tensor=name, hint="Pass --base."
+                    "DoRA task vectors depend on the base weights",
+                    path=self.adapter.label,
+                    tensor=name,
+                    hint="Pass --base.",
                 )
             src = self.adapter.source
             delta = lora_delta(
-                src.get(mod.parts["A"]), src.get(mod.parts["B"]), self.adapter.scaling(name),
-                fan_in_fan_out=self.fan_in_fan_out, embedding=mod.kind == "embedding", dtype=torch.float64,
+                src.get(mod.parts["A"]),
+                src.get(mod.parts["B"]),
+                self.adapter.scaling(name),
+                fan_in_fan_out=self.fan_in_fan_out,
+                embedding=mod.kind == "embedding",
+                dtype=torch.float64,
             )
         return delta.T if self.fan_in_fan_out else delta
 
@@ -197,9 +206,11 @@ def relate(kind: str, handles: list[Any], *, base: TensorReader | None = None) -
             present = [_rows(kind, h, name) for h in handles]
             like = next(t for t in present if t is not None)
             taus = []
-            for t, h in zip(present, handles):
+            for t, _h in zip(present, handles):
                 if t is not None and t.shape != like.shape:
-                    raise IncompatibleInputsError(f"task shapes differ ({tuple(t.shape)} vs {tuple(like.shape)})", tensor=name)
+                    raise IncompatibleInputsError(
+                        f"task shapes differ ({tuple(t.shape)} vs {tuple(like.shape)})", tensor=name
+                    )
                 taus.append(torch.zeros_like(like) if t is None else t)
         stack = torch.stack([t.reshape(t.shape[0], -1) for t in taus])  # (n, rows, cols)
         flat = stack.reshape(n, -1)
@@ -213,9 +224,15 @@ def relate(kind: str, handles: list[Any], *, base: TensorReader | None = None) -
             rows_total[i] += int(active[i].sum())
     diag = gram.diagonal().clamp_min(0).sqrt()
     denom = diag[:, None] * diag[None, :]
-    cosine = torch.where(denom > 0, gram / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(gram))
+    cosine = torch.where(
+        denom > 0, gram / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(gram)
+    )
     return {
-        "quantity": {"oft": "canonical skew generator Q", "lora": "task vector W_i - W0 (LoRA folded as PEFT does)", "full": "task vector W_i - W_base"}[kind],
+        "quantity": {
+            "oft": "canonical skew generator Q",
+            "lora": "task vector W_i - W0 (LoRA folded as PEFT does)",
+            "full": "task vector W_i - W_base",
+        }[kind],
         "modules_compared": len(names),
         "cosine": [[float(v) for v in row] for row in cosine],
         "total_norms": [float(v) for v in diag],
@@ -234,7 +251,9 @@ def inspect_sources(refs: list[str], *, base: str | None = None) -> dict[str, An
     if len(refs) > 1:
         kinds = {info["type"] for info, _ in described}
         if len(kinds) != 1:
-            raise IncompatibleInputsError(f"inputs are of different types ({', '.join(sorted(kinds))}); compare one type at a time")
+            raise IncompatibleInputsError(
+                f"inputs are of different types ({', '.join(sorted(kinds))}); compare one type at a time"
+            )
         result["relations"] = relate(kinds.pop(), [h for _, h in described], base=base_reader)
     return result
 
@@ -273,7 +292,10 @@ def format_inspection(result: dict[str, Any]) -> str:
         lines.append("        " + "".join(f"{f'[{j}]':>9}" for j in range(n)))
         for i, row in enumerate(rel["cosine"]):
             lines.append(f"    [{i}]" + "".join(f"{v:9.4f}" for v in row))
-        lines.append("  conflicting rows (cosine with the mean < 0): " + ", ".join(f"[{i}] {s:.1%}" for i, s in enumerate(rel["conflicting_row_share"])))
+        lines.append(
+            "  conflicting rows (cosine with the mean < 0): "
+            + ", ".join(f"[{i}] {s:.1%}" for i, s in enumerate(rel["conflicting_row_share"]))
+        )
         lines.append("  per-module norms:")
         items = list(rel["module_norms"].items())
         shown = items if len(items) <= MAX_TEXT_ROWS else items[: MAX_TEXT_ROWS // 2] + items[-MAX_TEXT_ROWS // 2 :]

@@ -39,13 +39,14 @@ exactly one rank, with the same code, in the same dtype.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import heapq
 import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,7 +82,7 @@ class ProcessContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -245,7 +246,7 @@ class _Failure:
                     exc: BaseException = cls(self.message, path=self.path, tensor=self.tensor, hint=self.hint)
                     _tag(exc, self.rank)
                     return exc
-            except Exception:  # noqa: BLE001 - fall through to the generic wrapper
+            except Exception:
                 pass
         exc = OrthoMergeError(f"rank {self.rank} failed: {self.qualname}: {self.text}")
         _tag(exc, self.rank)
@@ -254,10 +255,8 @@ class _Failure:
 
 def _tag(exc: BaseException, rank: int) -> None:
     """Mark an error as agreed by all ranks (``exc.rank``: the rank where it happened)."""
-    try:
+    with contextlib.suppress(AttributeError):  # exotic exception types with __slots__
         exc.rank = rank  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - exotic exception types with __slots__
-        pass
 
 
 def all_gather(ctx: ProcessContext, obj: Any) -> list[Any]:
@@ -292,7 +291,7 @@ def gather_checked(ctx: ProcessContext, run: Callable[[], T]) -> list[T]:
     try:
         payload: tuple[bool, Any] = (True, run())
         own: BaseException | None = None
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
+    except BaseException as exc:
         payload, own = (False, _Failure.of(ctx.rank, exc)), exc
     gathered = all_gather(ctx, payload)
     failures = [p for ok, p in gathered if not ok]
@@ -309,7 +308,7 @@ def main_checked(ctx: ProcessContext, run: Callable[[], R]) -> R:
     try:
         payload: tuple[bool, Any] = (True, run() if ctx.is_main else None)
         own: BaseException | None = None
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         payload, own = (False, _Failure.of(ctx.rank, exc)), exc
     ok, value = broadcast_from_main(ctx, payload)
     if not ok:
@@ -360,7 +359,9 @@ def distributed_output(
         return result
 
     stack = ExitStack()
-    tmp = main_checked(ctx, lambda: stack.enter_context(atomic_output_dir(output_dir, inputs=inputs, overwrite=overwrite)))
+    tmp = main_checked(
+        ctx, lambda: stack.enter_context(atomic_output_dir(output_dir, inputs=inputs, overwrite=overwrite))
+    )
     try:
         results = gather_checked(ctx, lambda: work(tmp))
 

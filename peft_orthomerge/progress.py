@@ -38,7 +38,9 @@ def quiet(enabled: bool = True) -> Iterator[None]:
         set_quiet(previous)
 
 
-def progress(iterable: Iterable[T], *, desc: str | None = None, total: int | None = None, unit: str = "it") -> Iterable[T]:
+def progress(
+    iterable: Iterable[T], *, desc: str | None = None, total: int | None = None, unit: str = "it"
+) -> Iterable[T]:
     """Wrap ``iterable`` in a tqdm bar on stderr unless progress is silenced.
 
     Loops shorter than a few items never show a bar (tqdm's ``delay``: only after 0.5 s).

@@ -38,10 +38,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, InputError, OrthoMergeError
 from .io.resolve import looks_like_repo_id, resolve_source
@@ -126,7 +136,7 @@ class _DecoupleMethod(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _orthomerge_has_target(self) -> "_DecoupleMethod":
+    def _orthomerge_has_target(self) -> _DecoupleMethod:
         if self.name == "orthomerge" and self.target is None:
             raise ValueError("target null means no rotation; write 'name: euclidean' instead")
         return self
@@ -182,7 +192,7 @@ class _RecipeBase(_Strict):
         """Directory that relative paths resolve against (the recipe file's directory)."""
         return self._base_dir
 
-    def with_base_dir(self, directory: str | os.PathLike) -> "_RecipeBase":
+    def with_base_dir(self, directory: str | os.PathLike) -> _RecipeBase:
         self._base_dir = Path(directory).resolve()
         return self
 
@@ -193,7 +203,7 @@ class OftRecipe(_RecipeBase):
     output: OftOutput
 
     @model_validator(mode="after")
-    def _check(self) -> "OftRecipe":
+    def _check(self) -> OftRecipe:
         if self.output.format == "folded" and not self.base_model:
             raise ValueError("output format 'folded' needs base_model (the model to fold the merged adapter into)")
         from .ops.so_merge import SO_METHODS
@@ -212,7 +222,7 @@ class LoraRecipe(_RecipeBase):
     output: LoraOutput
 
     @model_validator(mode="after")
-    def _check(self) -> "LoraRecipe":
+    def _check(self) -> LoraRecipe:
         if not self.base_model:
             raise ValueError("kind 'lora' needs base_model (the model the adapters were trained on)")
         if self.output.format == "lora" and self.method.rank is None:
@@ -228,13 +238,13 @@ class FullRecipe(_RecipeBase):
     output: FullOutput
 
     @model_validator(mode="after")
-    def _check(self) -> "FullRecipe":
+    def _check(self) -> FullRecipe:
         if not self.base_model:
             raise ValueError("kind 'full' needs base_model (the model the checkpoints were fine-tuned from)")
         return self
 
 
-Recipe = Annotated[Union[OftRecipe, LoraRecipe, FullRecipe], Field(discriminator="kind")]
+Recipe = Annotated[OftRecipe | LoraRecipe | FullRecipe, Field(discriminator="kind")]
 _RECIPE = TypeAdapter(Recipe)
 _MODELS = {"oft": OftRecipe, "lora": LoraRecipe, "full": FullRecipe}
 
@@ -284,7 +294,9 @@ def _format_error(exc: ValidationError, data: Any) -> str:
 def parse_recipe(data: Any, *, base_dir: str | os.PathLike | None = None, source: str | None = None):
     """Validate a recipe mapping; raise `ConfigError` (one line, naming the key) if invalid."""
     if not isinstance(data, dict):
-        raise ConfigError("a recipe must be a YAML mapping with keys kind, base_model, inputs, method, output", path=source)
+        raise ConfigError(
+            "a recipe must be a YAML mapping with keys kind, base_model, inputs, method, output", path=source
+        )
     try:
         recipe = _RECIPE.validate_python(data)
     except ValidationError as exc:
@@ -372,7 +384,9 @@ def _output_path(recipe, out: str | os.PathLike | None) -> Path:
     return resolved
 
 
-def plan_recipe(recipe, *, out: str | os.PathLike | None = None, overwrite: bool = False, device: str = "cpu") -> MergePlan:
+def plan_recipe(
+    recipe, *, out: str | os.PathLike | None = None, overwrite: bool = False, device: str = "cpu"
+) -> MergePlan:
     """Validate everything that can be checked before work starts and build the API call.
 
     Checks that every local input exists and every Hub id is reachable (config files only), that
@@ -394,16 +408,26 @@ def plan_recipe(recipe, *, out: str | os.PathLike | None = None, overwrite: bool
         raise ConfigError("input weights sum to zero", hint="Give at least one input a positive weight.")
     m = recipe.method
     if recipe.kind == "oft":
-        kwargs: dict[str, Any] = dict(
-            weights=weights, method=m.name, granularity=m.granularity, cayley=m.cayley, scale=m.scale
-        )
+        kwargs: dict[str, Any] = {
+            "weights": weights,
+            "method": m.name,
+            "granularity": m.granularity,
+            "cayley": m.cayley,
+            "scale": m.scale,
+        }
         if recipe.output.format == "folded":
             kwargs["fold_into"] = base
         kwargs.update(overwrite=overwrite, device=device)
-        return MergePlan(recipe, "merge_oft_checkpoints", [inputs, output_dir], kwargs, output_dir, inputs, base, device)
-    common = dict(
-        weights=weights, target=m.target, residual=m.residual, residual_kwargs=m.residual_kwargs, solver=m.solver
-    )
+        return MergePlan(
+            recipe, "merge_oft_checkpoints", [inputs, output_dir], kwargs, output_dir, inputs, base, device
+        )
+    common = {
+        "weights": weights,
+        "target": m.target,
+        "residual": m.residual,
+        "residual_kwargs": m.residual_kwargs,
+        "solver": m.solver,
+    }
     if m.precision != "float64":  # the API's default; plans of recipes without the key stay as they were
         common["precision"] = m.precision
     if recipe.kind == "full":
@@ -517,7 +541,9 @@ def _run_lora(plan: MergePlan, tmp: Path) -> MergeReport:
         disable_progress_bars()
         disable_progress_bar()
 
-    base_dir = resolve_source(plan.base_model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    base_dir = resolve_source(
+        plan.base_model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    )
     model = _load_base_model(base_dir, plan.device)
     result = merge_lora_adapters(model, plan.inputs, **plan.kwargs)
     report = getattr(result, "orthomerge_report", None)

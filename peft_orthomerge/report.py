@@ -72,13 +72,13 @@ class MergeReport:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MergeReport":
+    def from_dict(cls, data: dict[str, Any]) -> MergeReport:
         data = dict(data)
         data["modules"] = [ModuleStats(**m) for m in data.get("modules", [])]
         return cls(**data)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "MergeReport":
+    def from_json(cls, path: str | Path) -> MergeReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- summaries ----------------------------------------------------------------------------

@@ -9,15 +9,16 @@ import torch
 OFT_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def build_oft_inputs(root: Path, n: int = 3, *, block_size: int = 8, flags: list[bool] | None = None) -> dict[str, Path]:
+def build_oft_inputs(
+    root: Path, n: int = 3, *, block_size: int = 8, flags: list[bool] | None = None
+) -> dict[str, Path]:
     """Save a tiny Llama base and ``n`` OFT adapters with random rotations under ``root``.
 
     ``flags[i]`` is adapter i's ``use_cayley_neumann`` (default: all True except adapter 1).
     """
+    from conftest import build_tiny_llama
     from peft import OFTConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from conftest import build_tiny_llama
 
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_llama().save_pretrained(root / "base")
@@ -47,7 +48,8 @@ def build_lora_and_full_inputs(root: Path, base: Path, n: int = 2) -> dict[str, 
     for i in range(n):
         gen = torch.Generator().manual_seed(200 + i)
         model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
         )
         with torch.no_grad():
             for name, param in model.named_parameters():

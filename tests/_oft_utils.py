@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import build_tiny_llama
+from safetensors.torch import load_file
 
 PREFIX = "base_model.model."
 
@@ -171,7 +170,7 @@ def merged_reference(adapter_dirs, weights=None, *, out_neumann=None, granularit
     result = {}
     for name, (kind, example) in names.items():
         qs = []
-        for (cfg, state) in adapters:
+        for cfg, state in adapters:
             mods = oft_modules(state)
             if name in mods:
                 qs.append(ref_canonical(mods[name][1], cfg["use_cayley_neumann"]))
@@ -185,7 +184,9 @@ def merged_reference(adapter_dirs, weights=None, *, out_neumann=None, granularit
     return result
 
 
-def folded_state(base_state: dict[str, torch.Tensor], rotations: dict[str, tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def folded_state(
+    base_state: dict[str, torch.Tensor], rotations: dict[str, tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Base state dict with ``{module: (kind, R)}`` folded in densely (float64 math, float32 result)."""
     out = dict(base_state)
     for name, (kind, rot) in rotations.items():

@@ -32,7 +32,7 @@ ROOT = HERE.parent
 GOLDEN_FILE = HERE / "golden" / "hashes.json"
 sys.path.insert(0, str(HERE))
 
-from conftest import build_tiny_llama  # noqa: E402
+from conftest import build_tiny_llama
 
 Hashes = dict[str, str]
 OFT_ADAPTER_METHODS = {
@@ -88,7 +88,9 @@ class Inputs:
         build_tiny_llama().save_pretrained(self.base)
         self.oft = [
             make_oft_adapter(root / "oft-a", seed=1, neumann=True),
-            make_oft_adapter(root / "oft-b", seed=2, neumann=False, targets=("q_proj", "v_proj", "down_proj", "up_proj")),
+            make_oft_adapter(
+                root / "oft-b", seed=2, neumann=False, targets=("q_proj", "v_proj", "down_proj", "up_proj")
+            ),
             make_oft_adapter(root / "oft-c", seed=3, neumann=True, targets=("q_proj", "k_proj", "o_proj")),
         ]
         self.lora = [
@@ -150,7 +152,12 @@ def lora_case(target: str | None, residual: str, **kwargs) -> Callable[[Inputs],
         from peft_orthomerge import merge_lora_adapters
 
         model = merge_lora_adapters(
-            build_tiny_llama(), [str(p) for p in inputs.lora], [0.5, 0.3, 0.2], target=target, residual=residual, **kwargs
+            build_tiny_llama(),
+            [str(p) for p in inputs.lora],
+            [0.5, 0.3, 0.2],
+            target=target,
+            residual=residual,
+            **kwargs,
         )
         return hash_state(model.state_dict())
 
@@ -173,7 +180,9 @@ def legacy_fold(inputs: Inputs) -> Hashes:
 
     fixtures = HERE / "fixtures" / "legacy-oft-peft-0.15.2"
     out = _out(inputs, "legacy-folded")
-    merge_oft_checkpoints([fixtures / "legacy-oft-s1", fixtures / "legacy-oft-scaled"], out, fold_into=fixtures / "base")
+    merge_oft_checkpoints(
+        [fixtures / "legacy-oft-s1", fixtures / "legacy-oft-scaled"], out, fold_into=fixtures / "base"
+    )
     return hash_dir(out)
 
 
@@ -245,12 +254,12 @@ def demo_case(inputs: Inputs) -> Hashes:
         return model
 
     module = sys.modules[original.__module__]
-    setattr(module, "merge_oft_adapters", recorded)
+    module.merge_oft_adapters = recorded
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             demo.run_demo()
     finally:
-        setattr(module, "merge_oft_adapters", original)
+        module.merge_oft_adapters = original
     return record
 
 

@@ -28,26 +28,31 @@ def _runner():
     return module
 
 
-GOOD = '''
+GOOD = """
 def run(quick):
     return [{"name": "fast", "baseline": 2.0, "ours": 1.0, "ratio": 0.5, "notes": "quick" if quick else "full"}]
-'''
-DEVICE = '''
+"""
+DEVICE = """
 def run(quick, device="cpu"):
     return [{"name": "on " + device, "baseline": 1, "ours": 1, "ratio": 1.0, "notes": "", "unit": "s"}]
-'''
-RAISES = '''
+"""
+RAISES = """
 def run(quick):
     raise RuntimeError("broken benchmark")
-'''
-NAN = '''
+"""
+NAN = """
 def run(quick):
     return [{"name": "nan", "baseline": 1.0, "ours": float("nan"), "ratio": 1.0, "notes": ""}]
-'''
+"""
 
 
 def test_runner_reports_failures_by_name(tmp_path, capsys):
-    for name, text in {"bench_oft": GOOD, "bench_zz_device": DEVICE, "bench_polar": RAISES, "bench_zz_nan": NAN}.items():
+    for name, text in {
+        "bench_oft": GOOD,
+        "bench_zz_device": DEVICE,
+        "bench_polar": RAISES,
+        "bench_zz_nan": NAN,
+    }.items():
         (tmp_path / f"{name}.py").write_text(text)
     run = _runner()
     rows, failures = run.run_all(quick=True, directory=tmp_path)

@@ -11,12 +11,23 @@ from peft_orthomerge.report import MergeReport, ModuleStats
 
 def _report(n_modules=3, kind="oft"):
     mods = [
-        ModuleStats(name=f"model.layers.{i}.self_attn.q_proj", input_norms=[1.0, 3.0], merged_norm=1.5 + i, magnitude_factor=1.25, orthogonality_error=1e-15)
+        ModuleStats(
+            name=f"model.layers.{i}.self_attn.q_proj",
+            input_norms=[1.0, 3.0],
+            merged_norm=1.5 + i,
+            magnitude_factor=1.25,
+            orthogonality_error=1e-15,
+        )
         for i in range(n_modules)
     ]
     return MergeReport(
-        kind=kind, method="orthomerge", inputs=["org/math-oft", "./code|oft"], weights=[0.75, 0.25],
-        params={"granularity": "module", "cayley": "auto", "scale": 1.0}, modules=mods, passthrough=["lm_head.bias"],
+        kind=kind,
+        method="orthomerge",
+        inputs=["org/math-oft", "./code|oft"],
+        weights=[0.75, 0.25],
+        params={"granularity": "module", "cayley": "auto", "scale": 1.0},
+        modules=mods,
+        passthrough=["lm_head.bias"],
         warnings=["flags differed"],
     )
 
@@ -53,7 +64,7 @@ def test_model_card_local_base_not_in_metadata(tmp_path):
 def test_long_tables_are_capped(tmp_path):
     n = MAX_TABLE_ROWS * 5
     card = render_model_card(_report(n_modules=n), library_name="peft")
-    rows = [l for l in card.splitlines() if l.startswith("| `model.layers.")]
+    rows = [line for line in card.splitlines() if line.startswith("| `model.layers.")]
     assert len(rows) == MAX_TABLE_ROWS
     assert f"{n - MAX_TABLE_ROWS} more modules" in card
     assert f"model.layers.{n - 1}." in card  # the tail is shown

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _cli_utils import build_oft_inputs
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from _cli_utils import build_oft_inputs
 from peft_orthomerge import cli, hub
 from peft_orthomerge.recipe import RECIPE_FILE
 from peft_orthomerge.report import REPORT_FILE
@@ -26,7 +26,11 @@ def _recipe(root: Path, inputs, **overrides) -> dict:
     data = {
         "kind": "oft",
         "base_model": str(inputs["base"]),
-        "inputs": [{"path": str(inputs["oft0"]), "weight": 2.0}, {"path": str(inputs["oft1"])}, {"path": str(inputs["oft2"])}],
+        "inputs": [
+            {"path": str(inputs["oft0"]), "weight": 2.0},
+            {"path": str(inputs["oft1"])},
+            {"path": str(inputs["oft2"])},
+        ],
         "method": {"name": "orthomerge", "granularity": "module"},
         "output": {"path": "./merged", "format": "adapter"},
     }
@@ -74,7 +78,9 @@ def test_merge_equals_python_api_and_is_reproducible(tmp_path, inputs):
     assert cli_tensors.keys() == api_tensors.keys() and len(cli_tensors) == 8
     for key in cli_tensors:
         assert torch.equal(cli_tensors[key], api_tensors[key]), key
-    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((api_out / "adapter_config.json").read_text())
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
+        (api_out / "adapter_config.json").read_text()
+    )
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["output_path"] == str(out) and report["weights"] == pytest.approx([0.5, 0.25, 0.25])
     card = (out / "README.md").read_text()
@@ -93,7 +99,13 @@ def test_folded_merge_equals_python_api(tmp_path, inputs):
     data = _recipe(tmp_path, inputs, method={"name": "mean_r"}, output={"path": "folded", "format": "folded"})
     result = _run("merge", _write(tmp_path, data), "--quiet")
     assert result.exit_code == 0, result.output
-    merge_oft_checkpoints([str(inputs[f"oft{i}"]) for i in range(3)], tmp_path / "api", weights=[2, 1, 1], method="mean_r", fold_into=str(inputs["base"]))
+    merge_oft_checkpoints(
+        [str(inputs[f"oft{i}"]) for i in range(3)],
+        tmp_path / "api",
+        weights=[2, 1, 1],
+        method="mean_r",
+        fold_into=str(inputs["base"]),
+    )
     a = load_file(tmp_path / "folded" / "model.safetensors")
     b = load_file(tmp_path / "api" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -112,12 +124,24 @@ def test_dry_run_writes_nothing(tmp_path, inputs):
 
 BAD_RECIPES = {
     "malformed_yaml": ("kind: oft\ninputs: [\n", "malformed YAML at line"),
-    "unknown_key": ({"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "m"}, "methd": {}}, "valid keys here"),
+    "unknown_key": (
+        {"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "m"}, "methd": {}},
+        "valid keys here",
+    ),
     "wrong_kind": ({"kind": "qlora", "inputs": [{"path": "a"}], "output": {"path": "m"}}, "unknown kind 'qlora'"),
-    "wrong_format": ({"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "m", "format": "model"}}, "output.format"),
+    "wrong_format": (
+        {"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "m", "format": "model"}},
+        "output.format",
+    ),
     "missing_inputs": ({"kind": "oft", "output": {"path": "m"}}, "missing required key 'inputs'"),
-    "missing_input_dir": ({"kind": "oft", "inputs": [{"path": "no_such_adapter"}], "output": {"path": "m"}}, "input not found"),
-    "hub_unreachable": ({"kind": "oft", "inputs": [{"path": "no-such-org/no-such-adapter"}], "output": {"path": "m"}}, "no-such-org/no-such-adapter"),
+    "missing_input_dir": (
+        {"kind": "oft", "inputs": [{"path": "no_such_adapter"}], "output": {"path": "m"}},
+        "input not found",
+    ),
+    "hub_unreachable": (
+        {"kind": "oft", "inputs": [{"path": "no-such-org/no-such-adapter"}], "output": {"path": "m"}},
+        "no-such-org/no-such-adapter",
+    ),
     "escaping_output": ({"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "../../m"}}, "escapes"),
     "not_an_oft_adapter": ({"kind": "oft", "inputs": [{"path": "a"}], "output": {"path": "m"}}, "adapter_config.json"),
 }
@@ -180,9 +204,14 @@ def test_push_to_hub_after_merge(tmp_path, inputs, monkeypatch):
             return "https://huggingface.co/me/merged/commit/1"
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
-    result = _run("merge", _write(tmp_path, _recipe(tmp_path, inputs)), "--push-to-hub", "me/merged", "--private", "--quiet")
+    result = _run(
+        "merge", _write(tmp_path, _recipe(tmp_path, inputs)), "--push-to-hub", "me/merged", "--private", "--quiet"
+    )
     assert result.exit_code == 0, result.output
-    assert calls[1] == ("create_repo", {"repo_id": "me/merged", "repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[1] == (
+        "create_repo",
+        {"repo_id": "me/merged", "repo_type": "model", "private": True, "exist_ok": True},
+    )
     assert calls[2][1]["folder_path"] == str(tmp_path / "merged")
     assert "pushed to https://huggingface.co/me/merged/commit/1" in result.stdout
 
@@ -211,7 +240,9 @@ def test_inspect_json_against_independent_computation(inputs):
     shares = data["relations"]["conflicting_row_share"]
     assert all(0.0 < s < 1.0 for s in shares)
     norms = data["relations"]["module_norms"]["model.layers.0.self_attn.q_proj"]
-    raw = load_file(refs[0] / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"]
+    raw = load_file(refs[0] / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"
+    ]
     assert norms[0] == pytest.approx(float(2**0.5 * raw.double().norm()))
     text = _run("inspect", *refs)
     assert text.exit_code == 0 and "pairwise cosine" in text.stdout and "conflicting rows" in text.stdout
@@ -240,20 +271,29 @@ def test_lora_model_merge_equals_python_api(tmp_path, decoupled_inputs):
 
     p = decoupled_inputs
     data = {
-        "kind": "lora", "base_model": str(p["base"]), "inputs": [{"path": str(p["lora0"])}, {"path": str(p["lora1"]), "weight": 3}],
-        "method": {"target": "conflict", "residual": "ties"}, "output": {"path": "out"},
+        "kind": "lora",
+        "base_model": str(p["base"]),
+        "inputs": [{"path": str(p["lora0"])}, {"path": str(p["lora1"]), "weight": 3}],
+        "method": {"target": "conflict", "residual": "ties"},
+        "output": {"path": "out"},
     }
     result = _run("merge", _write(tmp_path, data), "--quiet")
     assert result.exit_code == 0, result.output
     expected = merge_lora_adapters(
-        AutoModelForCausalLM.from_pretrained(p["base"]), [str(p["lora0"]), str(p["lora1"])], [1, 3], target="conflict", residual="ties"
+        AutoModelForCausalLM.from_pretrained(p["base"]),
+        [str(p["lora0"]), str(p["lora1"])],
+        [1, 3],
+        target="conflict",
+        residual="ties",
     ).state_dict()
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert set(saved) <= set(expected) and len(saved) > 10
     for key, value in saved.items():
         assert torch.equal(value, expected[key]), key
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert torch.equal(reloaded.model.layers[1].self_attn.q_proj.weight, expected["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        reloaded.model.layers[1].self_attn.q_proj.weight, expected["model.layers.1.self_attn.q_proj.weight"]
+    )
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert report["kind"] == "lora" and report["output_path"] == str(tmp_path / "out")
     assert "library_name: transformers" in (tmp_path / "out" / "README.md").read_text()
@@ -261,8 +301,13 @@ def test_lora_model_merge_equals_python_api(tmp_path, decoupled_inputs):
 
 def test_lora_adapter_export(tmp_path, decoupled_inputs):
     p = decoupled_inputs
-    data = {"kind": "lora", "base_model": str(p["base"]), "inputs": [{"path": str(p["lora0"])}, {"path": str(p["lora1"])}],
-            "method": {"rank": 4}, "output": {"path": "out", "format": "lora"}}
+    data = {
+        "kind": "lora",
+        "base_model": str(p["base"]),
+        "inputs": [{"path": str(p["lora0"])}, {"path": str(p["lora1"])}],
+        "method": {"rank": 4},
+        "output": {"path": "out", "format": "lora"},
+    }
     result = _run("merge", _write(tmp_path, data), "--quiet")
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -278,13 +323,24 @@ def test_full_merge_equals_python_api(tmp_path, decoupled_inputs):
     from peft_orthomerge import merge_models
 
     p = decoupled_inputs
-    data = {"kind": "full", "base_model": str(p["base"]), "inputs": [{"path": str(p["ft0"])}, {"path": str(p["ft1"])}],
-            "method": {"target": "global", "residual": "ta", "residual_kwargs": {"lam": 0.5}, "exclude": "embed_tokens"},
-            "output": {"path": "out"}}
+    data = {
+        "kind": "full",
+        "base_model": str(p["base"]),
+        "inputs": [{"path": str(p["ft0"])}, {"path": str(p["ft1"])}],
+        "method": {"target": "global", "residual": "ta", "residual_kwargs": {"lam": 0.5}, "exclude": "embed_tokens"},
+        "output": {"path": "out"},
+    }
     result = _run("merge", _write(tmp_path, data), "--quiet")
     assert result.exit_code == 0, result.output
-    merge_models(str(p["base"]), [str(p["ft0"]), str(p["ft1"])], tmp_path / "api", target="global", residual="ta",
-                 residual_kwargs={"lam": 0.5}, exclude="embed_tokens")
+    merge_models(
+        str(p["base"]),
+        [str(p["ft0"]), str(p["ft1"])],
+        tmp_path / "api",
+        target="global",
+        residual="ta",
+        residual_kwargs={"lam": 0.5},
+        exclude="embed_tokens",
+    )
     a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "api" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     diag = _run("report", tmp_path / "out")

@@ -78,7 +78,9 @@ def test_oft_copies_of_one_adapter_give_it_back(base, tmp_path, neumann):
     adapter = _save_adapter(tmp_path, "oft", 1, neumann)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     methods = ["orthomerge", "orthomerge/block", "mean_q", "karcher", "ta", "mean_r"]
-    rows = compare_methods(base, [adapter, adapter], evaluate, kind="oft", methods=methods, include_individual=True, verbose=False)
+    rows = compare_methods(
+        base, [adapter, adapter], evaluate, kind="oft", methods=methods, include_individual=True, verbose=False
+    )
     assert [r["method"] for r in rows] == ["base", f"single:{adapter}", f"single:{adapter}", *methods]
     single = evaluate(_folded(base, adapter))
     _assert_scores_equal(rows[0], evaluate(base))
@@ -90,7 +92,9 @@ def test_oft_copies_of_one_adapter_give_it_back(base, tmp_path, neumann):
 
 def test_oft_euclidean_rows_match_mean_of_folded_adapters(base, tmp_path):
     adapters = [_save_adapter(tmp_path, "oft", s) for s in (2, 3)]
-    rows = compare_methods(base, adapters, evaluate, kind="oft", methods=["ta", "orthomerge"], include_base=False, verbose=False)
+    rows = compare_methods(
+        base, adapters, evaluate, kind="oft", methods=["ta", "orthomerge"], include_base=False, verbose=False
+    )
     expected = evaluate(_mean_model(base, [_folded(base, a) for a in adapters]))
     _assert_scores_equal(rows[0], expected)
     assert rows[1]["error"] is None
@@ -99,19 +103,25 @@ def test_oft_euclidean_rows_match_mean_of_folded_adapters(base, tmp_path):
 
 def test_lora_rows(base, tmp_path):
     adapters = [_save_adapter(tmp_path, "lora", s) for s in (4, 5)]
-    rows = compare_methods(base, adapters, evaluate, kind="lora", methods=["ta", "ta+G"], include_base=False, verbose=False)
+    rows = compare_methods(
+        base, adapters, evaluate, kind="lora", methods=["ta", "ta+G"], include_base=False, verbose=False
+    )
     expected = evaluate(_mean_model(base, [_folded(base, a) for a in adapters]))
     _assert_scores_equal(rows[0], expected)
     assert rows[1]["error"] is None
     # N copies of one adapter: decoupled merge (rotation mean + residual mean) gives it back.
-    rows = compare_methods(base, adapters[:1] * 2, evaluate, kind="lora", methods=["ta+G", "ta+C"], include_base=False, verbose=False)
+    rows = compare_methods(
+        base, adapters[:1] * 2, evaluate, kind="lora", methods=["ta+G", "ta+C"], include_base=False, verbose=False
+    )
     single = evaluate(_folded(base, adapters[0]))
     _assert_scores_equal(rows[0], single, rel=1e-4)
 
 
 def test_failed_method_is_a_row_and_table(base, tmp_path):
     adapter = _save_adapter(tmp_path, "oft", 6)
-    rows = compare_methods(base, [adapter], evaluate, kind="oft", methods=["no_such_method"], average_over=["mean"], verbose=False)
+    rows = compare_methods(
+        base, [adapter], evaluate, kind="oft", methods=["no_such_method"], average_over=["mean"], verbose=False
+    )
     assert rows[0]["average"] == pytest.approx(rows[0]["mean"])
     assert rows[1]["method"] == "no_such_method" and "no_such_method" in rows[1]["error"]
     table = format_table(rows)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
-
 from conftest import build_tiny_llama
+
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
-from peft_orthomerge.ops import registry
 from peft_orthomerge.ops import decouple as decouple_mod
+from peft_orthomerge.ops import registry
 from peft_orthomerge.ops.decouple import (
     _complete_qr,
     _polar_near_orthogonal,
@@ -162,7 +162,14 @@ def test_decouple_merge_matches_reference_on_tiny_llama(target, solver):
     base = build_tiny_llama(seed=0)
     experts = [build_tiny_llama(seed=s) for s in (1, 2, 3)]
     weights = [0.5, 0.3, 0.2]
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    names = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.down_proj",
+    ]
     layer = base.model.layers[0]
     for name in names:
         w0 = layer.get_submodule(name).weight.detach().to(F64)
@@ -236,7 +243,7 @@ def _dense_inverse_cayley(p):
 @pytest.mark.parametrize("shape", [(16, 64), (64, 160), (8, 64)])
 def test_factored_rotation_pieces_match_dense_formulas(shape):
     w0, wt = _pair(*shape, 0.3, 9)
-    (rot, info), = list(iter_procrustes(w0, [wt], solver="svd"))
+    ((rot, info),) = list(iter_procrustes(w0, [wt], solver="svd"))
     assert rot.factors is not None and rot.core is None and rot.frame is not None
     ref = ref_rotation(w0, wt)
     assert torch.allclose(rot.dense(), ref, atol=1e-9)
@@ -271,7 +278,7 @@ def test_reduced_path_falls_back_when_target_rank_deficient():
     """rank(W0^T T) < out: the factored path declines and the dense m x m closest-polar SVD answers."""
     w0, wt = _pair(16, 64, 0.3, 10)
     wt[12:] = wt[:4]  # rank 12 < 16 rows
-    (rot, _), = list(iter_procrustes(w0, [wt], solver="svd"))
+    ((rot, _),) = list(iter_procrustes(w0, [wt], solver="svd"))
     assert rot.factors is None and rot.core is not None
     ref = ref_rotation(w0, wt)
     assert torch.allclose(rot.dense(), ref, atol=1e-9)
@@ -318,12 +325,17 @@ def test_streamed_residuals_match_the_list_path(monkeypatch, target, shape, meth
     monkeypatch.setitem(registry._METHODS, "probe_list", listed)
     w0, w1 = _pair(*shape, 0.3, 21)
     _, w2 = _pair(*shape, 0.3, 22)
-    w0, experts = w0.float(), [w1.float(), w0.float().clone(), (2 * w0 - w1).float(), w2.float()]  # one expert is the base
+    w0, experts = (
+        w0.float(),
+        [w1.float(), w0.float().clone(), (2 * w0 - w1).float(), w2.float()],
+    )  # one expert is the base
     weights = [0.4, 0.1, 0.2, 0.3]
 
     def run(residual):
         gen = torch.Generator().manual_seed(5)
-        return decouple_merge(w0, experts, weights, target, residual, {"p": 0.3} if method == "dare_ta" else None, generator=gen)
+        return decouple_merge(
+            w0, experts, weights, target, residual, {"p": 0.3} if method == "dare_ta" else None, generator=gen
+        )
 
     got, got_stats = run("probe_stream")
     want, want_stats = run("probe_list")
@@ -333,8 +345,15 @@ def test_streamed_residuals_match_the_list_path(monkeypatch, target, shape, meth
     assert got_stats.residual_norms == pytest.approx(want_stats.residual_norms, rel=1e-12)
     assert len(got_stats.residual_norms) == 4 and got_stats.residual_norms[1] == 0.0
     # converting the experts to float64 up front changes nothing
-    ref, _ = decouple_merge(w0.to(F64), [e.to(F64) for e in experts], weights, target, "probe_list",
-                            {"p": 0.3} if method == "dare_ta" else None, generator=torch.Generator().manual_seed(5))
+    ref, _ = decouple_merge(
+        w0.to(F64),
+        [e.to(F64) for e in experts],
+        weights,
+        target,
+        "probe_list",
+        {"p": 0.3} if method == "dare_ta" else None,
+        generator=torch.Generator().manual_seed(5),
+    )
     assert float(torch.linalg.matrix_norm(ref - want)) <= 1e-12 * float(torch.linalg.matrix_norm(want))
     if method == "ta":  # and both agree with the plain dense formula
         dense = [e.to(F64) for e in experts]
@@ -442,7 +461,7 @@ def test_reduced_completion_newton_schulz_and_svd_branches(monkeypatch, shape, d
         if seed % 2:  # a reflection inside the row space of W0: the optimum needs the det fix
             v = w0[0] / w0[0].norm()
             wt = wt - 2 * (wt @ v)[:, None] * v
-        (rot, _), = list(iter_procrustes(w0.to(dtype), [wt.to(dtype)], solver="svd", rtol=1e-5))
+        ((rot, _),) = list(iter_procrustes(w0.to(dtype), [wt.to(dtype)], solver="svd", rtol=1e-5))
         assert made[-1] is not None
         used.append(rot.factors[1] is made[-1])
         tol = 1e-9 if dtype == F64 else 1e-4
@@ -451,7 +470,7 @@ def test_reduced_completion_newton_schulz_and_svd_branches(monkeypatch, shape, d
     assert used == [True, False, True, False]
     monkeypatch.setattr(decouple_mod, "_polar_near_orthogonal", lambda a, *args, **kwargs: None)
     w0, wt = _pair(*shape, 0.3, 50)
-    (rot, _), = list(iter_procrustes(w0, [wt], solver="svd"))
+    ((rot, _),) = list(iter_procrustes(w0, [wt], solver="svd"))
     assert torch.allclose(rot.dense(), ref_rotation(w0, wt), atol=1e-9)
 
 

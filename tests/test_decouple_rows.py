@@ -96,7 +96,9 @@ def test_blocks_are_bounded_and_do_not_change_the_result(target):
     whole, _ = decouple_merge_ta_rows(w0, experts, weights, target)
     sources = [CountingRows(e) for e in experts]
     base = CountingRows(w0)
-    block_bytes = 7 * 24 * 8 * (3 if target == "conflict" else 1)  # 7 rows of float64 per block (conflict: / 3 experts)
+    block_bytes = (
+        7 * 24 * 8 * (3 if target == "conflict" else 1)
+    )  # 7 rows of float64 per block (conflict: / 3 experts)
     got, _ = decouple_merge_ta_rows(base, sources, weights, target, block_bytes=block_bytes)
     assert torch.allclose(got, whole, atol=1e-13, rtol=0)
     assert base.largest == 7 and all(s.largest == 7 for s in sources)

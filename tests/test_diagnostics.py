@@ -8,11 +8,18 @@ import sys
 
 import pytest
 import torch
+from _cli_utils import build_oft_inputs
 from click.testing import CliRunner
 
-from _cli_utils import build_oft_inputs
 from peft_orthomerge import cli
-from peft_orthomerge.diagnostics import decoupled_stats, drift, hyperspherical_energy, layer_and_type, per_layer_stats, run_diagnostics
+from peft_orthomerge.diagnostics import (
+    decoupled_stats,
+    drift,
+    hyperspherical_energy,
+    layer_and_type,
+    per_layer_stats,
+    run_diagnostics,
+)
 from peft_orthomerge.errors import ConfigError, InputError
 from peft_orthomerge.report import MergeReport, ModuleStats
 
@@ -53,15 +60,57 @@ def test_report_statistics_from_modules():
     assert layer_and_type("model.layers.3.self_attn.q_proj.weight") == (3, "self_attn.q_proj")
     assert layer_and_type("lm_head.weight") == (None, "lm_head")
     mods = [
-        ModuleStats("model.layers.0.q", [3.0, 4.0], 2.0, 1.5, extra={"orth_part_norm_0": 1.0, "orth_part_norm_1": 3.0, "residual_norm_0": 2.0, "residual_norm_1": 4.0, "task_vector_norm_0": 3.0, "task_vector_norm_1": 5.0, "solver_error": 1e-9}),
-        ModuleStats("model.layers.0.v", [4.0, 3.0], 2.0, 1.2, extra={"orth_part_norm_0": 3.0, "orth_part_norm_1": 3.0, "residual_norm_0": 4.0, "residual_norm_1": 4.0, "task_vector_norm_0": 5.0, "task_vector_norm_1": 5.0}),
-        ModuleStats("model.layers.1.q", [1.0, 1.0], 1.0, 1.0, extra={"orth_part_norm_0": 5.0, "orth_part_norm_1": 5.0, "residual_norm_0": 6.0, "residual_norm_1": 6.0, "task_vector_norm_0": 7.0, "task_vector_norm_1": 7.0}),
+        ModuleStats(
+            "model.layers.0.q",
+            [3.0, 4.0],
+            2.0,
+            1.5,
+            extra={
+                "orth_part_norm_0": 1.0,
+                "orth_part_norm_1": 3.0,
+                "residual_norm_0": 2.0,
+                "residual_norm_1": 4.0,
+                "task_vector_norm_0": 3.0,
+                "task_vector_norm_1": 5.0,
+                "solver_error": 1e-9,
+            },
+        ),
+        ModuleStats(
+            "model.layers.0.v",
+            [4.0, 3.0],
+            2.0,
+            1.2,
+            extra={
+                "orth_part_norm_0": 3.0,
+                "orth_part_norm_1": 3.0,
+                "residual_norm_0": 4.0,
+                "residual_norm_1": 4.0,
+                "task_vector_norm_0": 5.0,
+                "task_vector_norm_1": 5.0,
+            },
+        ),
+        ModuleStats(
+            "model.layers.1.q",
+            [1.0, 1.0],
+            1.0,
+            1.0,
+            extra={
+                "orth_part_norm_0": 5.0,
+                "orth_part_norm_1": 5.0,
+                "residual_norm_0": 6.0,
+                "residual_norm_1": 6.0,
+                "task_vector_norm_0": 7.0,
+                "task_vector_norm_1": 7.0,
+            },
+        ),
     ]
     report = MergeReport("oft", "orthomerge", ["a", "b"], [0.5, 0.5], modules=mods)
     stats = per_layer_stats(report)
     assert stats["layers"] == [0, 1] and stats["axis"] == "layer"
     assert stats["magnitude_factor"] == {"q": {"0": 1.5, "1": 1.0}, "v": {"0": 1.2}}
-    assert stats["input_norms"][0] == pytest.approx([5.0, 1.0]) and stats["input_norms"][1] == pytest.approx([5.0, 1.0])
+    assert stats["input_norms"][0] == pytest.approx([5.0, 1.0]) and stats["input_norms"][1] == pytest.approx(
+        [5.0, 1.0]
+    )
     assert stats["merged_norm"] == pytest.approx([8**0.5, 1.0])
     dec = decoupled_stats(mods)
     assert dec["q"] == {"orthogonal part": 3.5, "residual": 4.5, "full task vector": 5.5}
@@ -74,7 +123,12 @@ def test_report_command_on_oft_merge(merged):
     assert result.exit_code == 0, result.output
     diag = out / "diagnostics"
     data = json.loads((diag / "report.json").read_text())
-    assert set(data["plots"]) == {"magnitude_factor.png", "norms_per_layer.png", "task_cosine.png", "drift_from_base.png"}
+    assert set(data["plots"]) == {
+        "magnitude_factor.png",
+        "norms_per_layer.png",
+        "task_cosine.png",
+        "drift_from_base.png",
+    }
     for name in data["plots"]:
         assert (diag / name).read_bytes()[:8] == PNG and (diag / name).stat().st_size > 10_000
     # exact Cayley rotations leave the spectral norm and HE of every folded weight unchanged (fp32 rounding)

@@ -19,13 +19,20 @@ TIMEOUT_S = 300
 
 def test_there_are_examples():
     assert any(p.name == "recipe_cli.py" for p in EXAMPLES)
-    assert {p.name for p in RECIPES} >= {"oft_adapter.yaml", "oft_folded.yaml", "lora_decoupled.yaml", "full_models.yaml"}
+    assert {p.name for p in RECIPES} >= {
+        "oft_adapter.yaml",
+        "oft_folded.yaml",
+        "lora_decoupled.yaml",
+        "full_models.yaml",
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs(script, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PEFT_ORTHOMERGE_QUIET="1")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PEFT_ORTHOMERGE_QUIET="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
         proc = subprocess.run(
@@ -33,7 +40,9 @@ def test_example_runs(script, tmp_path):
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{script.name} did not finish within {TIMEOUT_S} s")
-    assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{script.name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])

@@ -86,7 +86,9 @@ def test_order_independence() -> None:
     w = [0.1, 0.4, 0.2, 0.3]
     perm = [2, 0, 3, 1]
     out = fisher_rao_merge(tensors, w)
-    torch.testing.assert_close(fisher_rao_merge([tensors[i] for i in perm], [w[i] for i in perm]), out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        fisher_rao_merge([tensors[i] for i in perm], [w[i] for i in perm]), out, rtol=0, atol=1e-12
+    )
 
 
 def test_zero_inputs_contribute_norm_zero_and_no_direction() -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import golden
+import pytest
 
 RECORD = json.loads(golden.GOLDEN_FILE.read_text())
 

@@ -107,7 +107,13 @@ def test_yaml_payload_in_a_real_process(workdir):
     marker = workdir / "PWNED"
     recipe = _recipe(workdir, _payload_recipes(marker)["python-object-apply"])
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-m", "peft_orthomerge", "merge", str(recipe)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peft_orthomerge", "merge", str(recipe)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert not marker.exists() and not (workdir / "m").exists()
@@ -118,7 +124,12 @@ def test_billion_laughs_and_recursive_aliases_are_fast_errors(workdir):
     for i in range(1, 10):
         lines.append(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]")
     laughs = "\n".join(lines) + "\ninputs: [{path: *x9}]\noutput: {path: m}\nmethod: {name: *x9}\n"
-    for text in (laughs, "kind: oft\ninputs: &a [*a]\noutput: {path: m}\n", "&a [*a]\n", "kind: oft\ninputs:\n  - path: &p [*p]\noutput: {path: m}\n"):
+    for text in (
+        laughs,
+        "kind: oft\ninputs: &a [*a]\noutput: {path: m}\n",
+        "&a [*a]\n",
+        "kind: oft\ninputs:\n  - path: &p [*p]\noutput: {path: m}\n",
+    ):
         start = time.perf_counter()
         _proper_error(_run("merge", _recipe(workdir, text)))
         assert time.perf_counter() - start < 20  # an exponential walk would not finish
@@ -137,7 +148,9 @@ def test_billion_laughs_and_recursive_aliases_are_fast_errors(workdir):
         pytest.param(b"kind: oft\ninputs: [{path: a, weight: .nan}]\noutput: {path: m}\n", id="nan-weight"),
         pytest.param(b"kind: oft\ninputs: [{path: a, weight: .inf}]\noutput: {path: m}\n", id="inf-weight"),
         pytest.param(b"kind: oft\ninputs: [{path: a, weight: -1}]\noutput: {path: m}\n", id="negative-weight"),
-        pytest.param(b"kind: oft\ninputs: [{path: a, weight: 0}, {path: b, weight: 0}]\noutput: {path: m}\n", id="zero-weights"),
+        pytest.param(
+            b"kind: oft\ninputs: [{path: a, weight: 0}, {path: b, weight: 0}]\noutput: {path: m}\n", id="zero-weights"
+        ),
         pytest.param(b"kind: oft\ninputs: [{path: a, weight: one}]\noutput: {path: m}\n", id="string-weight"),
         pytest.param(b"kind: oft\ninputs: [{path: a, weight: 1e999}]\noutput: {path: m}\n", id="overflowing-weight"),
         pytest.param(b"kind: oft\ninputs: []\noutput: {path: m}\n", id="no-inputs"),
@@ -146,13 +159,18 @@ def test_billion_laughs_and_recursive_aliases_are_fast_errors(workdir):
         pytest.param(b"kind: oft\ninputs: [a, b]\noutput: {path: m}\n", id="inputs-as-strings"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: m\n", id="output-as-string"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: m}\nmethod: {scale: .nan}\n", id="nan-scale"),
-        pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: m}\nmethod: orthomerge\n", id="method-as-string"),
+        pytest.param(
+            b"kind: oft\ninputs: [{path: a}]\noutput: {path: m}\nmethod: orthomerge\n", id="method-as-string"
+        ),
         pytest.param(b"kind: [oft]\ninputs: [{path: a}]\noutput: {path: m}\n", id="kind-as-list"),
         pytest.param(b"kind: OFT\ninputs: [{path: a}]\noutput: {path: m}\n", id="kind-upper-case"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: m}\nkind: lora\n", id="duplicate-key"),
-        pytest.param(b"kind: full\nbase_model: a\ninputs: [{path: b}]\noutput: {path: m}\nmethod: {include: '(['}\n", id="bad-regex"),
-        pytest.param(b"kind: oft\ninputs: [{path: \"a\\0b\"}]\noutput: {path: m}\n", id="nul-in-path"),
-        pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: \"m\\0x\"}\n", id="nul-in-output"),
+        pytest.param(
+            b"kind: full\nbase_model: a\ninputs: [{path: b}]\noutput: {path: m}\nmethod: {include: '(['}\n",
+            id="bad-regex",
+        ),
+        pytest.param(b'kind: oft\ninputs: [{path: "a\\0b"}]\noutput: {path: m}\n', id="nul-in-path"),
+        pytest.param(b'kind: oft\ninputs: [{path: a}]\noutput: {path: "m\\0x"}\n', id="nul-in-output"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: /tmp/elsewhere}\n", id="absolute-output"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: sub/../../escape}\n", id="dotdot-output"),
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: .}\n", id="output-is-recipe-dir"),
@@ -161,8 +179,13 @@ def test_billion_laughs_and_recursive_aliases_are_fast_errors(workdir):
         pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: recipe.yaml}\n", id="output-is-the-recipe-file"),
         pytest.param(b"kind: oft\ninputs: [{path: org/..}]\noutput: {path: m}\n", id="repo-id-dotdot"),
         pytest.param(b"kind: oft\ninputs: [{path: a/adapter_config.json}]\noutput: {path: m}\n", id="input-is-a-file"),
-        pytest.param(b"kind: lora\nbase_model: no-org/no-base\ninputs: [{path: a}]\noutput: {path: m}\n", id="unreachable-base"),
-        pytest.param(b"kind: oft\ninputs: [{path: a}]\noutput: {path: m, format: folded}\nbase_model: /nonexistent/base\n", id="missing-base-dir"),
+        pytest.param(
+            b"kind: lora\nbase_model: no-org/no-base\ninputs: [{path: a}]\noutput: {path: m}\n", id="unreachable-base"
+        ),
+        pytest.param(
+            b"kind: oft\ninputs: [{path: a}]\noutput: {path: m, format: folded}\nbase_model: /nonexistent/base\n",
+            id="missing-base-dir",
+        ),
     ],
 )
 def test_bad_recipe_exits_2_and_writes_nothing(workdir, monkeypatch, text):
@@ -233,7 +256,11 @@ def _failing_merge(exc: BaseException):
     [
         (KeyboardInterrupt(), 130, ""),
         (OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
-        (NumericalError("merged rotation is not finite\nsecond line", tensor="model.layers.0.q_proj"), 2, "model.layers.0.q_proj"),
+        (
+            NumericalError("merged rotation is not finite\nsecond line", tensor="model.layers.0.q_proj"),
+            2,
+            "model.layers.0.q_proj",
+        ),
     ],
 )
 def test_failure_mid_merge_leaves_no_output(workdir, monkeypatch, exc, code, fragment):
@@ -283,7 +310,6 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-
 @pytest.mark.parametrize("peft_type", ["OFT", "LORA"])
 def test_inspect_never_unpickles(tmp_path, peft_type):
     marker = tmp_path / "PWNED"
@@ -303,7 +329,11 @@ def test_inspect_never_unpickles(tmp_path, peft_type):
         pytest.param("null", None, id="adapter-config-null"),
         pytest.param({"peft_type": "FOO"}, None, id="unknown-peft-type"),
         pytest.param({"peft_type": "OFT", "oft_block_size": 4}, b"", id="zero-byte-weights"),
-        pytest.param({"peft_type": "OFT", "oft_block_size": 4}, b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage", id="corrupt-weights"),
+        pytest.param(
+            {"peft_type": "OFT", "oft_block_size": 4},
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage",
+            id="corrupt-weights",
+        ),
     ],
 )
 def test_inspect_hostile_adapter(tmp_path, config, weights):
@@ -399,9 +429,13 @@ def test_cli_lora_given_as_oft_points_to_the_lora_path(real, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(real["base"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(real["base"]), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     lora.save_pretrained(tmp_path / "lora")
-    recipe = _recipe(tmp_path, {"kind": "oft", "inputs": [{"path": str(real["oft0"])}, {"path": "lora"}], "output": {"path": "m"}})
+    recipe = _recipe(
+        tmp_path, {"kind": "oft", "inputs": [{"path": str(real["oft0"])}, {"path": "lora"}], "output": {"path": "m"}}
+    )
     before = _tree(tmp_path)
     _proper_error(_run("merge", recipe), "lora", "merge_lora_adapters")
     assert _tree(tmp_path) == before
@@ -420,7 +454,10 @@ def test_cli_interrupt_in_the_real_merge_leaves_nothing(real, tmp_path, monkeypa
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(plan_mod, "merge_module", interrupt_second)
-    recipe = _recipe(tmp_path, {"kind": "oft", "inputs": [{"path": str(real["oft0"])}, {"path": str(real["oft1"])}], "output": {"path": "m"}})
+    recipe = _recipe(
+        tmp_path,
+        {"kind": "oft", "inputs": [{"path": str(real["oft0"])}, {"path": str(real["oft1"])}], "output": {"path": "m"}},
+    )
     before_inputs = {k: _tree(real[k]) for k in ("oft0", "oft1")}
     before = _tree(tmp_path)
     result = _run("merge", recipe)
@@ -437,17 +474,24 @@ def test_remote_code_in_a_base_model_is_never_run(real, tmp_path, monkeypatch):
     evil = tmp_path / "evil_base"
     evil.mkdir()
     config = json.loads((real["base"] / "config.json").read_text())
-    config.update(model_type="evil_llama", architectures=["EvilForCausalLM"], auto_map={
-        "AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config.update(
+        model_type="evil_llama",
+        architectures=["EvilForCausalLM"],
+        auto_map={"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
+    )
     (evil / "config.json").write_text(json.dumps(config))
     (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
     shutil.copy(real["base"] / "model.safetensors", evil / "model.safetensors")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(real["base"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(real["base"]), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     lora.save_pretrained(tmp_path / "lora")
-    recipe = _recipe(tmp_path, {"kind": "lora", "base_model": "evil_base", "inputs": [{"path": "lora"}], "output": {"path": "m"}})
+    recipe = _recipe(
+        tmp_path, {"kind": "lora", "base_model": "evil_base", "inputs": [{"path": "lora"}], "output": {"path": "m"}}
+    )
     result = _run("merge", recipe)
     assert not marker.exists()
     _proper_error(result)

@@ -274,7 +274,11 @@ def test_sub_byte_dtypes_are_refused(tmp_path, dtype, shape, nbytes):
 def test_zero_size_and_integer_tensors_read(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file(
-        {"empty": torch.zeros(0, 5), "empty3": torch.zeros(2, 0, 3, dtype=torch.bfloat16), "ints": torch.tensor([1, 2])},
+        {
+            "empty": torch.zeros(0, 5),
+            "empty3": torch.zeros(2, 0, 3, dtype=torch.bfloat16),
+            "ints": torch.tensor([1, 2]),
+        },
         str(path),
     )
     reader = TensorReader.from_file(path)
@@ -337,7 +341,9 @@ def test_bad_index_is_input_error(tmp_path, index):
     assert str(path) in str(info.value) or str(tmp_path / "m") in str(info.value)
 
 
-@pytest.mark.parametrize("target", ["../outside.safetensors", "ABS", "sub/../../outside.safetensors", "sub/x.safetensors", "."])
+@pytest.mark.parametrize(
+    "target", ["../outside.safetensors", "ABS", "sub/../../outside.safetensors", "sub/x.safetensors", "."]
+)
 def test_index_pointing_outside_its_directory(tmp_path, target):
     outside = tmp_path / "outside.safetensors"
     save_file({"secret": torch.ones(1)}, str(outside))
@@ -529,7 +535,9 @@ def test_parent_not_writable(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == ro else real_access(p, mode, *a, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, *a, **k: False if Path(p) == ro else real_access(p, mode, *a, **k)
+    )
     with pytest.raises(OutputError) as info:
         with atomic_output_dir(ro / "new" / "out"):
             pytest.fail("must not be entered")
@@ -685,7 +693,20 @@ def test_writer_refuses_duplicate_tensor(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "ref",
-    ["org/..", "../org", "org/../x", "..", "org/a..b", "org/.hidden", "org/name/extra", "/org/name", "org--x/name", "org/na me", "órg/name", ""],
+    [
+        "org/..",
+        "../org",
+        "org/../x",
+        "..",
+        "org/a..b",
+        "org/.hidden",
+        "org/name/extra",
+        "/org/name",
+        "org--x/name",
+        "org/na me",
+        "órg/name",
+        "",
+    ],
 )
 def test_bad_repo_ids_are_rejected_without_touching_the_hub(tmp_path, monkeypatch, ref):
     import huggingface_hub
@@ -726,8 +747,12 @@ def test_local_path_that_is_a_file(tmp_path):
 
 def _run_resolve(cache: Path, code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"), PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"), PYTHONPATH=str(REPO_ROOT)
+    )
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_unreachable_hub_id_offline_is_input_error(tmp_path):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from _hostile_utils import assert_names, assert_nothing_written, edit_config, pickle_only_copy, rewrite, tree_hash
 from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+
 from peft_orthomerge import merge_lora_adapters, merge_models
 from peft_orthomerge.errors import (
     ConfigError,
@@ -34,11 +34,22 @@ from peft_orthomerge.io import output as output_mod
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def make_lora(base_dir: Path, out: Path, *, seed: int, scale: float = 0.05, dtype: torch.dtype | None = None, targets=TARGETS, zero: bool = False) -> Path:
+def make_lora(
+    base_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    scale: float = 0.05,
+    dtype: torch.dtype | None = None,
+    targets=TARGETS,
+    zero: bool = False,
+) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -65,16 +76,6 @@ def make_finetune(base_dir: Path, out: Path, *, seed: int, fn=None) -> Path:
     return out
 
 
-
-
-
-
-
-
-
-
-
-
 def base_model():
     return build_tiny_llama()  # the same weights as tiny_base_dir (seed 0)
 
@@ -96,7 +97,10 @@ def lab(tmp_path_factory, tiny_base_dir):
     from peft import OFTConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    oft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_dir), OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"]))
+    oft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base_dir),
+        OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"]),
+    )
     oft.save_pretrained(root / "oft")
     return {
         "root": root,
@@ -129,7 +133,18 @@ def test_oft_given_to_the_lora_path(lab):
 
 @pytest.mark.parametrize(
     "breakage",
-    ["no-config", "no-weights", "invalid-json", "config-list", "peft-type-foo", "peft-type-null", "zero-byte-weights", "truncated-weights", "r-zero", "alpha-string"],
+    [
+        "no-config",
+        "no-weights",
+        "invalid-json",
+        "config-list",
+        "peft-type-foo",
+        "peft-type-null",
+        "zero-byte-weights",
+        "truncated-weights",
+        "r-zero",
+        "alpha-string",
+    ],
 )
 def test_broken_lora_adapter_dirs(lab, tmp_path, breakage):
     bad = tmp_path / "bad"
@@ -179,7 +194,9 @@ def test_lora_for_a_different_base(lab):
 
 
 def test_lora_with_only_half_of_a_module(lab, tmp_path):
-    bad = rewrite(lab["l1"], tmp_path / "half", lambda t: {k: v for k, v in t.items() if not ("q_proj" in k and "lora_B" in k)})
+    bad = rewrite(
+        lab["l1"], tmp_path / "half", lambda t: {k: v for k, v in t.items() if not ("q_proj" in k and "lora_B" in k)}
+    )
     with pytest.raises(IncompatibleInputsError) as info:
         merge_lora_adapters(base_model(), [bad])
     assert_names(info.value, "q_proj", "lora_B")
@@ -378,7 +395,10 @@ def test_bad_include_regex(lab, out, pattern):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("exc, expected", [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), OutputError)])
+@pytest.mark.parametrize(
+    "exc, expected",
+    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), OutputError)],
+)
 def test_merge_models_interrupted_or_disk_full(lab, out, monkeypatch, exc, expected):
     before = {k: tree_hash(lab[k]) for k in ("base", "ft1", "ft2")}
     real_save = output_mod.save_file

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from _hostile_utils import assert_names, assert_nothing_written, edit_config, pickle_only_copy, rewrite, tree_hash
 from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+
 from peft_orthomerge import merge_oft_adapters, merge_oft_checkpoints
 from peft_orthomerge.errors import (
     ConfigError,
@@ -54,7 +54,9 @@ def block_of(n: int) -> int:
     return next(b for b in range(2, 400) if b * (b - 1) // 2 == n)
 
 
-def reference_orthomerge(stored: list[torch.Tensor], flags: list[bool], weights: list[float], out_flag: bool) -> torch.Tensor:
+def reference_orthomerge(
+    stored: list[torch.Tensor], flags: list[bool], weights: list[float], out_flag: bool
+) -> torch.Tensor:
     """Magnitude-corrected merge (module granularity) of raw stored vectors; returns the vector
     an adapter with ``use_cayley_neumann=out_flag`` must store."""
     b = block_of(stored[0].shape[-1])
@@ -75,8 +77,18 @@ def oft_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # inputs (built with PEFT itself, on tiny local models)
 # --------------------------------------------------------------------------------------------
-def make_oft(base_dir: Path, out: Path, *, seed: int, flag: bool = True, block_size: int = 8, scale: float = 0.05,
-             dtype: torch.dtype | None = None, targets=TARGETS, **config) -> Path:
+def make_oft(
+    base_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    flag: bool = True,
+    block_size: int = 8,
+    scale: float = 0.05,
+    dtype: torch.dtype | None = None,
+    targets=TARGETS,
+    **config,
+) -> Path:
     from peft import OFTConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -94,12 +106,6 @@ def make_oft(base_dir: Path, out: Path, *, seed: int, flag: bool = True, block_s
         file = out / "adapter_model.safetensors"
         save_file({k: v.to(dtype) for k, v in load_file(file).items()}, str(file))
     return out
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +139,6 @@ def out(tmp_path) -> Path:
     return tmp_path / "merged"
 
 
-
-
-
-
 def merged_vectors(out: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(out / "adapter_model.safetensors")
     for k, v in tensors.items():
@@ -147,7 +149,9 @@ def merged_vectors(out: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # broken files
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("missing, named", [("adapter_config.json", "adapter_config.json"), ("adapter_model.safetensors", "adapter_model")])
+@pytest.mark.parametrize(
+    "missing, named", [("adapter_config.json", "adapter_config.json"), ("adapter_model.safetensors", "adapter_model")]
+)
 def test_missing_adapter_file(lab, tmp_path, out, missing, named):
     bad = tmp_path / "incomplete"
     shutil.copytree(lab["n1"], bad)
@@ -158,7 +162,9 @@ def test_missing_adapter_file(lab, tmp_path, out, missing, named):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "null", '"OFT"', "\udcff".encode("utf-8", "surrogateescape").decode("latin-1")])
+@pytest.mark.parametrize(
+    "text", ["{not json", "", "[1, 2]", "null", '"OFT"', "\udcff".encode("utf-8", "surrogateescape").decode("latin-1")]
+)
 def test_invalid_config_json(lab, tmp_path, out, text):
     bad = tmp_path / "badjson"
     shutil.copytree(lab["n1"], bad)
@@ -204,6 +210,7 @@ def test_truncated_weights(lab, tmp_path, out):
 
 def test_oft_tensor_with_impossible_length(lab, tmp_path, out):
     """n = 27 is not b(b-1)/2 for any b."""
+
     def corrupt(t):
         key = oft_keys(t)[0]
         return {**t, key: torch.zeros(t[key].shape[0], 27)}
@@ -322,14 +329,26 @@ def test_empty_list(out):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")], [1.0, float("inf")], ["a", 1.0]])
+@pytest.mark.parametrize(
+    "weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")], [1.0, float("inf")], ["a", 1.0]]
+)
 def test_bad_weights(lab, out, weights):
     with pytest.raises(ConfigError):
         merge_oft_checkpoints([lab["n1"], lab["n2"]], out, weights=weights)
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("option", [{"method": "nope"}, {"granularity": "row"}, {"cayley": "maybe"}, {"scale": float("nan")}, {"scale": "big"}, {"method": "mean_r"}])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"method": "nope"},
+        {"granularity": "row"},
+        {"cayley": "maybe"},
+        {"scale": float("nan")},
+        {"scale": "big"},
+        {"method": "mean_r"},
+    ],
+)
 def test_bad_options(lab, out, option):
     with pytest.raises(ConfigError):
         merge_oft_checkpoints([lab["n1"], lab["n2"]], out, **option)
@@ -436,7 +455,9 @@ def _huge_pair(lab, tmp_path, flag: bool, magnitude: float) -> tuple[Path, Path]
     series far outside its range of validity (whose rotation PEFT still builds)."""
     src = lab["n1"] if flag else lab["e3"]
     big1 = rewrite(src, tmp_path / "big1", lambda t: {k: v * (magnitude / 0.05) for k, v in t.items()})
-    big2 = rewrite(src, tmp_path / "big2", lambda t: {k: torch.flip(v, [-1]) * (magnitude / 0.05) for k, v in t.items()})
+    big2 = rewrite(
+        src, tmp_path / "big2", lambda t: {k: torch.flip(v, [-1]) * (magnitude / 0.05) for k, v in t.items()}
+    )
     return big1, big2
 
 
@@ -476,6 +497,7 @@ def test_huge_rotations_folded_never_give_nan(lab, tmp_path, flag, magnitude):
 def test_half_turn_rotations_in_rotation_space_methods(lab, tmp_path, out, method):
     """A block rotated by (nearly) pi in one plane makes the inverse Cayley map undefined for
     product_r: a NumericalError naming the module, never NaN in the output."""
+
     def half_turn(t):
         res = {}
         for k, v in t.items():
@@ -492,7 +514,11 @@ def test_half_turn_rotations_in_rotation_space_methods(lab, tmp_path, out, metho
         assert_names(exc)
         assert_nothing_written(out)
         return
-    files = [out / "adapter_model.safetensors"] if (out / "adapter_model.safetensors").exists() else sorted(out.glob("model*.safetensors"))
+    files = (
+        [out / "adapter_model.safetensors"]
+        if (out / "adapter_model.safetensors").exists()
+        else sorted(out.glob("model*.safetensors"))
+    )
     for file in files:
         for key, value in load_file(file).items():
             assert torch.isfinite(value).all(), key
@@ -518,7 +544,10 @@ def test_output_exists_equals_or_inside_an_input(lab, tmp_path):
     assert tree_hash(lab["n1"]) == before
 
 
-@pytest.mark.parametrize("exc, expected", [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), OutputError)])
+@pytest.mark.parametrize(
+    "exc, expected",
+    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), OutputError)],
+)
 @pytest.mark.parametrize("fold", [False, True])
 def test_interrupted_merge_leaves_nothing(lab, out, monkeypatch, exc, expected, fold):
     """The shard writer fails (disk full) or Ctrl-C lands while writing: inputs untouched, no output."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from peft_orthomerge import hub
@@ -13,7 +15,7 @@ TOKEN = "hf_secretTOKEN1234567890"
 
 
 class FakeApi:
-    calls: list = []
+    calls: ClassVar[list] = []
     fail: Exception | None = None
 
     def __init__(self, token=None):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
-
-from _lora_utils import make_lora_adapter
+from _lora_utils import (
+    make_lora_adapter,
+    single_thread,  # noqa: F401  (autouse fixture)
+)
 from conftest import build_tiny_llama
+
 from peft_orthomerge import merge_lora_adapters
 from peft_orthomerge.ops.lora_fold import lora_delta, lora_scaling, module_rank_alpha
 
@@ -39,7 +41,10 @@ VARIANTS = {
         ),
     ),
     "embedding": (build_tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "up_proj"])),
-    "dora": (build_tiny_llama, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "dora": (
+        build_tiny_llama,
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
     "gpt2_fan_in_fan_out": (
         build_tiny_gpt2,
         dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),

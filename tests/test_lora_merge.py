@@ -7,21 +7,25 @@ import json
 
 import pytest
 import torch
-from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
-from safetensors.torch import load_file, save_file
-
-from _lora_utils import make_lora_adapter
+from _lora_utils import (
+    make_lora_adapter,
+    single_thread,  # noqa: F401  (autouse fixture)
+)
 from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+from test_decouple_ops import ref_merge
+
 from peft_orthomerge import merge_lora_adapters
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, InputError, NumericalError
-from test_decouple_ops import ref_merge
 
 
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     make_lora_adapter(build_tiny_llama, root / "a", seed=1, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    make_lora_adapter(build_tiny_llama, root / "b", seed=2, r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "v_proj"])
+    make_lora_adapter(
+        build_tiny_llama, root / "b", seed=2, r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "v_proj"]
+    )
     return root / "a", root / "b"
 
 
@@ -79,13 +83,17 @@ def test_export_lora(two_adapters):
 def test_oft_adapter_is_refused_with_pointer(tmp_path):
     from peft import OFTConfig, get_peft_model
 
-    get_peft_model(build_tiny_llama(), OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"])).save_pretrained(tmp_path / "oft")
+    get_peft_model(build_tiny_llama(), OFTConfig(oft_block_size=8, r=0, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "oft"
+    )
     with pytest.raises(IncompatibleInputsError, match="merge_oft_adapters"):
         merge_lora_adapters(build_tiny_llama(), [tmp_path / "oft"])
 
 
 def test_missing_target_and_shape_mismatch(tmp_path):
-    make_lora_adapter(lambda: build_tiny_llama(num_hidden_layers=3), tmp_path / "deep", seed=3, target_modules=["q_proj"])
+    make_lora_adapter(
+        lambda: build_tiny_llama(num_hidden_layers=3), tmp_path / "deep", seed=3, target_modules=["q_proj"]
+    )
     with pytest.raises(IncompatibleInputsError, match=r"adapter_model.safetensors: .*layers\.2\.self_attn\.q_proj"):
         merge_lora_adapters(build_tiny_llama(), [tmp_path / "deep"])
     make_lora_adapter(lambda: build_tiny_llama(hidden_size=32), tmp_path / "narrow", seed=3, target_modules=["q_proj"])

@@ -6,16 +6,18 @@ import json
 
 import pytest
 import torch
-from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
-from safetensors.torch import load_file, save_file
-
-from _lora_utils import perturbed_state
+from _lora_utils import (
+    perturbed_state,
+    single_thread,  # noqa: F401  (autouse fixture)
+)
 from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+from test_decouple_ops import ref_merge
+
 from peft_orthomerge import MergeReport, merge_models
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError, OutputError, UnsafeInputError
 from peft_orthomerge.ops.decouple import decouple_merge
 from peft_orthomerge.ops.registry import get_euclidean
-from test_decouple_ops import ref_merge
 
 
 def _save_expert(path, seed, dtype=torch.float32, shard=None, **overrides):
@@ -31,7 +33,11 @@ def experts(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
     base = root / "base"
     build_tiny_llama().save_pretrained(base)
-    return base, [_save_expert(root / "e1", 1), _save_expert(root / "e2", 2, shard="60KB"), _save_expert(root / "e3", 3)]
+    return base, [
+        _save_expert(root / "e1", 1),
+        _save_expert(root / "e2", 2, shard="60KB"),
+        _save_expert(root / "e3", 3),
+    ]
 
 
 def _load(path):
@@ -140,7 +146,9 @@ def test_default_ta_streams_rows_and_matches_reference(experts, tmp_path, monkey
     q = "model.layers.0.self_attn.q_proj.weight"
     want_delta = ref_merge(w0s[q], [s[q] for s in states], weights, "global", lam=0.6) - w0s[q].double()
     assert stats[q].extra["merged_delta_norm"] == pytest.approx(float(want_delta.norm()), rel=1e-5)
-    assert stats[q].extra["task_vector_norm_1"] == pytest.approx(float((states[1][q].double() - w0s[q].double()).norm()), rel=1e-6)
+    assert stats[q].extra["task_vector_norm_1"] == pytest.approx(
+        float((states[1][q].double() - w0s[q].double()).norm()), rel=1e-6
+    )
 
 
 def test_merging_copies_of_base_returns_base(experts, tmp_path):
@@ -213,7 +221,9 @@ def test_float32_precision_is_close_to_float64(experts, tmp_path):
         rel = torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double())
         assert float(rel) < 1e-4, name
         if want.dim() == 2:
-            delta = torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double() - w0s[name].double())
+            delta = torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(
+                want.double() - w0s[name].double()
+            )
             assert float(delta) < 1e-3, name
     assert differs
 
@@ -243,14 +253,23 @@ def test_recipe_precision_is_passed_through(experts, tmp_path):
     for src, dst in [(base, "base"), (paths[0], "a"), (paths[1], "b")]:
         shutil.copytree(src, root / dst)
     full = {
-        "kind": "full", "base_model": "base", "inputs": [{"path": "a"}, {"path": "b"}],
-        "method": {"precision": "float32", "include": "layers\\.0\\."}, "output": {"path": "m"},
+        "kind": "full",
+        "base_model": "base",
+        "inputs": [{"path": "a"}, {"path": "b"}],
+        "method": {"precision": "float32", "include": "layers\\.0\\."},
+        "output": {"path": "m"},
     }
     (root / "full.yaml").write_text(yaml.safe_dump(full))
     assert plan_recipe(load_recipe(root / "full.yaml")).kwargs["precision"] == "float32"
     report = run_recipe(load_recipe(root / "full.yaml"), quiet=True)
     assert report.params["precision"] == "float32"
-    lora = {"kind": "lora", "base_model": "base", "inputs": [{"path": "a"}], "method": {"precision": "float32"}, "output": {"path": "l"}}
+    lora = {
+        "kind": "lora",
+        "base_model": "base",
+        "inputs": [{"path": "a"}],
+        "method": {"precision": "float32"},
+        "output": {"path": "l"},
+    }
     assert parse_recipe(lora).method.precision == "float32"
     with pytest.raises(ConfigError, match="precision"):
         parse_recipe({**full, "method": {"precision": "float16"}})

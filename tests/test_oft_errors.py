@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from _oft_utils import make_oft_adapter
 from conftest import build_tiny_llama
+from safetensors.torch import load_file, save_file
+
 from peft_orthomerge import (
     ConfigError,
     IncompatibleInputsError,

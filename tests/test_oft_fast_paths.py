@@ -7,9 +7,17 @@ import json
 
 import pytest
 import torch
+from _oft_utils import (
+    make_oft_adapter,
+    oft_modules,
+    ref_canonical,
+    ref_fold,
+    ref_orthomerge,
+    ref_peft_rotation,
+    ref_skew,
+)
 from safetensors.torch import load_file
 
-from _oft_utils import make_oft_adapter, oft_modules, ref_canonical, ref_fold, ref_orthomerge, ref_peft_rotation, ref_skew
 from peft_orthomerge import merge_oft_checkpoints
 from peft_orthomerge.errors import ConfigError, NumericalError
 from peft_orthomerge.oft import fold as fold_mod
@@ -89,17 +97,23 @@ def test_fold_matches_dense_reference(monkeypatch, dtype, kind, shared):
 def test_fold_conv_and_non_contiguous_weights():
     rotation = _rotations(1, 8)
     conv = torch.randn(5, 2, 2, 2, dtype=torch.float32)  # rotated dim: in * kh * kw = 8
-    torch.testing.assert_close(fold_weight(conv, rotation, "linear").double(), ref_fold(conv, rotation), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        fold_weight(conv, rotation, "linear").double(), ref_fold(conv, rotation), rtol=1e-5, atol=1e-6
+    )
     wide = torch.randn(16, 40, dtype=torch.float32)[:, :32]
     blocks = _rotations(4, 8)
-    torch.testing.assert_close(fold_weight(wide, blocks, "linear").double(), ref_fold(wide, blocks), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        fold_weight(wide, blocks, "linear").double(), ref_fold(wide, blocks), rtol=1e-5, atol=1e-6
+    )
 
 
 # -- the orthogonality statistic ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("ortho")
-    return [make_oft_adapter(root / f"n{i}", seed=10 + i, neumann=True, magnitude=0.2, oft_block_size=8) for i in range(2)]
+    return [
+        make_oft_adapter(root / f"n{i}", seed=10 + i, neumann=True, magnitude=0.2, oft_block_size=8) for i in range(2)
+    ]
 
 
 def _reference_errors(out_dir) -> dict[str, torch.Tensor]:
@@ -110,7 +124,10 @@ def _reference_errors(out_dir) -> dict[str, torch.Tensor]:
         q = ref_skew(stored.double())
         rot = ref_peft_rotation(q, config["use_cayley_neumann"], config["num_cayley_neumann_terms"])
         eye = torch.eye(rot.shape[-1], dtype=torch.float64)
-        errors[name] = (torch.linalg.matrix_norm(rot.transpose(-2, -1) @ rot - eye), torch.linalg.matrix_norm(ref_canonical(stored, True)))
+        errors[name] = (
+            torch.linalg.matrix_norm(rot.transpose(-2, -1) @ rot - eye),
+            torch.linalg.matrix_norm(ref_canonical(stored, True)),
+        )
     return errors
 
 

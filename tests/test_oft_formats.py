@@ -7,11 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import AutoModelForCausalLM
-
 from _oft_utils import (
     PREFIX,
     folded_state,
@@ -29,6 +24,11 @@ from _oft_utils import (
     token_ids,
 )
 from conftest import build_tiny_llama
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
 from peft_orthomerge import IncompatibleInputsError, merge_oft_adapters, merge_oft_checkpoints
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy-oft-peft-0.15.2"
@@ -72,7 +72,9 @@ def test_variant_adapter_and_fold_match_reference(tmp_path, variant):
         assert stored["model.embed_tokens"][0] == "embedding"
     expected = folded_state(base.state_dict(), _rotations(ref))
     ids = token_ids()
-    torch.testing.assert_close(_reloaded_logits(tmp_path / "out", ids), logits_with_state(expected, ids), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _reloaded_logits(tmp_path / "out", ids), logits_with_state(expected, ids), rtol=1e-4, atol=1e-5
+    )
     folded = load_file(tmp_path / "folded" / "model.safetensors")
     for key, value in expected.items():
         torch.testing.assert_close(folded[key], value, rtol=1e-5, atol=1e-6)
@@ -107,7 +109,9 @@ class TinyConv(nn.Module):
 
 def test_conv2d_fold_matches_reference_and_peft(tmp_path):
     dirs = [
-        make_oft_adapter(tmp_path / f"c{i}", seed=20 + i, neumann=True, model=TinyConv(), targets=("conv",), oft_block_size=8)
+        make_oft_adapter(
+            tmp_path / f"c{i}", seed=20 + i, neumann=True, model=TinyConv(), targets=("conv",), oft_block_size=8
+        )
         for i in range(2)
     ]
     base = TinyConv()
@@ -142,7 +146,9 @@ def test_coft_adapters_load_to_exactly_the_merged_rotation(tmp_path):
     # single adapter: the merged adapter (coft off) reproduces PEFT's own forward of the coft adapter
     merge_oft_checkpoints([dirs[0]], tmp_path / "single")
     assert read_adapter(tmp_path / "single")[0]["coft"] is False
-    torch.testing.assert_close(_reloaded_logits(tmp_path / "single", ids), _reloaded_logits(dirs[0], ids), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _reloaded_logits(tmp_path / "single", ids), _reloaded_logits(dirs[0], ids), rtol=1e-4, atol=1e-5
+    )
     # two adapters: dense merge of the projected blocks
     merge_oft_checkpoints(dirs, tmp_path / "pair")
     states = [oft_modules(read_adapter(d)[1]) for d in dirs]
@@ -159,7 +165,10 @@ def test_coft_adapters_load_to_exactly_the_merged_rotation(tmp_path):
 def test_bias_and_modules_to_save_are_averaged(tmp_path):
     overrides = dict(attention_bias=True)
     kwargs = dict(bias="oft_only", modules_to_save=["lm_head"], perturb=0.05, targets=("q_proj", "v_proj"))
-    dirs = [make_oft_adapter(tmp_path / f"b{i}", seed=40 + i, model=build_tiny_llama(**overrides), **kwargs) for i in range(2)]
+    dirs = [
+        make_oft_adapter(tmp_path / f"b{i}", seed=40 + i, model=build_tiny_llama(**overrides), **kwargs)
+        for i in range(2)
+    ]
     base = build_tiny_llama(**overrides)
     base.save_pretrained(tmp_path / "base")
     weights = [1.0, 3.0]
@@ -175,7 +184,10 @@ def test_bias_and_modules_to_save_are_averaged(tmp_path):
         expected[key[len(PREFIX) :].replace(".base_layer.", ".")] = mean
     ids = token_ids()
     torch.testing.assert_close(
-        _reloaded_logits(tmp_path / "out", ids, **overrides), logits_with_state(expected, ids, **overrides), rtol=1e-4, atol=1e-5
+        _reloaded_logits(tmp_path / "out", ids, **overrides),
+        logits_with_state(expected, ids, **overrides),
+        rtol=1e-4,
+        atol=1e-5,
     )
     folded = load_file(tmp_path / "folded" / "model.safetensors")
     for key, value in expected.items():

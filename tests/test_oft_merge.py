@@ -7,10 +7,6 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from _oft_utils import (
     folded_state,
     logits_with_state,
@@ -18,14 +14,18 @@ from _oft_utils import (
     merged_reference,
     oft_modules,
     read_adapter,
-    ref_cayley,
     ref_canonical,
+    ref_cayley,
     ref_fold,
     ref_peft_rotation,
     ref_skew,
     token_ids,
 )
 from conftest import build_tiny_llama
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
 from peft_orthomerge import MergeReport, merge_oft_adapters, merge_oft_checkpoints
 from peft_orthomerge.ops.registry import euclidean_methods, get_euclidean
 
@@ -94,7 +94,9 @@ def test_folded_export_equals_reference_and_peft_merge(oft, tmp_path):
     assert (tmp_path / "folded" / "config.json").is_file() and report.output_path == str(tmp_path / "folded")
     folded = load_file(tmp_path / "folded" / "model.safetensors")
     expected = folded_state(base_state, _rotations(merged_reference(inputs, [2, 1, 1])))
-    merged_by_peft = PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "adapter").merge_and_unload().state_dict()
+    merged_by_peft = (
+        PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "adapter").merge_and_unload().state_dict()
+    )
     assert set(folded) == set(base_state)
     for key, value in folded.items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
@@ -153,7 +155,9 @@ def test_zero_sum_gives_identity(oft, tmp_path):
     assert all(torch.equal(v, torch.zeros_like(v)) for _, v in oft_modules(state).values())
     assert all(m.magnitude_factor is None and m.merged_norm == 0.0 for m in report.modules)
     ids = token_ids()
-    torch.testing.assert_close(_reloaded_logits(tmp_path / "out", ids), logits_with_state(base_state, ids), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        _reloaded_logits(tmp_path / "out", ids), logits_with_state(base_state, ids), rtol=0, atol=1e-6
+    )
 
 
 def test_mean_r_and_product_r_fold_against_dense(oft, tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oft_utils import ref_cayley, ref_orthomerge, ref_peft_rotation, ref_skew
 from peft.tuners.oft.layer import OFTRotationModule
 
-from _oft_utils import ref_cayley, ref_orthomerge, ref_peft_rotation, ref_skew
 from peft_orthomerge.errors import ConfigError, InputError, NumericalError
 from peft_orthomerge.ops import skew
 from peft_orthomerge.ops.so_merge import merge_module
@@ -50,7 +50,9 @@ def test_exact_flag_is_cayley_of_minus_q():
     peft_r = mod._cayley_batch(vec.float(), 8, False).double()
     canonical = skew.to_canonical(vec, use_cayley_neumann=False)
     torch.testing.assert_close(skew.cayley(skew.vec_to_skew(canonical)), peft_r, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(skew.peft_rotation(skew.vec_to_skew(canonical), False), ref_peft_rotation(ref_skew(vec), False))
+    torch.testing.assert_close(
+        skew.peft_rotation(skew.vec_to_skew(canonical), False), ref_peft_rotation(ref_skew(vec), False)
+    )
     torch.testing.assert_close(skew.from_canonical(canonical, False), vec, rtol=0, atol=0)
 
 

@@ -53,7 +53,9 @@ def _toy_tensor(name: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def toy_job(out_dir: str | Path, *, fail_rank: int | None = None, fail_in: str = "compute", max_shard_bytes: int = 1500):
+def toy_job(
+    out_dir: str | Path, *, fail_rank: int | None = None, fail_in: str = "compute", max_shard_bytes: int = 1500
+):
     ctx = process_context("cpu")
     items = [(name, estimate_cost(shape)) for name, shape in TOY_SHAPES.items()]
     mine = split_by_cost(items, ctx.world_size)[ctx.rank]
@@ -86,7 +88,7 @@ def _main() -> None:  # python -m torch.distributed.run ... -m test_parallel OUT
     rank = os.environ.get("RANK", "0")
     try:
         result = toy_job(out, fail_rank=fail_rank, fail_in=fail_in)
-    except Exception as exc:  # noqa: BLE001 - reported for the test to read
+    except Exception as exc:
         print(f"rank{rank} {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         leave_process_group(1)
         sys.exit(1)
@@ -102,7 +104,16 @@ def _clean_env() -> dict[str, str]:
 
 
 def _launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "test_parallel", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "test_parallel",
+        *args,
+    ]
     return subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -268,7 +279,9 @@ def test_failing_finalisation_fails_every_rank(tmp_path):
     proc = _launch(2, str(out), "0", "finalize")
     assert proc.returncode != 0
     assert "rank0 RuntimeError: simulated failure while writing the index" in proc.stderr, proc.stderr[-3000:]
-    assert "rank1 OrthoMergeError: rank 0 failed: RuntimeError: simulated failure while writing the index" in proc.stderr
+    assert (
+        "rank1 OrthoMergeError: rank 0 failed: RuntimeError: simulated failure while writing the index" in proc.stderr
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -279,7 +292,9 @@ def test_unusable_output_dir_fails_every_rank(tmp_path):
     proc = _launch(2, str(out))
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert f"rank{rank} OutputError: {out}: output directory exists and is not empty" in proc.stderr, proc.stderr[-3000:]
+        assert f"rank{rank} OutputError: {out}: output directory exists and is not empty" in proc.stderr, proc.stderr[
+            -3000:
+        ]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

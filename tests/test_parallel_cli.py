@@ -46,20 +46,39 @@ def full_inputs(tmp_path_factory):
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"
+    )
     return env
 
 
 def _cli(launcher: str, recipe: Path, *args: str) -> subprocess.CompletedProcess:
     prefix = {
         "single": [sys.executable, "-m", "peft_orthomerge"],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "peft_orthomerge"],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "peft_orthomerge",
+        ],
         "accelerate": [
-            str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes=2",
-            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "peft_orthomerge",
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--multi_gpu",
+            "--num_processes=2",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            "-m",
+            "peft_orthomerge",
         ],
     }[launcher]
-    return subprocess.run([*prefix, "merge", str(recipe), *args], env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*prefix, "merge", str(recipe), *args], env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def _full_recipe(root: Path, inputs: Path, out: str = "merged") -> Path:
@@ -85,7 +104,10 @@ def _assert_same_output(a: Path, b: Path) -> None:
     assert set(ta) == set(tb)
     for name in ta:
         assert torch.equal(ta[name], tb[name]), name
-    ra, rb = json.loads((a / "orthomerge_report.json").read_text()), json.loads((b / "orthomerge_report.json").read_text())
+    ra, rb = (
+        json.loads((a / "orthomerge_report.json").read_text()),
+        json.loads((b / "orthomerge_report.json").read_text()),
+    )
     for r in (ra, rb):
         r.pop("output_path")
     assert ra == rb
@@ -153,7 +175,9 @@ def test_merge_models_shard_size_and_device_options(tmp_path, full_inputs):
     from peft_orthomerge import ConfigError, merge_models
 
     experts = [full_inputs / "ft0", full_inputs / "ft1"]
-    merge_models(full_inputs / "base", experts, tmp_path / "one", device="auto" if not torch.cuda.is_available() else "cpu")
+    merge_models(
+        full_inputs / "base", experts, tmp_path / "one", device="auto" if not torch.cuda.is_available() else "cpu"
+    )
     merge_models(full_inputs / "base", experts, tmp_path / "many", max_shard_size="40KB")
     shards = sorted(p.name for p in (tmp_path / "many").glob("model-*.safetensors"))
     assert len(shards) > 3 and all(p.stat().st_size < 40_000 + 70_000 for p in (tmp_path / "many").glob("model-*"))

@@ -18,6 +18,8 @@ from peft.tuners.oft.layer import OFTRotationModule
 from peft_orthomerge.errors import ConfigError
 from peft_orthomerge.io.output import ShardedSafetensorsWriter, atomic_output_dir, finalize_shards
 from peft_orthomerge.io.tensors import TensorReader
+from peft_orthomerge.ops.decouple import decouple_merge, iter_procrustes, procrustes_rotation
+from peft_orthomerge.ops.procrustes import polar
 from peft_orthomerge.ops.skew import (
     cayley,
     from_canonical,
@@ -27,8 +29,6 @@ from peft_orthomerge.ops.skew import (
     to_canonical,
     vec_to_skew,
 )
-from peft_orthomerge.ops.decouple import decouple_merge, iter_procrustes, procrustes_rotation
-from peft_orthomerge.ops.procrustes import polar
 from peft_orthomerge.ops.so_merge import merge_module
 from peft_orthomerge.ops.weights import normalize_weights
 
@@ -42,7 +42,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 @st.composite
 def tensor_dicts(draw):
     n = draw(st.integers(1, 6))
-    names = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_.]{0,20}", fullmatch=True), min_size=n, max_size=n, unique=True))
+    names = draw(
+        st.lists(st.from_regex(r"[a-z][a-z0-9_.]{0,20}", fullmatch=True), min_size=n, max_size=n, unique=True)
+    )
     out = {}
     for name in names:
         shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
@@ -152,7 +154,9 @@ def task_sets(draw, n_min: int = 1, n_max: int = 4):
     n = draw(st.integers(n_min, n_max))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    vecs = [first] + [torch.randn(first.shape, generator=g, dtype=torch.float64) * draw(st.floats(1e-3, 0.3)) for _ in range(n - 1)]
+    vecs = [first] + [
+        torch.randn(first.shape, generator=g, dtype=torch.float64) * draw(st.floats(1e-3, 0.3)) for _ in range(n - 1)
+    ]
     raw = draw(st.lists(st.floats(0.05, 10.0), min_size=n, max_size=n))
     return b, vecs, raw
 
@@ -214,7 +218,9 @@ def test_merged_norm_is_weighted_mean_of_norms(data, granularity):
     if granularity == "module":
         target = sum(wi * _norm(v, b) for wi, v in zip(w, vecs))
         assert abs(float(torch.linalg.matrix_norm(merged).square().sum().sqrt()) - target) <= 1e-10 * max(1.0, target)
-        assert torch.allclose(merged, s * (target / float(torch.linalg.matrix_norm(s).square().sum().sqrt())), atol=1e-12)
+        assert torch.allclose(
+            merged, s * (target / float(torch.linalg.matrix_norm(s).square().sum().sqrt())), atol=1e-12
+        )
         assert abs(out.merged_norm - target) <= 1e-10 * max(1.0, target)
     else:
         for k in range(s.shape[0]):
@@ -223,7 +229,12 @@ def test_merged_norm_is_weighted_mean_of_norms(data, granularity):
 
 
 @SETTINGS
-@given(data=skew_vectors(), n=st.integers(1, 5), method=st.sampled_from(["orthomerge", "mean_q", "karcher"]), granularity=st.sampled_from(["module", "block"]))
+@given(
+    data=skew_vectors(),
+    n=st.integers(1, 5),
+    method=st.sampled_from(["orthomerge", "mean_q", "karcher"]),
+    granularity=st.sampled_from(["module", "block"]),
+)
 def test_n_copies_of_one_adapter_return_it(data, n, method, granularity):
     b, vec = data
     out = merge_module([vec.clone() for _ in range(n)], [1.0 / n] * n, method=method, granularity=granularity)
@@ -231,7 +242,11 @@ def test_n_copies_of_one_adapter_return_it(data, n, method, granularity):
 
 
 @SETTINGS
-@given(data=skew_vectors(), raw=st.lists(st.floats(0.01, 100.0), min_size=2, max_size=4), method=st.sampled_from(["orthomerge", "mean_q"]))
+@given(
+    data=skew_vectors(),
+    raw=st.lists(st.floats(0.01, 100.0), min_size=2, max_size=4),
+    method=st.sampled_from(["orthomerge", "mean_q"]),
+)
 def test_one_adapter_merged_with_itself_at_any_weights_is_unchanged(data, raw, method):
     b, vec = data
     w = normalize_weights(raw, len(raw))
@@ -240,7 +255,11 @@ def test_one_adapter_merged_with_itself_at_any_weights_is_unchanged(data, raw, m
 
 
 @SETTINGS
-@given(data=task_sets(n_min=2), perm_seed=st.integers(0, 1000), method=st.sampled_from(["orthomerge", "mean_q", "mean_r", "karcher"]))
+@given(
+    data=task_sets(n_min=2),
+    perm_seed=st.integers(0, 1000),
+    method=st.sampled_from(["orthomerge", "mean_q", "mean_r", "karcher"]),
+)
 def test_order_does_not_matter(data, perm_seed, method):
     b, vecs, raw = data
     w = normalize_weights(raw, len(vecs))
@@ -255,7 +274,11 @@ def test_order_does_not_matter(data, perm_seed, method):
 
 
 @SETTINGS
-@given(data=task_sets(), scale=st.floats(0.1, 3.0), method=st.sampled_from(["orthomerge", "mean_q", "product_r", "karcher"]))
+@given(
+    data=task_sets(),
+    scale=st.floats(0.1, 3.0),
+    method=st.sampled_from(["orthomerge", "mean_q", "product_r", "karcher"]),
+)
 def test_merged_rotation_is_orthogonal_with_the_exact_flag(data, scale, method):
     b, vecs, raw = data
     w = normalize_weights(raw, len(vecs))
@@ -335,7 +358,7 @@ def test_base_against_itself_gives_the_identity(shape, solver):
     out, n, seed = shape
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out, n, generator=g, dtype=torch.float64)
-    (rot, _), = list(iter_procrustes(w0, [w0.clone()], solver=solver))
+    ((rot, _),) = list(iter_procrustes(w0, [w0.clone()], solver=solver))
     assert torch.allclose(rot.dense(), torch.eye(n, dtype=torch.float64), atol=1e-8)
 
 
@@ -350,7 +373,9 @@ def test_decoupling_is_the_identity_on_the_base(shape, n_experts, target, residu
     out, n, seed = shape
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out, n, generator=g, dtype=torch.float64)
-    merged, _ = decouple_merge(w0, [w0.clone() for _ in range(n_experts)], [1.0 / n_experts] * n_experts, target=target, residual=residual)
+    merged, _ = decouple_merge(
+        w0, [w0.clone() for _ in range(n_experts)], [1.0 / n_experts] * n_experts, target=target, residual=residual
+    )
     assert torch.allclose(merged, w0, atol=1e-10)
 
 
@@ -381,7 +406,12 @@ def test_decoupled_merge_does_not_depend_on_input_order(shape, perm_seed, target
 
 
 @SETTINGS
-@given(n=st.integers(2, 12), seed=st.integers(0, 2**31 - 1), log_cond=st.floats(0.0, 8.0), solver=st.sampled_from(["svd", "newton_schulz", "auto"]))
+@given(
+    n=st.integers(2, 12),
+    seed=st.integers(0, 2**31 - 1),
+    log_cond=st.floats(0.0, 8.0),
+    solver=st.sampled_from(["svd", "newton_schulz", "auto"]),
+)
 def test_polar_factor_is_certified(n, seed, log_cond, solver):
     """Any solver returns the true polar factor (the SVD's) to a stated accuracy, even ill-conditioned."""
     g = torch.Generator().manual_seed(seed)

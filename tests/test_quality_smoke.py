@@ -22,9 +22,23 @@ def test_smoke_run_produces_table_plot_and_finite_numbers(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality" / "run.py"), "--smoke", "--threads", "1",
-         "--cache", str(tmp_path / "cache"), "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "quality" / "run.py"),
+            "--smoke",
+            "--threads",
+            "1",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -48,9 +62,23 @@ def test_smoke_run_produces_table_plot_and_finite_numbers(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # Re-running with the same cache trains nothing again (only the merges are redone).
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality" / "run.py"), "--smoke", "--threads", "1",
-         "--cache", str(tmp_path / "cache"), "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "quality" / "run.py"),
+            "--smoke",
+            "--threads",
+            "1",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0 and "pretrained base" not in proc.stdout and "trained oft" not in proc.stdout
 

@@ -55,7 +55,9 @@ def test_oft_fold_matches_peft_merge_and_unload(minilm, use_cayley_neumann):
     from peft_orthomerge.ops.skew import peft_rotation, to_canonical, vec_to_skew
 
     config = OFTConfig(
-        r=0, oft_block_size=32, target_modules=["query", "value", "intermediate.dense", "output.dense"],
+        r=0,
+        oft_block_size=32,
+        target_modules=["query", "value", "intermediate.dense", "output.dense"],
         use_cayley_neumann=use_cayley_neumann,
     )
     peft_model = get_peft_model(copy.deepcopy(minilm), config)
@@ -137,7 +139,9 @@ def test_hyperspherical_energy_definition():
     assert hyperspherical_energy(w) == pytest.approx(expected, rel=1e-12)
     rot, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
     assert hyperspherical_energy(w @ rot.T) == pytest.approx(expected, rel=1e-12)
-    assert hyperspherical_energy(w * torch.rand(7, 1, generator=g, dtype=torch.float64).add(0.5)) == pytest.approx(expected, rel=1e-12)
+    assert hyperspherical_energy(w * torch.rand(7, 1, generator=g, dtype=torch.float64).add(0.5)) == pytest.approx(
+        expected, rel=1e-12
+    )
     assert spectral_norm(w) == pytest.approx(float(torch.linalg.svdvals(w)[0]), rel=1e-12)
 
 
@@ -163,7 +167,9 @@ def test_decoupling_synthetic_experts_splits_update(minilm):
         f"\nquery {tuple(w0.shape)}: ||W0|| = {float(w0.norm()):.3f}, ||P_true - I|| = {float((p_true - eye).norm()):.3f}, "
         f"||W0 P_true - W0|| = {float((w0 @ p_true - w0).norm()):.3f}"
     )
-    print(f"  {'noise':>7} {'||tau||':>9} {'||W0 P - W0||':>14} {'||rho||':>9} {'||noise||':>10} {'||P - P_true||':>15}")
+    print(
+        f"  {'noise':>7} {'||tau||':>9} {'||W0 P - W0||':>14} {'||rho||':>9} {'||noise||':>10} {'||P - P_true||':>15}"
+    )
     for level in (0.0, 0.01, 0.1, 0.5):
         noise = unit_noise * level
         expert = w0 @ p_true + noise

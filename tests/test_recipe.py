@@ -52,10 +52,19 @@ def test_defaults_per_kind():
     [
         (_oft(extra=1), "valid keys here: base_model, inputs, kind, method, output"),
         (_oft(inputs=[{"path": "a", "wieght": 2}]), "valid keys here: path, weight"),
-        (_oft(method={"granularty": "block"}), "'method.granularty'; valid keys here: name, granularity, cayley, scale"),
+        (
+            _oft(method={"granularty": "block"}),
+            "'method.granularty'; valid keys here: name, granularity, cayley, scale",
+        ),
         (_oft(output={"path": "m", "fmt": "adapter"}), "valid keys here: path, format"),
         (
-            {"kind": "lora", "base_model": "o/b", "inputs": [{"path": "x"}], "method": {"granularity": "module"}, "output": {"path": "o"}},
+            {
+                "kind": "lora",
+                "base_model": "o/b",
+                "inputs": [{"path": "x"}],
+                "method": {"granularity": "module"},
+                "output": {"path": "o"},
+            },
             "valid keys here: name, target, residual, residual_kwargs, solver, rank",
         ),
     ],
@@ -84,13 +93,74 @@ def test_unknown_keys_list_valid_ones(data, expected):
         ({"kind": "oft", "inputs": [{"path": "a"}]}, "missing required key 'output'"),
         ({"kind": "lora", "inputs": [{"path": "a"}], "output": {"path": "o"}}, "needs base_model"),
         ({"kind": "full", "inputs": [{"path": "a"}], "output": {"path": "o"}}, "needs base_model"),
-        ({"kind": "lora", "base_model": "o/b", "inputs": [{"path": "a"}], "output": {"path": "o", "format": "lora"}}, "method.rank"),
-        ({"kind": "lora", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"rank": 4}, "output": {"path": "o"}}, "rank only applies"),
-        ({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "output": {"path": "o", "format": "lora"}}, "output.format"),
-        ({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"include": "(("}, "output": {"path": "o"}}, "regular expression"),
-        ({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"name": "euclidean", "target": "global"}, "output": {"path": "o"}}, "euclidean"),
-        ({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"target": None}, "output": {"path": "o"}}, "euclidean"),
-        ({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"residual": "magic"}, "output": {"path": "o"}}, "method.residual"),
+        (
+            {
+                "kind": "lora",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "output": {"path": "o", "format": "lora"},
+            },
+            "method.rank",
+        ),
+        (
+            {
+                "kind": "lora",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "method": {"rank": 4},
+                "output": {"path": "o"},
+            },
+            "rank only applies",
+        ),
+        (
+            {
+                "kind": "full",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "output": {"path": "o", "format": "lora"},
+            },
+            "output.format",
+        ),
+        (
+            {
+                "kind": "full",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "method": {"include": "(("},
+                "output": {"path": "o"},
+            },
+            "regular expression",
+        ),
+        (
+            {
+                "kind": "full",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "method": {"name": "euclidean", "target": "global"},
+                "output": {"path": "o"},
+            },
+            "euclidean",
+        ),
+        (
+            {
+                "kind": "full",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "method": {"target": None},
+                "output": {"path": "o"},
+            },
+            "euclidean",
+        ),
+        (
+            {
+                "kind": "full",
+                "base_model": "o/b",
+                "inputs": [{"path": "a"}],
+                "method": {"residual": "magic"},
+                "output": {"path": "o"},
+            },
+            "method.residual",
+        ),
         ([1, 2], "YAML mapping"),
     ],
 )
@@ -102,7 +172,15 @@ def test_invalid_recipes(data, expected):
 
 
 def test_euclidean_baseline_has_no_target():
-    r = parse_recipe({"kind": "full", "base_model": "o/b", "inputs": [{"path": "a"}], "method": {"name": "euclidean", "residual": "ties"}, "output": {"path": "o"}})
+    r = parse_recipe(
+        {
+            "kind": "full",
+            "base_model": "o/b",
+            "inputs": [{"path": "a"}],
+            "method": {"name": "euclidean", "residual": "ties"},
+            "output": {"path": "o"},
+        }
+    )
     assert r.method.target is None and r.method.residual == "ties"
 
 
@@ -127,14 +205,22 @@ def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
     assert plan.output_dir == tmp_path / "recipes" / "merged"
     assert plan.function == "merge_oft_checkpoints"
     assert plan.kwargs == dict(
-        weights=[1.0, 2.0], method="orthomerge", granularity="module", cayley="auto", scale=1.0, overwrite=False, device="cpu"
+        weights=[1.0, 2.0],
+        method="orthomerge",
+        granularity="module",
+        cayley="auto",
+        scale=1.0,
+        overwrite=False,
+        device="cpu",
     )
 
 
 def test_inputs_may_live_elsewhere(tmp_path):
     _inputs(tmp_path, "adapters/a")
     (tmp_path / "recipes").mkdir()
-    path = _write(tmp_path / "recipes", _oft(inputs=[{"path": "../adapters/a"}, {"path": str(tmp_path / "adapters" / "a")}]))
+    path = _write(
+        tmp_path / "recipes", _oft(inputs=[{"path": "../adapters/a"}, {"path": str(tmp_path / "adapters" / "a")}])
+    )
     plan = plan_recipe(load_recipe(path))
     assert plan.inputs == [str(tmp_path / "adapters" / "a")] * 2
 
@@ -191,7 +277,9 @@ def test_all_zero_weights(tmp_path):
 
 def test_plans_for_each_kind(tmp_path):
     _inputs(tmp_path, "a", "b", "base")
-    folded = load_recipe(_write(tmp_path, _oft(base_model="base", method={"name": "mean_r"}, output={"path": "m", "format": "folded"})))
+    folded = load_recipe(
+        _write(tmp_path, _oft(base_model="base", method={"name": "mean_r"}, output={"path": "m", "format": "folded"}))
+    )
     plan = plan_recipe(folded)
     assert plan.kwargs["fold_into"] == str(tmp_path / "base") and plan.kwargs["method"] == "mean_r"
     full = load_recipe(
@@ -201,7 +289,12 @@ def test_plans_for_each_kind(tmp_path):
                 "kind": "full",
                 "base_model": "base",
                 "inputs": [{"path": "a"}, {"path": "b"}],
-                "method": {"target": "conflict", "residual": "ties", "residual_kwargs": {"density": 0.3}, "exclude": "lm_head"},
+                "method": {
+                    "target": "conflict",
+                    "residual": "ties",
+                    "residual_kwargs": {"density": 0.3},
+                    "exclude": "lm_head",
+                },
                 "output": {"path": "m"},
             },
         )
@@ -210,18 +303,33 @@ def test_plans_for_each_kind(tmp_path):
     assert plan.function == "merge_models"
     assert plan.args == [str(tmp_path / "base"), [str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "m"]
     assert plan.kwargs == dict(
-        weights=[1.0, 1.0], target="conflict", residual="ties", residual_kwargs={"density": 0.3}, solver="auto",
-        include=None, exclude="lm_head", device="cpu", overwrite=False,
+        weights=[1.0, 1.0],
+        target="conflict",
+        residual="ties",
+        residual_kwargs={"density": 0.3},
+        solver="auto",
+        include=None,
+        exclude="lm_head",
+        device="cpu",
+        overwrite=False,
     )
     lora = load_recipe(
         _write(
             tmp_path,
-            {"kind": "lora", "base_model": "base", "inputs": [{"path": "a"}], "method": {"name": "euclidean", "rank": 8}, "output": {"path": "m", "format": "lora"}},
+            {
+                "kind": "lora",
+                "base_model": "base",
+                "inputs": [{"path": "a"}],
+                "method": {"name": "euclidean", "rank": 8},
+                "output": {"path": "m", "format": "lora"},
+            },
         )
     )
     plan = plan_recipe(lora)
     assert plan.function == "merge_lora_adapters"
-    assert plan.kwargs == dict(weights=[1.0], target=None, residual="ta", residual_kwargs=None, solver="auto", export="lora", rank=8)
+    assert plan.kwargs == dict(
+        weights=[1.0], target=None, residual="ta", residual_kwargs=None, solver="auto", export="lora", rank=8
+    )
     assert "merge_lora_adapters('model'" in plan.describe()
 
 

@@ -74,7 +74,7 @@ def checkpoint(request, tmp_path) -> tuple[TensorReader, dict[str, Path]]:
     if request.param == "single":
         path = tmp_path / "model.safetensors"
         save_file(tensors, str(path))
-        where = {k: path for k in tensors}
+        where = dict.fromkeys(tensors, path)
     else:
         names = sorted(tensors)
         where = {k: tmp_path / f"model-0000{1 + i % 2}-of-00002.safetensors" for i, k in enumerate(names)}

@@ -84,7 +84,10 @@ def task_batch(task: str, n: int, generator: torch.Generator, seed: int) -> Batc
     """``n`` examples of ``task``; only the answer symbols and EOS are scored."""
     x = torch.randint(0, N_SYMBOLS, (n, SEQ_LEN), generator=generator)
     y = task_answer(task, x, seed)
-    col = lambda v: torch.full((n, 1), v, dtype=torch.long)
+
+    def col(v):
+        return torch.full((n, 1), v, dtype=torch.long)
+
     ids = torch.cat([col(BOS), col(TASK_TOKEN[task]), x + SYMBOL0, col(SEP), y + SYMBOL0, col(EOS)], dim=1)
     labels = torch.full_like(ids, -100)
     labels[:, ANSWER_START:] = ids[:, ANSWER_START:]

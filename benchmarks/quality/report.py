@@ -72,7 +72,9 @@ def claims(results: dict) -> list[str]:
         om = oft["orthomerge"]["average"]
         parts = ", ".join(f"`{m}` {oft[m]['average']:.3f}" for m in ablations)
         margin = min(om - oft[m]["average"] for m in ablations)
-        lines.append(f"- Table 4 (magnitude-corrected so(b) mean beats the ablations): {verdict(margin)}: OrthoMerge {om:.3f}; {parts}.")
+        lines.append(
+            f"- Table 4 (magnitude-corrected so(b) mean beats the ablations): {verdict(margin)}: OrthoMerge {om:.3f}; {parts}."
+        )
     if "karcher" in oft and "orthomerge" in oft:
         lines.append(
             f"- Karcher mean on SO(b) (not in the paper's tables): average {oft['karcher']['average']:.3f} "
@@ -97,7 +99,9 @@ def claims(results: dict) -> list[str]:
             by = {(p["method"], p["k"]): p["gain"] for p in pts}
             methods = sorted({p["method"] for p in pts}, key=lambda m: [p["method"] for p in pts].index(m))
             drops = ", ".join(
-                f"`{m}` {by[(m, first)]:+.3f}->{by[(m, last)]:+.3f}" for m in methods if (m, first) in by and (m, last) in by
+                f"`{m}` {by[(m, first)]:+.3f}->{by[(m, last)]:+.3f}"
+                for m in methods
+                if (m, first) in by and (m, last) in by
             )
             lines.append(f"- Figure 5 ({name}, gain over base from {first} to {last} merged tasks): {drops}.")
     return lines
@@ -131,12 +135,14 @@ def markdown(results: dict, smoke: bool = False) -> str:
         f"alpha={cfg['lora_alpha']}) per task, {cfg['adapter_steps']} steps each, on q/k/v/o/gate/up/down. "
         "Tasks (see `benchmarks/quality/data.py`): " + ", ".join(f"`{t}`" for t in tasks) + ".",
         "",
-        ("Columns: per-task accuracy of the answer symbols under teacher forcing, `average` over tasks, `exact avg` "
-        "the average exact match (all answer symbols right), `lm_loss` / `lm_acc` = cross-entropy / next-token accuracy on held-out language text (retention, "
-        "the analogue of the paper's out-of-domain columns; lower loss is better), `merge s` = merge time. "
-        "Rows `single adapter` are each adapter alone (the per-task ceiling); merges are uniform-weight. "
-        "OFT Euclidean rows merge the folded weights `W0 @ blockdiag(R_i)^T`; LoRA rows `X` are `target=None`, "
-        "`X+G` / `X+C` decouple with the global / conflict-aware target and merge the residuals with `X`."),
+        (
+            "Columns: per-task accuracy of the answer symbols under teacher forcing, `average` over tasks, `exact avg` "
+            "the average exact match (all answer symbols right), `lm_loss` / `lm_acc` = cross-entropy / next-token accuracy on held-out language text (retention, "
+            "the analogue of the paper's out-of-domain columns; lower loss is better), `merge s` = merge time. "
+            "Rows `single adapter` are each adapter alone (the per-task ceiling); merges are uniform-weight. "
+            "OFT Euclidean rows merge the folded weights `W0 @ blockdiag(R_i)^T`; LoRA rows `X` are `target=None`, "
+            "`X+G` / `X+C` decouple with the global / conflict-aware target and merge the residuals with `X`."
+        ),
         "",
         f"Base pretraining loss {pre.get('loss', math.nan):.3f}. " + _c_sentence(results),
         "",
@@ -158,7 +164,12 @@ def markdown(results: dict, smoke: bool = False) -> str:
         ks = sorted({p["k"] for p in pts})
         methods = list(dict.fromkeys(p["method"] for p in pts))
         by = {(p["method"], p["k"]): p["gain"] for p in pts}
-        out += [f"{kind.upper()}:", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        out += [
+            f"{kind.upper()}:",
+            "",
+            "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
         for m in methods:
             out.append(f"| {m} | " + " | ".join(f"{by[(m, k)]:+.3f}" if (m, k) in by else "" for k in ks) + " |")
         out.append("")
@@ -169,14 +180,16 @@ def markdown(results: dict, smoke: bool = False) -> str:
         "",
         *claims(results),
         "",
-        ("Caveats: one seed, one tiny model (a few hundred thousand parameters), synthetic tasks, uniform "
-        "weights and default hyper-parameters for every method (no tuning of lambda or density, as "
-        "the paper's baselines were tuned). Each adapter is trained on its task with "
-        f"{cfg.get('adapter_replay', 0):.0%} of every batch replayed from the pretraining mixture; a 2-layer "
-        "model still forgets much of the other tasks (compare the `single adapter` rows with `base`), "
-        "so interference between the adapters is much stronger than between LLM experts. Treat the "
-        "tables as evidence that every method runs end to end and as a qualitative picture, not as "
-        "a benchmark."),
+        (
+            "Caveats: one seed, one tiny model (a few hundred thousand parameters), synthetic tasks, uniform "
+            "weights and default hyper-parameters for every method (no tuning of lambda or density, as "
+            "the paper's baselines were tuned). Each adapter is trained on its task with "
+            f"{cfg.get('adapter_replay', 0):.0%} of every batch replayed from the pretraining mixture; a 2-layer "
+            "model still forgets much of the other tasks (compare the `single adapter` rows with `base`), "
+            "so interference between the adapters is much stronger than between LLM experts. Treat the "
+            "tables as evidence that every method runs end to end and as a qualitative picture, not as "
+            "a benchmark."
+        ),
         "",
         "![results](quality.png)",
         "",
@@ -196,7 +209,14 @@ def write_plot(results: dict, path: Path) -> None:
         rows = [r for r in results[kind] if not r.get("error") and not r["method"].startswith("single:")]
         singles = [r for r in results[kind] if not r.get("error") and r["method"].startswith("single:")]
         names = [r["method"] for r in rows]
-        colors = ["tab:gray" if n == "base" else "tab:blue" if ("+" in n or n.startswith(("orthomerge", "karcher", "mean_q", "product_r"))) else "tab:orange" for n in names]
+        colors = [
+            "tab:gray"
+            if n == "base"
+            else "tab:blue"
+            if ("+" in n or n.startswith(("orthomerge", "karcher", "mean_q", "product_r")))
+            else "tab:orange"
+            for n in names
+        ]
         ax.bar(range(len(rows)), [r["average"] for r in rows], color=colors)
         top = max(r["average"] for r in rows)
         if singles:

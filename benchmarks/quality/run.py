@@ -50,8 +50,16 @@ def full_config() -> train.TrainConfig:
 
 def smoke_config() -> train.TrainConfig:
     return replace(
-        train.TrainConfig(), pretrain_steps=60, adapter_steps=15, tasks=train.data.TASKS[:3], batch=32, hidden=32,
-        intermediate=64, heads=2, kv_heads=1, oft_block_size=8,
+        train.TrainConfig(),
+        pretrain_steps=60,
+        adapter_steps=15,
+        tasks=train.data.TASKS[:3],
+        batch=32,
+        hidden=32,
+        intermediate=64,
+        heads=2,
+        kv_heads=1,
+        oft_block_size=8,
     )
 
 
@@ -85,7 +93,13 @@ def run(smoke: bool = False, out: Path | None = None, cache: Path | None = None,
     def compare(kind: str, k: int, methods, individual: bool) -> list[dict]:
         adapters = [str(getattr(arts, kind)[t]) for t in tasks[:k]]
         return compare_methods(
-            base, adapters, evaluator, kind=kind, methods=methods, include_base=True, include_individual=individual,
+            base,
+            adapters,
+            evaluator,
+            kind=kind,
+            methods=methods,
+            include_base=True,
+            include_individual=individual,
             **common,
         )
 
@@ -98,7 +112,10 @@ def run(smoke: bool = False, out: Path | None = None, cache: Path | None = None,
         print(f"LoRA merges done ({len(lora_methods)} methods)")
     scaling: dict[str, list[dict]] = {"oft": [], "lora": []}
     ks = [2, len(tasks)] if smoke else list(range(2, len(tasks) + 1))
-    for kind, methods in (("oft", SMOKE_OFT[:1] if smoke else SCALING_OFT), ("lora", SMOKE_LORA[:2] if smoke else SCALING_LORA)):
+    for kind, methods in (
+        ("oft", SMOKE_OFT[:1] if smoke else SCALING_OFT),
+        ("lora", SMOKE_LORA[:2] if smoke else SCALING_LORA),
+    ):
         methods = [m for m in methods if m in (oft_methods if kind == "oft" else lora_methods)]
         for k in ks:
             rows = results[kind] if k == len(tasks) else compare(kind, k, methods, individual=False)

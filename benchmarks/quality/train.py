@@ -135,7 +135,9 @@ def _adapter_config(kind: str, cfg: TrainConfig):
 
     if kind == "oft":
         return OFTConfig(r=0, oft_block_size=cfg.oft_block_size, target_modules=TARGETS, task_type="CAUSAL_LM")
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
 
 
 def prepare(cfg: TrainConfig, cache_root: Path = CACHE_ROOT, verbose: bool = True) -> Artifacts:

@@ -68,7 +68,9 @@ def _refs(items: Ref | Sequence[Ref]) -> list[Ref]:
     return list(items)
 
 
-def _check_options(target: Any, residual: str, residual_kwargs: Mapping[str, Any] | None, solver: str) -> dict[str, Any]:
+def _check_options(
+    target: Any, residual: str, residual_kwargs: Mapping[str, Any] | None, solver: str
+) -> dict[str, Any]:
     """Validate the method options before any work; return the residual kwargs (``seed`` kept)."""
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; valid: 'global', 'conflict', None")
@@ -146,7 +148,16 @@ def _merge_tensor(
     rkw = {k: v for k, v in kwargs.items() if k != "seed"}
     if decoupled:
         return decouple_merge(
-            w0.to(device=device), experts, weights, target, residual, rkw, solver, generator=gen, name=name, dtype=dtype
+            w0.to(device=device),
+            experts,
+            weights,
+            target,
+            residual,
+            rkw,
+            solver,
+            generator=gen,
+            name=name,
+            dtype=dtype,
         )
     base = w0.to(device=device, dtype=dtype)
     stats = DecoupleStats(solver="none")
@@ -244,10 +255,15 @@ def merge_lora_adapters(
         method=_method_name(target, residual),
         inputs=[str(r) for r in refs],
         weights=weights_n,
-        params=dict(
-            target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver, export=export, rank=rank,
-            precision=precision,
-        ),
+        params={
+            "target": target,
+            "residual": residual,
+            "residual_kwargs": dict(kwargs),
+            "solver": solver,
+            "export": export,
+            "rank": rank,
+            "precision": precision,
+        },
     )
     merged: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -260,12 +276,21 @@ def merge_lora_adapters(
             if fan_in_fan_out:
                 w0, experts = w0.T, [e.T for e in experts]
             out, stats = _merge_tensor(
-                f"{key}.weight", w0, experts, weights_n, decoupled=target is not None, target=target,
-                residual=residual, kwargs=kwargs, solver=solver, device=w0.device, dtype=dtype,
+                f"{key}.weight",
+                w0,
+                experts,
+                weights_n,
+                decoupled=target is not None,
+                target=target,
+                residual=residual,
+                kwargs=kwargs,
+                solver=solver,
+                device=w0.device,
+                dtype=dtype,
             )
             delta = torch.sub(out, w0)
             report.modules.append(_stats(f"{key}.weight", stats, float(torch.linalg.matrix_norm(delta))))
-            merged[key] = (out.T if fan_in_fan_out else out)
+            merged[key] = out.T if fan_in_fan_out else out
             bias_taus = [s.bias_delta(key) if key in s.modules else None for s in sources]
             if any(b is not None for b in bias_taus):
                 _merge_bias(key, module, bias_taus, weights_n, residual, kwargs, report, export)
@@ -335,12 +360,20 @@ def _merge_bias(key, module, bias_taus, weights, residual, kwargs, report, expor
     if bias is None:
         raise IncompatibleInputsError("adapter trains a LoRA bias but the base module has none", tensor=f"{key}.bias")
     if export == "lora":
-        raise ConfigError("LoRA biases (lora_bias=True) cannot be exported as a LoRA adapter; use export='model'", tensor=f"{key}.bias")
-    taus = [t.to(bias.device) if t is not None else torch.zeros(bias.shape, dtype=torch.float64, device=bias.device) for t in bias_taus]
+        raise ConfigError(
+            "LoRA biases (lora_bias=True) cannot be exported as a LoRA adapter; use export='model'",
+            tensor=f"{key}.bias",
+        )
+    taus = [
+        t.to(bias.device) if t is not None else torch.zeros(bias.shape, dtype=torch.float64, device=bias.device)
+        for t in bias_taus
+    ]
     name = f"{key}.bias"
     fn = get_euclidean(residual)
     rkw = {k: v for k, v in kwargs.items() if k != "seed"}
-    delta = fn(taus, list(weights), base=bias.detach().double(), generator=_generator(kwargs, name, bias.device), **rkw)
+    delta = fn(
+        taus, list(weights), base=bias.detach().double(), generator=_generator(kwargs, name, bias.device), **rkw
+    )
     bias.data.copy_(_finite_output((bias.detach().double() + delta).to(bias.dtype), name))
     report.passthrough.append(name)
 
@@ -408,7 +441,9 @@ def _open_checkpoint(ref: Ref, allow_pickle: bool) -> tuple[Path, TensorReader]:
     patterns = CHECKPOINT_PATTERNS + (["*.bin"] if allow_pickle else [])
     directory = resolve_source(ref, allow_patterns=patterns)
     legacy = directory / "pytorch_model.bin"
-    has_safetensors = any(directory.glob("model*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    has_safetensors = (
+        any(directory.glob("model*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    )
     if legacy.is_file() and not has_safetensors:
         return directory, TensorReader.from_file(legacy, allow_pickle=allow_pickle)
     return directory, TensorReader.from_dir(directory, "model", allow_pickle=allow_pickle)
@@ -488,7 +523,9 @@ def _merge_rows(
     rkw = {k: v for k, v in kwargs.items() if k != "seed"}
     src0, srcs = _FileRows(base, name), [_FileRows(r, name) for r in experts]
     if not decoupled:
-        out, _ = task_arithmetic_rows(src0, srcs, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device)
+        out, _ = task_arithmetic_rows(
+            src0, srcs, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device
+        )
         return to_output(out, storage), "passthrough"
     out, stats = decouple_merge_ta_rows(
         src0, srcs, weights, target, rkw, solver, name=name, dtype=dtype, out_dtype=storage, device=device
@@ -576,10 +613,17 @@ def merge_models(
         inputs=[str(r) for r in refs],
         weights=weights_n,
         output_path=str(Path(output_dir).expanduser().resolve()),
-        params=dict(
-            base=str(base), target=target, residual=residual, residual_kwargs=dict(kwargs), solver=solver,
-            include=include, exclude=exclude, device=str(dev), precision=precision,
-        ),
+        params={
+            "base": str(base),
+            "target": target,
+            "residual": residual,
+            "residual_kwargs": dict(kwargs),
+            "solver": solver,
+            "include": include,
+            "exclude": exclude,
+            "device": str(dev),
+            "precision": precision,
+        },
     )
     if max_shard_size is None:
         shard_bytes = min(DEFAULT_MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, base_reader.nbytes() // 16))
@@ -615,7 +659,9 @@ def merge_models(
                 decoupled = is_decoupled(name)
                 transposed = name in conv1d and len(shape) == 2
                 if residual == "ta" and shape and (not decoupled or (not transposed and 2 * shape[0] >= shape[1])):
-                    out, entry = _merge_rows(name, base_reader, readers, weights_n, decoupled, target, kwargs, solver, dev, dtype)
+                    out, entry = _merge_rows(
+                        name, base_reader, readers, weights_n, decoupled, target, kwargs, solver, dev, dtype
+                    )
                     writer.add(name, _finite_output(out, name, base_reader.file_of(name)))
                     done[name] = entry
                     del out
@@ -631,12 +677,23 @@ def merge_models(
                 if transposed:  # the math sees the torch layout (out, in)
                     w0 = w0.T
                 out, stats = _merge_tensor(
-                    name, w0, experts, weights_n, decoupled=decoupled, target=target,
-                    residual=residual, kwargs=kwargs, solver=solver, device=dev, dtype=dtype,
+                    name,
+                    w0,
+                    experts,
+                    weights_n,
+                    decoupled=decoupled,
+                    target=target,
+                    residual=residual,
+                    kwargs=kwargs,
+                    solver=solver,
+                    device=dev,
+                    dtype=dtype,
                 )
                 del experts
                 if decoupled:  # below decouple_merge's own peak: out and two temporaries
-                    done[name] = _stats(name, stats, float(torch.linalg.vector_norm(torch.sub(out, w0.to(device=dev)))))
+                    done[name] = _stats(
+                        name, stats, float(torch.linalg.vector_norm(torch.sub(out, w0.to(device=dev))))
+                    )
                 else:
                     done[name] = "passthrough"
                 if transposed:
@@ -662,6 +719,11 @@ def merge_models(
         return report
 
     return distributed_write(
-        ctx, output_dir, compute=compute, finalize=finalize,
-        inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite, max_shard_bytes=shard_bytes,
+        ctx,
+        output_dir,
+        compute=compute,
+        finalize=finalize,
+        inputs=[base_dir, *[d for d, _ in opened]],
+        overwrite=overwrite,
+        max_shard_bytes=shard_bytes,
     )

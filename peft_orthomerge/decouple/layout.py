@@ -40,7 +40,7 @@ def conv1d_weight_names(model_dir: str | os.PathLike, names: Iterable[str]) -> s
         return set()
     try:
         conv1d = _conv1d_module_weights(config_path)
-    except Exception as exc:  # noqa: BLE001  (any failure to build only means "layout unknown")
+    except Exception as exc:
         warnings.warn(
             f"{config_path}: could not check the weight layout ({type(exc).__name__}: {exc}); "
             "every 2-D tensor is treated as torch layout (out, in)",
@@ -74,5 +74,5 @@ def _conv1d_module_weights(config_path: Path) -> set[str]:
         name = f"{module_name}.weight"
         found.add(name)
         if prefix:
-            found.add(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+            found.add(name[len(prefix) :] if name.startswith(prefix) else prefix + name)
     return found

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..io.jsonfile import read_json_object
 from ..errors import IncompatibleInputsError, InputError
+from ..io.jsonfile import read_json_object
 from ..io.tensors import TensorReader, ensure_finite
 from ..ops.lora_fold import dora_weight, lora_delta, lora_scaling, module_rank_alpha
 
@@ -123,7 +123,9 @@ class LoraAdapter:
                 tensor=mod.parts["A"],
                 hint="Was this adapter trained on another base model?",
             )
-        delta = lora_delta(a, b, self.scaling(module_key), fan_in_fan_out=fan_in_fan_out, embedding=embedding, dtype=dtype)
+        delta = lora_delta(
+            a, b, self.scaling(module_key), fan_in_fan_out=fan_in_fan_out, embedding=embedding, dtype=dtype
+        )
         if "magnitude" in mod.parts:
             if embedding:
                 raise IncompatibleInputsError(
@@ -152,10 +154,14 @@ def validate_config(config: Mapping[str, Any], label: str) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "OFT":
         raise IncompatibleInputsError(
-            "this is an OFT adapter, not LoRA", path=label, hint="Merge OFT adapters with merge_oft_adapters / merge_oft_checkpoints."
+            "this is an OFT adapter, not LoRA",
+            path=label,
+            hint="Merge OFT adapters with merge_oft_adapters / merge_oft_checkpoints.",
         )
     if peft_type != "LORA":
-        raise IncompatibleInputsError(f"unsupported adapter type {peft_type or '(missing peft_type)'!r}; expected LORA", path=label)
+        raise IncompatibleInputsError(
+            f"unsupported adapter type {peft_type or '(missing peft_type)'!r}; expected LORA", path=label
+        )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise IncompatibleInputsError(
@@ -165,7 +171,9 @@ def validate_config(config: Mapping[str, Any], label: str) -> None:
         )
     for key in UNFOLDABLE:
         if config.get(key):
-            raise IncompatibleInputsError(f"LoRA option {key}={config[key]!r} cannot be folded into the weights", path=label)
+            raise IncompatibleInputsError(
+                f"LoRA option {key}={config[key]!r} cannot be folded into the weights", path=label
+            )
     if config.get("modules_to_save"):
         raise IncompatibleInputsError(
             f"modules_to_save={config['modules_to_save']!r} is not supported by the decoupled LoRA merge", path=label
@@ -175,14 +183,18 @@ def validate_config(config: Mapping[str, Any], label: str) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
         if not isinstance(pattern, Mapping):
-            raise IncompatibleInputsError(f"invalid {key}={pattern!r} in the adapter config (expected an object)", path=label)
+            raise IncompatibleInputsError(
+                f"invalid {key}={pattern!r} in the adapter config (expected an object)", path=label
+            )
         for module, value in pattern.items():
             _check_positive_number(value, f"{key}[{module!r}]", label)
 
 
 def _check_positive_number(value: Any, key: str, label: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
-        raise IncompatibleInputsError(f"invalid {key}={value!r} in the adapter config (expected a positive number)", path=label)
+        raise IncompatibleInputsError(
+            f"invalid {key}={value!r} in the adapter config (expected a positive number)", path=label
+        )
 
 
 def index_modules(keys: list[str], label: str) -> dict[str, LoraModule]:
@@ -234,4 +246,3 @@ def read_loaded_adapter(model: Any, name: str) -> LoraAdapter:
     validate_config(config, label)
     state = get_peft_model_state_dict(model, adapter_name=name)
     return LoraAdapter(name, label, config, DictSource(state, label), index_modules(list(state), label))
-

@@ -48,7 +48,11 @@ def check_output_dir(
         if not out.is_dir():
             raise OutputError("output path exists and is not a directory", path=out)
         if any(out.iterdir()) and not overwrite:
-            raise OutputError("output directory exists and is not empty", path=out, hint="Pass overwrite=True (CLI: --overwrite) or choose another path.")
+            raise OutputError(
+                "output directory exists and is not empty",
+                path=out,
+                hint="Pass overwrite=True (CLI: --overwrite) or choose another path.",
+            )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -93,7 +97,18 @@ def atomic_output_dir(
         shutil.rmtree(old, ignore_errors=True)
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -178,7 +193,11 @@ class ShardedSafetensorsWriter:
 
 
 def finalize_shards(
-    directory: str | os.PathLike, parts: list[tuple[str, list[str]]], *, prefix: str = "model", total_bytes: int | None = None
+    directory: str | os.PathLike,
+    parts: list[tuple[str, list[str]]],
+    *,
+    prefix: str = "model",
+    total_bytes: int | None = None,
 ) -> None:
     """Rename temporary shards to transformers' names and write the index when there are several."""
     directory = Path(directory)
@@ -192,7 +211,7 @@ def finalize_shards(
     for i, (file, names) in enumerate(parts, start=1):
         final = f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
         (directory / file).rename(directory / final)
-        weight_map.update({name: final for name in names})
+        weight_map.update(dict.fromkeys(names, final))
     if total_bytes is None:
         total_bytes = sum((directory / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

@@ -129,7 +129,9 @@ def _parse_entry(file: Path, key: str, info: object, data_start: int, size: int)
         raise InputError("malformed header entry: needs dtype, shape and data_offsets", path=file, tensor=key)
     if not 0 <= begin <= end or data_start + end > size:
         raise InputError(
-            f"data_offsets [{begin}, {end}] fall outside the file's {size - data_start} data bytes", path=file, tensor=key
+            f"data_offsets [{begin}, {end}] fall outside the file's {size - data_start} data bytes",
+            path=file,
+            tensor=key,
         )
     torch_dtype = _DTYPES.get(dtype)
     if torch_dtype is not None and end - begin != math.prod(shape) * torch_dtype.itemsize:
@@ -173,7 +175,9 @@ class _Shard:
         if not isinstance(header, dict):
             raise InputError("header is not a JSON object", path=file)
         self.entries = {
-            key: _parse_entry(file, key, info, 8 + length, size) for key, info in header.items() if key != "__metadata__"
+            key: _parse_entry(file, key, info, 8 + length, size)
+            for key, info in header.items()
+            if key != "__metadata__"
         }
 
     def read_into(self, out: torch.Tensor, offset: int, key: str | None) -> None:
@@ -227,7 +231,7 @@ class TensorReader:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, file: str | Path, *, allow_pickle: bool = False) -> "TensorReader":
+    def from_file(cls, file: str | Path, *, allow_pickle: bool = False) -> TensorReader:
         file = Path(file)
         if not file.is_file():
             raise InputError("file not found", path=file)
@@ -242,9 +246,7 @@ class TensorReader:
         return cls([file])
 
     @classmethod
-    def from_dir(
-        cls, directory: str | Path, stem: str, *, allow_pickle: bool = False
-    ) -> "TensorReader":
+    def from_dir(cls, directory: str | Path, stem: str, *, allow_pickle: bool = False) -> TensorReader:
         """Open ``<stem>.safetensors``, a sharded ``<stem>.safetensors.index.json``, or (opt-in) ``<stem>.bin``.
 
         ``stem`` is e.g. ``"adapter_model"`` or ``"model"``.
@@ -265,7 +267,9 @@ class TensorReader:
             reader = cls(files)
             for key, name in weight_map.items():
                 if reader._where.get(key) != directory / name:
-                    raise InputError(f"shard index places the tensor in {name}, which does not hold it", path=index, tensor=key)
+                    raise InputError(
+                        f"shard index places the tensor in {name}, which does not hold it", path=index, tensor=key
+                    )
             return reader
         shards = sorted(directory.glob(f"{stem}-*.safetensors"))
         if shards:
@@ -347,7 +351,9 @@ class TensorReader:
                     raise InputError(f"cannot read tensor ({exc})", path=file, tensor=key) from exc
                 if tuple(tensor.shape) != entry.shape:
                     raise InputError(
-                        f"tensor shape {tuple(tensor.shape)} differs from its header {entry.shape}", path=file, tensor=key
+                        f"tensor shape {tuple(tensor.shape)} differs from its header {entry.shape}",
+                        path=file,
+                        tensor=key,
                     )
         if check_finite:
             ensure_finite(tensor, path=file, name=key)
@@ -367,7 +373,9 @@ class TensorReader:
         if not shape:
             raise InputError("a 0-d tensor has no rows to read", path=file, tensor=key)
         if not 0 <= start <= stop <= shape[0]:
-            raise InputError(f"rows {start}:{stop} are not a range within the tensor's {shape[0]} rows", path=file, tensor=key)
+            raise InputError(
+                f"rows {start}:{stop} are not a range within the tensor's {shape[0]} rows", path=file, tensor=key
+            )
         if self._pickle is not None:
             tensor = self._pickle[key][start:stop].clone(memory_format=torch.contiguous_format)
         else:

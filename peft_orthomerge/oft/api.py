@@ -77,14 +77,26 @@ def merge_oft_adapters(
     is_peft = isinstance(model, PeftModel)
     loaded = set(model.peft_config) if is_peft else set()
     if adapter_name in loaded:
-        raise ConfigError(f"adapter name {adapter_name!r} is already used in the model", hint="Pass another adapter_name.")
+        raise ConfigError(
+            f"adapter name {adapter_name!r} is already used in the model", hint="Pass another adapter_name."
+        )
     sources: list[OftAdapter] = []
     for ref in refs:
         if isinstance(ref, str) and ref in loaded:
             sources.append(read_loaded_adapter(model, ref))
         else:
             sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
-    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export="memory", device=device, orthogonality_blocks=orthogonality_blocks)
+    plan = build_plan(
+        sources,
+        weights,
+        method=method,
+        granularity=granularity,
+        cayley=cayley,
+        scale=scale,
+        export="memory",
+        device=device,
+        orthogonality_blocks=orthogonality_blocks,
+    )
     base = model.get_base_model() if is_peft else model
     check_fold_targets(plan, ParameterShapes(base))  # PEFT would silently skip a module the model lacks
     report = new_report(plan, [str(r) for r in refs], None)
@@ -135,7 +147,17 @@ def merge_oft_checkpoints(
     sources = [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)]
     base_dir = resolve_source(fold_into, allow_patterns=BASE_PATTERNS) if fold_into is not None else None
     export = "folded" if base_dir is not None else "adapter"
-    plan = build_plan(sources, weights, method=method, granularity=granularity, cayley=cayley, scale=scale, export=export, device=device, orthogonality_blocks=orthogonality_blocks)
+    plan = build_plan(
+        sources,
+        weights,
+        method=method,
+        granularity=granularity,
+        cayley=cayley,
+        scale=scale,
+        export=export,
+        device=device,
+        orthogonality_blocks=orthogonality_blocks,
+    )
     inputs: list[Path] = [*dirs, *([base_dir] if base_dir is not None else [])]
     out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
     base = None

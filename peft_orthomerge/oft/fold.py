@@ -16,7 +16,6 @@ import torch
 
 from ..errors import IncompatibleInputsError
 
-
 CHUNK_ELEMENTS = 1 << 20  # rows converted to the working dtype at a time (weights not already in it)
 
 
@@ -27,7 +26,7 @@ def _fold_rows(w2: torch.Tensor, rot: torch.Tensor, out: torch.Tensor) -> None:
     dimension ``in``, which BLAS reads in place; the result goes straight into ``out`` the same way
     (no transposed copies, no temporaries).
     """
-    rows, in_dim = w2.shape
+    rows, _in_dim = w2.shape
     groups, b, _ = rot.shape
     torch.bmm(w2.view(rows, groups, b).transpose(0, 1), rot, out=out.view(rows, groups, b).transpose(0, 1))
 

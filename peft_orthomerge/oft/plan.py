@@ -121,13 +121,19 @@ def build_plan(
         raise ConfigError(f"scale must be a number, got {scale!r}") from None
     if not math.isfinite(scale):
         raise ConfigError(f"scale must be finite, got {scale}")
-    if orthogonality_blocks is not None and (isinstance(orthogonality_blocks, bool) or not isinstance(orthogonality_blocks, int) or orthogonality_blocks < 1):
-        raise ConfigError(f"orthogonality_blocks must be a positive integer or None (every block), got {orthogonality_blocks!r}")
+    if orthogonality_blocks is not None and (
+        isinstance(orthogonality_blocks, bool) or not isinstance(orthogonality_blocks, int) or orthogonality_blocks < 1
+    ):
+        raise ConfigError(
+            f"orthogonality_blocks must be a positive integer or None (every block), got {orthogonality_blocks!r}"
+        )
     device = str(resolve_device(device))  # "auto" -> cuda:N or cpu; ConfigError when CUDA is missing
     warnings = [w for a in adapters for w in a.warnings]
     for a in adapters:
         if a.fold_only_reason and export != "folded":
-            raise IncompatibleInputsError(a.fold_only_reason, path=a.label, hint="It can only be folded: pass fold_into=<base model>.")
+            raise IncompatibleInputsError(
+                a.fold_only_reason, path=a.label, hint="It can only be folded: pass fold_into=<base model>."
+            )
 
     flags = {a.use_cayley_neumann for a in adapters}
     if cayley == "exact":
@@ -171,7 +177,11 @@ def build_plan(
     for key, holders in passthrough.items():
         shapes = {adapters[i].tensors.shape(key) for i in holders}
         if len(shapes) > 1:
-            raise IncompatibleInputsError(f"pass-through tensor has different shapes {sorted(shapes)}", path=adapters[holders[0]].label, tensor=key)
+            raise IncompatibleInputsError(
+                f"pass-through tensor has different shapes {sorted(shapes)}",
+                path=adapters[holders[0]].label,
+                tensor=key,
+            )
         if len(holders) < len(adapters) and export != "folded":
             missing = adapters[next(i for i in range(len(adapters)) if i not in holders)]
             raise IncompatibleInputsError(
@@ -181,8 +191,23 @@ def build_plan(
                 hint="Fold into the base model (fold_into=...), or merge adapters saved with the same bias / modules_to_save settings.",
             )
     return OftPlan(
-        list(adapters), weights, method, granularity, scale, export, euclidean, use_neumann, terms,
-        block_share, oft_block_size, oft_rank, modules, passthrough, warnings, device, orthogonality_blocks,
+        list(adapters),
+        weights,
+        method,
+        granularity,
+        scale,
+        export,
+        euclidean,
+        use_neumann,
+        terms,
+        block_share,
+        oft_block_size,
+        oft_rank,
+        modules,
+        passthrough,
+        warnings,
+        device,
+        orthogonality_blocks,
     )
 
 
@@ -197,14 +222,20 @@ def _plan_modules(adapters: Sequence[OftAdapter], export: str) -> list[ModulePla
         a0, m0 = present[0]
         for a, m in present[1:]:
             if m.kind != m0.kind:
-                raise IncompatibleInputsError(f"module is an {m0.kind} in {a0.label} but an {m.kind} here", path=a.label, tensor=m.key)
+                raise IncompatibleInputsError(
+                    f"module is an {m0.kind} in {a0.label} but an {m.kind} here", path=a.label, tensor=m.key
+                )
             if m.b != m0.b:
-                raise IncompatibleInputsError(f"block size {m.b} differs from {m0.b} in {a0.label}", path=a.label, tensor=m.key)
+                raise IncompatibleInputsError(
+                    f"block size {m.b} differs from {m0.b} in {a0.label}", path=a.label, tensor=m.key
+                )
         rows = {m.r for _, m in present}
         full = rows - {1}
         if len(full) > 1:
             a, m = next((a, m) for a, m in present if m.r != m0.r)
-            raise IncompatibleInputsError(f"{m.r} blocks here but {m0.r} in {a0.label}: the module shapes differ", path=a.label, tensor=m.key)
+            raise IncompatibleInputsError(
+                f"{m.r} blocks here but {m0.r} in {a0.label}: the module shapes differ", path=a.label, tensor=m.key
+            )
         r = full.pop() if full else 1
         shared_here = any(a.block_share for a, _ in present)
         if r == 1 and shared_here and not all(a.block_share for a in adapters) and export != "folded":
@@ -242,7 +273,13 @@ def merge_one(plan: OftPlan, mp: ModulePlan) -> ModuleMerge:
     vecs, norms = canonical_inputs(plan, mp)
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
     return merge_module(
-        vecs, plan.weights, method=plan.method, granularity=plan.granularity, scale=plan.scale, norms=norms, applied=applied
+        vecs,
+        plan.weights,
+        method=plan.method,
+        granularity=plan.granularity,
+        scale=plan.scale,
+        norms=norms,
+        applied=applied,
     )
 
 

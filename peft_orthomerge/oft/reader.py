@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..io.jsonfile import read_json_object
 from ..errors import IncompatibleInputsError, InputError, NumericalError, OrthoMergeError
+from ..io.jsonfile import read_json_object
 from ..io.tensors import TensorReader, ensure_finite
 from ..ops.skew import block_norms, block_size_from_n, skew_to_vec, to_canonical
 
@@ -105,7 +105,9 @@ class OftAdapter:
         (``None``: the stored float32 / float64; half precisions widened to float32)."""
         return self.canonical_with_norms(name, dtype=dtype)[0]
 
-    def canonical_with_norms(self, name: str, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def canonical_with_norms(
+        self, name: str, *, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`canonical` plus its per-block norms ``||Q_k||_F`` (float64 ``(r,)``, `block_norms`), which
         also serve as the NaN / Inf check (`NumericalError` naming file and tensor)."""
         mod = self.modules[name]
@@ -114,16 +116,22 @@ class OftAdapter:
         vec = raw.to(work)
         if self.legacy or self.config.get("coft", False):  # rare formats: check the raw entries, then transform
             if not bool(torch.isfinite(vec).all()):
-                raise NumericalError("tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key)
+                raise NumericalError(
+                    "tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key
+                )
             if self.legacy:
                 vec = skew_to_vec(-0.5 * (vec - vec.transpose(-2, -1)))
             else:
-                vec = to_canonical(coft_project(vec, float(self.config.get("eps", 6e-5))), self.use_cayley_neumann, dtype=work)
+                vec = to_canonical(
+                    coft_project(vec, float(self.config.get("eps", 6e-5))), self.use_cayley_neumann, dtype=work
+                )
         else:
             vec = to_canonical(vec, self.use_cayley_neumann, dtype=work)
         norms = block_norms(vec)
         if not math.isfinite(float(norms.sum())):  # NaN / Inf anywhere make their block's norm non-finite
-            raise NumericalError("tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key)
+            raise NumericalError(
+                "tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key
+            )
         return vec, norms
 
     def output_scale(self, name: str) -> torch.Tensor | None:
@@ -136,7 +144,9 @@ def coft_project(vec: torch.Tensor, eps: float) -> torch.Tensor:
     """PEFT's COFT projection: each block ``U - U^T`` clipped to Frobenius norm ``eps / sqrt(rows)``."""
     radius = eps / math.sqrt(vec.shape[0])
     norms = math.sqrt(2.0) * torch.linalg.vector_norm(vec, dim=-1, keepdim=True)
-    factor = torch.where(norms <= radius, torch.ones_like(norms), radius / torch.where(norms > 0, norms, torch.ones_like(norms)))
+    factor = torch.where(
+        norms <= radius, torch.ones_like(norms), radius / torch.where(norms > 0, norms, torch.ones_like(norms))
+    )
     return vec * factor
 
 
@@ -166,8 +176,17 @@ def _check_config(config: dict[str, Any], label: str) -> None:
         value = config.get(key, default)
         if value is None and default is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (kind is int and key == "num_cayley_neumann_terms" and value < 1):
-            raise InputError(f"invalid {key}={value!r} in the adapter config", path=label, hint=f"Expected a {'non-negative integer' if kind is int else 'non-negative number'}.")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or value < 0
+            or (kind is int and key == "num_cayley_neumann_terms" and value < 1)
+        ):
+            raise InputError(
+                f"invalid {key}={value!r} in the adapter config",
+                path=label,
+                hint=f"Expected a {'non-negative integer' if kind is int else 'non-negative number'}.",
+            )
 
 
 # (key, accepted type, default): numbers of the adapter config that the reader and planner use.
@@ -198,9 +217,13 @@ def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) ->
         kind = next((kind for suffix, kind in NEW_SUFFIXES.items() if key.endswith(suffix)), None)
         if kind is not None:
             if legacy:
-                raise InputError("adapter mixes legacy (oft_r) and current (oft_R) OFT tensors", path=label, tensor=key)
+                raise InputError(
+                    "adapter mixes legacy (oft_r) and current (oft_R) OFT tensors", path=label, tensor=key
+                )
             if len(shape) != 2 or shape[0] < 1:
-                raise InputError(f"OFT tensor must be 2-D (r, n) with r >= 1, got shape {shape}", path=label, tensor=key)
+                raise InputError(
+                    f"OFT tensor must be 2-D (r, n) with r >= 1, got shape {shape}", path=label, tensor=key
+                )
             try:
                 b = block_size_from_n(shape[1])
             except OrthoMergeError as exc:

@@ -52,7 +52,9 @@ def new_report(plan: OftPlan, inputs: list[str], output_path: str | None) -> Mer
     )
 
 
-def merged_rotation(plan: OftPlan, mp: ModulePlan, vec: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def merged_rotation(
+    plan: OftPlan, mp: ModulePlan, vec: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """The ``(r, b, b)`` rotation PEFT builds from the merged canonical ``vec`` under the output flag."""
     return peft_rotation(vec_to_skew(vec, mp.b, dtype=dtype), plan.use_cayley_neumann, plan.terms, dtype=dtype)
 
@@ -87,7 +89,9 @@ class _OrthogonalityProbe:
         return stats
 
     def _errors(self, vecs: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
-        rotation = peft_rotation(vec_to_skew(vecs, b, dtype=dtype), self.plan.use_cayley_neumann, self.plan.terms, dtype=dtype)
+        rotation = peft_rotation(
+            vec_to_skew(vecs, b, dtype=dtype), self.plan.use_cayley_neumann, self.plan.terms, dtype=dtype
+        )
         return orthogonality_errors(rotation)
 
     def _set(self, stats: ModuleStats, value: float) -> None:
@@ -148,12 +152,16 @@ def _adapter_config(plan: OftPlan, base_model: str | None):
     )
 
 
-def write_adapter(plan: OftPlan, directory: str | Path, report: MergeReport, *, base_model: str | None = None) -> MergeReport:
+def write_adapter(
+    plan: OftPlan, directory: str | Path, report: MergeReport, *, base_model: str | None = None
+) -> MergeReport:
     """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and the report JSON."""
     directory = Path(directory)
     writer = ShardedSafetensorsWriter(directory, prefix="adapter_model", max_shard_bytes=1 << 62)
     probe = _OrthogonalityProbe(plan, report)
-    for mp, merge in progress(iter_merged_modules(plan), desc="merging OFT modules", total=len(plan.modules), unit="module"):
+    for mp, merge in progress(
+        iter_merged_modules(plan), desc="merging OFT modules", total=len(plan.modules), unit="module"
+    ):
         stored = from_canonical(merge.vec, plan.use_cayley_neumann)
         if plan.block_share:
             stored = stored[:1]
@@ -198,7 +206,9 @@ def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> N
         key = f"{mp.name}.weight"
         label = next(a.label for a, s in zip(plan.adapters, mp.sources) if s is not None)
         if key not in base:
-            raise IncompatibleInputsError("OFT module not found in the base model", path=label, tensor=key, hint=f"Base: {base_label}")
+            raise IncompatibleInputsError(
+                "OFT module not found in the base model", path=label, tensor=key, hint=f"Base: {base_label}"
+            )
         shape = base.shape(key)
         in_dim = shape[1] if mp.kind == "embedding" else int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 0
         if len(shape) < 2 or in_dim % mp.b or (mp.r != 1 and mp.r * mp.b != in_dim):
@@ -212,12 +222,18 @@ def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> N
         target = base_name(key)
         label = plan.adapters[holders[0]].label
         if target not in base:
-            raise IncompatibleInputsError(f"tensor has no counterpart {target!r} in the base model", path=label, tensor=key)
+            raise IncompatibleInputsError(
+                f"tensor has no counterpart {target!r} in the base model", path=label, tensor=key
+            )
         if base.shape(target) != plan.adapters[holders[0]].tensors.shape(key):
-            raise IncompatibleInputsError(f"shape differs from the base tensor {target!r} {base.shape(target)}", path=label, tensor=key)
+            raise IncompatibleInputsError(
+                f"shape differs from the base tensor {target!r} {base.shape(target)}", path=label, tensor=key
+            )
 
 
-def _fold_module(plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, report: MergeReport, probe: _OrthogonalityProbe) -> torch.Tensor:
+def _fold_module(
+    plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, report: MergeReport, probe: _OrthogonalityProbe
+) -> torch.Tensor:
     """Fold module ``mp`` into ``weight``: merged rotation (so(b) methods) or a Euclidean merge of the folded tasks."""
     device = plan.device
     w0 = weight.to(device)
@@ -232,9 +248,7 @@ def _fold_module(plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, report: Me
             taus.append(fold_weight(w0, rot, mp.kind, out_scale=s, name=mp.name).float() - w0.float())
         gen = torch.Generator(device=device).manual_seed(0)
         merged = get_euclidean(plan.method)(taus, plan.weights, base=w0.float(), generator=gen)
-        report.modules.append(
-            ModuleStats(mp.name, [float(t.norm()) for t in taus], float(merged.norm()))
-        )
+        report.modules.append(ModuleStats(mp.name, [float(t.norm()) for t in taus], float(merged.norm())))
         return (w0.float() + merged.float()).to(weight.dtype)
     merge = merge_one(plan, mp)
     rotation = merge.rotation if merge.vec is None else merged_rotation(plan, mp, merge.vec)
@@ -245,7 +259,9 @@ def _fold_module(plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, report: Me
     return fold_weight(w0, rotation, mp.kind, out_scale=out_scale, name=mp.name)
 
 
-def write_folded(plan: OftPlan, base: TensorReader, base_dir: Path, directory: str | Path, report: MergeReport, *, base_ref: str) -> MergeReport:
+def write_folded(
+    plan: OftPlan, base: TensorReader, base_dir: Path, directory: str | Path, report: MergeReport, *, base_ref: str
+) -> MergeReport:
     """Stream the base checkpoint tensor by tensor, fold the merged rotations, write shards + side files."""
     directory = Path(directory)
     modules = {f"{mp.name}.weight": mp for mp in plan.modules}

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
+from .euclidean import ta_coefficients
 from .procrustes import (
     check_solver,
     default_tol,
@@ -60,7 +61,6 @@ from .procrustes import (
     orthogonality_error,
     resolve_solver,
 )
-from .euclidean import ta_coefficients
 from .registry import get_euclidean, merge_iter
 
 TARGETS = ("global", "conflict", None)
@@ -141,7 +141,7 @@ class Rotation:
         if self.core is not None:
             return self.core
         pc, z, y = self.factors
-        return torch.cat([pc @ y[:, : pc.shape[0]].T, z @ y[:, pc.shape[0]:].T], dim=0)
+        return torch.cat([pc @ y[:, : pc.shape[0]].T, z @ y[:, pc.shape[0] :].T], dim=0)
 
     def dense(self) -> torch.Tensor:
         core = self.core_matrix()
@@ -233,8 +233,12 @@ class DecoupleStats:
 
     def as_extra(self) -> dict[str, float]:
         out: dict[str, float] = {"solver_error": self.solver_error, "solver_fallback": float(self.solver_fallback)}
-        names = {"task_vector_norms": "task_vector_norm", "orth_part_norms": "orth_part_norm",
-                 "residual_norms": "residual_norm", "rows_kept": "rows_kept"}
+        names = {
+            "task_vector_norms": "task_vector_norm",
+            "orth_part_norms": "orth_part_norm",
+            "residual_norms": "residual_norm",
+            "rows_kept": "rows_kept",
+        }
         for key, label in names.items():
             for i, v in enumerate(getattr(self, key)):
                 out[f"{label}_{i}"] = float(v)
@@ -504,7 +508,12 @@ def procrustes_batch(
 
 
 def _combine(a: ProcrustesInfo, b: ProcrustesInfo) -> ProcrustesInfo:
-    return ProcrustesInfo(a.solver, max(a.orthogonality_error, b.orthogonality_error), max(a.iterations, b.iterations), a.fallback + b.fallback)
+    return ProcrustesInfo(
+        a.solver,
+        max(a.orthogonality_error, b.orthogonality_error),
+        max(a.iterations, b.iterations),
+        a.fallback + b.fallback,
+    )
 
 
 def procrustes_rotation(
@@ -535,7 +544,12 @@ def _check_pair(w0: torch.Tensor, w: torch.Tensor, name: str | None = None) -> N
 
 
 def inverse_cayley(
-    p: torch.Tensor, *, name: str | None = None, limit: float = CAYLEY_LIMIT, right: torch.Tensor | None = None, overwrite: bool = False
+    p: torch.Tensor,
+    *,
+    name: str | None = None,
+    limit: float = CAYLEY_LIMIT,
+    right: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """``Q = (P - I)(P + I)^-1`` made exactly skew; `NumericalError` (naming ``name``) when ``P``
     has an eigenvalue at or within about ``2/limit`` of -1.
@@ -555,7 +569,9 @@ def inverse_cayley(
         del p
         if a.mT.is_contiguous():  # column-major, LAPACK's layout: factored in place, no second matrix
             piv = torch.empty(n, dtype=torch.int32, device=a.device)
-            lu, piv, status = torch.linalg.lu_factor_ex(a, out=(a, piv, torch.empty((), dtype=torch.int32, device=a.device)))
+            lu, piv, status = torch.linalg.lu_factor_ex(
+                a, out=(a, piv, torch.empty((), dtype=torch.int32, device=a.device))
+            )
         else:
             lu, piv, status = torch.linalg.lu_factor_ex(a)
         del a
@@ -641,7 +657,9 @@ def conflict_rows(task_vector: torch.Tensor, mean: torch.Tensor, rows: int = 102
     A zero row has cosine 0 and is not kept. Computed by blocks of ``rows`` rows (the cosine's
     temporaries are block-sized)."""
     cos = torch.nn.functional.cosine_similarity
-    return torch.cat([cos(task_vector[r : r + rows], mean[r : r + rows], dim=1) < 0 for r in range(0, task_vector.shape[0], rows)])
+    return torch.cat(
+        [cos(task_vector[r : r + rows], mean[r : r + rows], dim=1) < 0 for r in range(0, task_vector.shape[0], rows)]
+    )
 
 
 # -- one weight ----------------------------------------------------------------------------------
@@ -679,7 +697,9 @@ class _SkewSum:
 
 def _diff_norm(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
     """``||a - b||_F`` of two ``(out, in)`` matrices, by blocks of rows (no full-size temporary)."""
-    squares = sum(float(torch.linalg.vector_norm(a[r : r + rows] - b[r : r + rows])) ** 2 for r in range(0, a.shape[0], rows))
+    squares = sum(
+        float(torch.linalg.vector_norm(a[r : r + rows] - b[r : r + rows])) ** 2 for r in range(0, a.shape[0], rows)
+    )
     return squares**0.5
 
 

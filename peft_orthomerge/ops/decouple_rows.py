@@ -51,8 +51,8 @@ from .decouple import (
     conflict_rows,
     inverse_cayley,
 )
-from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
 from .euclidean import ta_coefficients
+from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
 
 BLOCK_BYTES = 16 * 1024**2  # row blocks of about this many bytes per (out, in)-sized temporary
 
@@ -147,7 +147,9 @@ def task_arithmetic_rows(
     sources = [_source(e) for e in experts]
     for src in sources:
         if tuple(src.shape) != tuple(base.shape):
-            raise IncompatibleInputsError(f"shape mismatch: base {tuple(base.shape)} vs expert {tuple(src.shape)}", tensor=name)
+            raise IncompatibleInputsError(
+                f"shape mismatch: base {tuple(base.shape)} vs expert {tuple(src.shape)}", tensor=name
+            )
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     device = torch.device(device if device is not None else (w0.device if isinstance(w0, torch.Tensor) else "cpu"))
     if not base.shape:

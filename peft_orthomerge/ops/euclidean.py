@@ -58,7 +58,7 @@ def _stack(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> to
 
 def _check_fraction(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
     value = float(value)
-    ok = (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     if not ok:
         raise ConfigError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value}")
     return value
@@ -158,7 +158,9 @@ def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None,
 
 
 @register_euclidean("dare_ta", linear=True)
-def dare_ta(task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float | None = None, seed: int = 0):
+def dare_ta(
+    task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float | None = None, seed: int = 0
+):
     """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N).
 
     Linear: the masks are drawn task by task from one generator (on the CPU the same numbers as

@@ -205,7 +205,9 @@ def fisher_rao_merge(
         merged = torch.zeros(shape.numel(), dtype=compute_dtype, device=device)
     else:
         points = flat.div_(norms[:, None])
-        mean = spherical_karcher_mean(points, kept_w / kept_w.sum(), tol=tol, max_iter=max_iter, antipodal_tol=antipodal_tol)
+        mean = spherical_karcher_mean(
+            points, kept_w / kept_w.sum(), tol=tol, max_iter=max_iter, antipodal_tol=antipodal_tol
+        )
         merged = target_norm * mean
     if base is not None:
         merged = merged - base
@@ -235,7 +237,7 @@ def fisher_rao(
     del generator
     if not task_vectors:
         raise ConfigError("no task vectors to merge")
-    options = dict(tol=tol, max_iter=max_iter, antipodal_tol=antipodal_tol, compute_dtype=compute_dtype)
+    options = {"tol": tol, "max_iter": max_iter, "antipodal_tol": antipodal_tol, "compute_dtype": compute_dtype}
     if on == "task_vectors":
         return fisher_rao_merge(task_vectors, weights, **options)
     if on != "weights":

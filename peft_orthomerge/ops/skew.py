@@ -35,7 +35,7 @@ from ..errors import InputError, NumericalError
 
 def block_size_from_n(n: int) -> int:
     """Return ``b`` with ``n = b(b-1)/2``; `InputError` if ``n`` is not a triangular number."""
-    b = int(round((1 + math.sqrt(1 + 8 * n)) / 2))
+    b = round((1 + math.sqrt(1 + 8 * n)) / 2)
     if n < 1 or b * (b - 1) // 2 != n:
         raise InputError(f"OFT vector length {n} is not b(b-1)/2 for any block size b")
     return b

@@ -99,7 +99,10 @@ def _norm(block_norms_: torch.Tensor) -> float:
 
 
 def orthomerge(
-    vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module", norms: Sequence[torch.Tensor] | None = None
+    vecs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    granularity: Granularity = "module",
+    norms: Sequence[torch.Tensor] | None = None,
 ):
     """Magnitude-corrected merge; returns ``(vec, stats)`` with ``c`` and (block) c range."""
     norms = [block_norms(v) for v in vecs] if norms is None else norms
@@ -114,7 +117,9 @@ def orthomerge(
     if granularity == "block":
         target = sum(w * n for n, w in zip(norms, weights))  # (r,) float64
         zero = (s_blocks <= ZERO_RTOL * target) | (s_blocks == 0)
-        c = torch.where(zero, torch.zeros_like(s_blocks), target / torch.where(zero, torch.ones_like(s_blocks), s_blocks))
+        c = torch.where(
+            zero, torch.zeros_like(s_blocks), target / torch.where(zero, torch.ones_like(s_blocks), s_blocks)
+        )
         merged = s.mul_(c.to(s.dtype)[:, None])
         live = c[~zero]
         stats: dict = {"c": None}
@@ -128,7 +133,10 @@ def orthomerge(
 
 
 def mean_q(
-    vecs: Sequence[torch.Tensor], weights: Sequence[float], granularity: Granularity = "module", norms: Sequence[torch.Tensor] | None = None
+    vecs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    granularity: Granularity = "module",
+    norms: Sequence[torch.Tensor] | None = None,
 ):
     """Plain weighted mean in so(b)."""
     return _weighted_sum(vecs, weights), {}
@@ -203,7 +211,9 @@ def merge_module(
         extra = {k: v for k, v in stats.items() if k != "c"}
         merged = block_norms(vec)
         if work != torch.float64 and not math.isfinite(_norm(merged)):  # float32 sum overflowed: redo in float64
-            return merge_module([v.double() for v in vecs], weights, method=method, granularity=granularity, scale=scale, norms=norms)
+            return merge_module(
+                [v.double() for v in vecs], weights, method=method, granularity=granularity, scale=scale, norms=norms
+            )
         return ModuleMerge(vec, None, input_norms, _norm(merged), stats.get("c"), extra, merged)
     b = block_size_from_n(vecs[0].shape[-1])
     n = len(vecs)

@@ -228,9 +228,9 @@ def _write_base(path: Path, layers: int) -> None:
 
 def _fold_in_memory(model, adapter_dir: Path) -> float:
     """Our block fold applied to an in-memory model's weights (compute only); returns seconds."""
-    from peft_orthomerge.oft.fold import fold_weight
-    from peft_orthomerge.oft.reader import read_adapter_dir
+    from peft_orthomerge.ops.oft_fold import fold_weight
     from peft_orthomerge.ops.skew import peft_rotation, vec_to_skew
+    from peft_orthomerge.sources.oft import read_adapter_dir
 
     adapter = read_adapter_dir(str(adapter_dir), adapter_dir)
     modules = dict(model.named_modules())

@@ -3,7 +3,7 @@
 Rows (baseline and ours measured in the same run):
 
 - ``OFT fold``: one random OFT adapter (block 32, Cayley-Neumann) on every linear layer of the
-  encoder, folded into the weights by the library's block fold (`peft_orthomerge.oft.fold`) vs
+  encoder, folded into the weights by the library's block fold (`peft_orthomerge.ops.oft_fold`) vs
   PEFT's ``merge_and_unload``. ratio = PEFT time / our time (speed-up); notes: max relative
   difference of the folded weights.
 - ``spectral norm`` / ``hyperspherical energy``: 3 random exact-Cayley OFT rotations per linear
@@ -61,7 +61,7 @@ def _linear_weights(model, quick: bool) -> dict[str, torch.Tensor]:
 def _fold_row(model, quick: bool) -> dict:
     from peft import OFTConfig, get_peft_model
 
-    from peft_orthomerge.oft.fold import fold_weight
+    from peft_orthomerge.ops.oft_fold import fold_weight
     from peft_orthomerge.ops.skew import peft_rotation, to_canonical, vec_to_skew
 
     layers = [0] if quick else None
@@ -104,7 +104,7 @@ def _fold_row(model, quick: bool) -> dict:
 
 
 def _geometry_rows(weights: dict[str, torch.Tensor], b: int = 32, n_tasks: int = 3) -> list[dict]:
-    from peft_orthomerge.oft.fold import fold_weight
+    from peft_orthomerge.ops.oft_fold import fold_weight
     from peft_orthomerge.ops.skew import cayley, vec_to_skew
     from peft_orthomerge.ops.so_merge import merge_module
 

@@ -70,7 +70,7 @@ def write_checkpoints(root: Path, cfg: dict) -> tuple[Path, list[Path], int]:
     """Base and ``cfg['experts']`` fine-tunes (base + 2% noise), bf16, ~4 shards each; one tensor in memory at a time."""
     from transformers import LlamaConfig
 
-    from peft_orthomerge.io.output import ShardedSafetensorsWriter, finalize_shards
+    from peft_orthomerge.sinks.output import ShardedSafetensorsWriter, finalize_shards
 
     shapes = llama_shapes(**cfg)
     config = LlamaConfig(
@@ -136,7 +136,7 @@ def child(args: argparse.Namespace) -> None:
     import peft_orthomerge.decouple  # noqa: F401 - everything imported before the baseline is taken
     from peft_orthomerge import merge_models
     from peft_orthomerge.device import resolve_device, synchronize
-    from peft_orthomerge.parallel import leave_process_group
+    from peft_orthomerge.sinks.parallel import leave_process_group
 
     base_total = _status_kb("VmRSS")
     base_anon = _status_kb("RssAnon")
@@ -189,7 +189,7 @@ def _measure(
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
-    from peft_orthomerge.io.tensors import TensorReader
+    from peft_orthomerge.sources.tensors import TensorReader
 
     ra, rb = TensorReader.from_dir(a, "model"), TensorReader.from_dir(b, "model")
     return sorted(ra.keys()) == sorted(rb.keys()) and all(torch.equal(ra.get(k), rb.get(k)) for k in ra.keys())

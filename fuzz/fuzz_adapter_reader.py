@@ -29,15 +29,15 @@ except ImportError:  # hypothesis fallback imports `one_input` only
 
 if atheris is not None:
     with atheris.instrument_imports(include=["peft_orthomerge"]):
-        from peft_orthomerge.decouple.lora_reader import read_adapter_dir as read_lora_dir
         from peft_orthomerge.errors import OrthoMergeError
-        from peft_orthomerge.io.tensors import TensorReader
-        from peft_orthomerge.oft.reader import read_adapter_dir
+        from peft_orthomerge.sources.lora import read_adapter_dir as read_lora_dir
+        from peft_orthomerge.sources.oft import read_adapter_dir
+        from peft_orthomerge.sources.tensors import TensorReader
 else:
-    from peft_orthomerge.decouple.lora_reader import read_adapter_dir as read_lora_dir
     from peft_orthomerge.errors import OrthoMergeError
-    from peft_orthomerge.io.tensors import TensorReader
-    from peft_orthomerge.oft.reader import read_adapter_dir
+    from peft_orthomerge.sources.lora import read_adapter_dir as read_lora_dir
+    from peft_orthomerge.sources.oft import read_adapter_dir
+    from peft_orthomerge.sources.tensors import TensorReader
 
 # Reported bugs, tolerated so fuzzing goes past them; each has a strict xfail test in
 # tests/test_hostile_oft.py / tests/test_hostile_lora.py. Remove an entry once it is fixed.

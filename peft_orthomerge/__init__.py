@@ -28,10 +28,10 @@ from .report import MergeReport, ModuleStats
 __version__ = "0.1.0"
 
 _LAZY = {
-    "merge_oft_adapters": "peft_orthomerge.oft.api",
-    "merge_oft_checkpoints": "peft_orthomerge.oft.api",
-    "merge_lora_adapters": "peft_orthomerge.decouple.api",
-    "merge_models": "peft_orthomerge.decouple.api",
+    "merge_oft_adapters": "peft_orthomerge.api.oft",
+    "merge_oft_checkpoints": "peft_orthomerge.api.oft",
+    "merge_lora_adapters": "peft_orthomerge.api.decouple",
+    "merge_models": "peft_orthomerge.api.decouple",
     "push_to_hub": "peft_orthomerge.hub",
     "compare_methods": "peft_orthomerge.compare",
 }

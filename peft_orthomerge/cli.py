@@ -71,7 +71,7 @@ class _Group(click.Group):
 def _leave_process_group(code: int | str | None) -> None:
     """Under a launcher: destroy the process group and exit at once (see `parallel.leave_process_group`)."""
     if "torch.distributed" in sys.modules:
-        from .parallel import leave_process_group
+        from .sinks.parallel import leave_process_group
 
         leave_process_group(code)
 
@@ -131,8 +131,8 @@ def merge(
     ``accelerate launch --num_processes N -m peft_orthomerge merge RECIPE.yaml``. Only rank 0
     prints and pushes.
     """
-    from .io.resolve import looks_like_repo_id
     from .recipe import load_recipe, run_recipe
+    from .sources.resolve import looks_like_repo_id
 
     if private and not push_repo:
         raise click.UsageError("--private only applies with --push-to-hub")

@@ -90,7 +90,7 @@ def _base_dir(base_model: Any, workdir: Path) -> Path:
 
 
 def _merge_oft(base_model: Any, adapters: Sequence[str], method: str, weights, workdir: Path, kwargs: dict):
-    from .oft.api import merge_oft_adapters, merge_oft_checkpoints
+    from .api.oft import merge_oft_adapters, merge_oft_checkpoints
 
     if method in OFT_ADAPTER_SPACE:
         name, _, granularity = method.partition("/")
@@ -111,7 +111,7 @@ def _merge_oft(base_model: Any, adapters: Sequence[str], method: str, weights, w
 
 
 def _merge_lora(base_model: Any, adapters: Sequence[str], method: str, weights, kwargs: dict):
-    from .decouple.api import merge_lora_adapters
+    from .api.decouple import merge_lora_adapters
 
     suffix = next((s for s in LORA_TARGETS if s and method.endswith(s)), "")
     residual, target = (method[: -len(suffix)], LORA_TARGETS[suffix]) if suffix else (method, None)

@@ -68,7 +68,7 @@ def run_demo() -> float:
     """Run the demo, print the report and the logit difference; return the max |difference|."""
     from peft import PeftModel
 
-    from .oft.api import merge_oft_adapters
+    from .api.oft import merge_oft_adapters
     from .progress import quiet
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

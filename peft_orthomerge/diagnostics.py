@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, InputError, OrthoMergeError
-from .io.jsonfile import read_json_object
-from .io.output import atomic_output_dir
-from .io.resolve import resolve_source
-from .io.tensors import TensorReader
 from .progress import progress
 from .report import REPORT_FILE, MergeReport, ModuleStats
+from .sinks.output import atomic_output_dir
+from .sources.jsonfile import read_json_object
+from .sources.resolve import resolve_source
+from .sources.tensors import TensorReader
 
 HE_MAX_ROWS = 512
 EXACT_SPECTRAL_MAX_DIM = 1024  # larger matrices: power iteration
@@ -165,9 +165,9 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
         config = read_json_object(output_dir / "adapter_config.json", what="adapter config")
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type == "OFT":
-            from .oft.fold import fold_weight
-            from .oft.reader import read_adapter_dir
+            from .ops.oft_fold import fold_weight
             from .ops.skew import peft_rotation, vec_to_skew
+            from .sources.oft import read_adapter_dir
 
             adapter = read_adapter_dir(str(output_dir), output_dir)
             for name, mod in adapter.modules.items():
@@ -184,7 +184,7 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
                     )
             return
         if peft_type == "LORA":
-            from .decouple.lora_reader import read_adapter_dir as read_lora_dir
+            from .sources.lora import read_adapter_dir as read_lora_dir
 
             adapter = read_lora_dir(str(output_dir), output_dir)
             fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
@@ -262,7 +262,7 @@ def compute_diagnostics(output_dir: str | Path) -> dict[str, Any]:
     base = None
     if base_ref:
         try:
-            base = TensorReader.from_dir(resolve_source(base_ref, allow_patterns=["*.json", "*.safetensors"]), "model")
+            base = TensorReader.from_dir(resolve_source(base_ref, kind="model"), "model")
         except OrthoMergeError as exc:
             result["notes"].append(f"base model not reachable, drift not computed: {exc}")
     else:

@@ -13,8 +13,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from .errors import ConfigError, OutputError
-from .io.resolve import looks_like_repo_id
 from .report import REPORT_FILE
+from .sources.resolve import looks_like_repo_id
 
 # Never uploaded: hidden files (temporary directories, editor and OS files) and caches.
 IGNORE_PATTERNS = [".*", "**/.*", "__pycache__/*", "**/__pycache__/*"]

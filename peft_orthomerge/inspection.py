@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleInputsError, InputError
-from .io.jsonfile import read_json_object
-from .io.resolve import resolve_source
-from .io.tensors import TensorReader
 from .progress import progress
+from .sources.jsonfile import read_json_object
+from .sources.resolve import resolve_source
+from .sources.tensors import TensorReader
 
 MAX_TEXT_ROWS = 20
 
@@ -43,7 +43,7 @@ def _summary_of_tensors(reader: TensorReader) -> dict[str, Any]:
     params = 0
     for key in reader.keys():
         params += math.prod(reader.shape(key))
-        dtypes.add(reader._open(reader.file_of(key)).get_slice(key).get_dtype())  # header only
+        dtypes.add(reader.storage_dtype(key))  # header only
     return {"tensors": len(reader), "parameters": params, "bytes": reader.nbytes(), "dtypes": sorted(dtypes)}
 
 
@@ -56,13 +56,13 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
 
     ``base`` (optional) makes LoRA task vectors exact for DoRA.
     """
-    directory = resolve_source(ref, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    directory = resolve_source(ref, kind="any")
     info: dict[str, Any] = {"ref": ref, "path": str(directory)}
     if (directory / "adapter_config.json").is_file():
         config = read_json_object(directory / "adapter_config.json", what="adapter config")
         peft_type = _peft_type(config)
         if peft_type == "OFT":
-            from .oft.reader import read_adapter_dir
+            from .sources.oft import read_adapter_dir
 
             adapter = read_adapter_dir(ref, directory)
             mods = list(adapter.modules.values())
@@ -86,7 +86,7 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
             )
             return info, adapter
         if peft_type == "LORA":
-            from .decouple.lora_reader import read_adapter_dir as read_lora_dir
+            from .sources.lora import read_adapter_dir as read_lora_dir
 
             adapter = read_lora_dir(ref, directory)
             lora = LoraTasks(adapter, base)
@@ -125,7 +125,7 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
 
 
 class LoraTasks:
-    """LoRA task vectors per module, folded as PEFT does (`peft_orthomerge.decouple.lora_reader`).
+    """LoRA task vectors per module, folded as PEFT does (`peft_orthomerge.sources.lora`).
 
     ``delta(name)`` is ``W_i - W0`` in torch layout ``(out, in)`` (``fan_in_fan_out`` weights are
     transposed; embeddings keep ``(num_embeddings, dim)``). With a base model the exact expert
@@ -245,7 +245,7 @@ def inspect_sources(refs: list[str], *, base: str | None = None) -> dict[str, An
     """Describe every input; relate them when there are several of one type."""
     base_reader = None
     if base is not None:
-        base_reader = TensorReader.from_dir(resolve_source(base, allow_patterns=["*.json", "*.safetensors"]), "model")
+        base_reader = TensorReader.from_dir(resolve_source(base, kind="model"), "model")
     described = [describe_source(ref, base_reader) for ref in refs]
     result: dict[str, Any] = {"inputs": [info for info, _ in described]}
     if len(refs) > 1:

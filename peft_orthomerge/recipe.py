@@ -54,8 +54,8 @@ from pydantic import (
 )
 
 from .errors import ConfigError, InputError, OrthoMergeError
-from .io.resolve import looks_like_repo_id, resolve_source
 from .report import REPORT_FILE, MergeReport
+from .sources.resolve import looks_like_repo_id, resolve_source
 
 RECIPE_FILE = "orthomerge_recipe.yaml"
 
@@ -351,7 +351,7 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def _resolve_ref(ref: str, base_dir: Path, *, what: str, patterns: list[str]) -> str:
+def _resolve_ref(ref: str, base_dir: Path, *, what: str) -> str:
     """A local path (absolute, or relative to the recipe) as an absolute path, or a reachable Hub id."""
     local = Path(ref).expanduser()
     if not local.is_absolute():
@@ -362,7 +362,7 @@ def _resolve_ref(ref: str, base_dir: Path, *, what: str, patterns: list[str]) ->
         return str(local.resolve())
     if Path(ref).is_absolute() or not looks_like_repo_id(ref):
         raise InputError(f"{what} not found (no such directory, and not a Hub repo id)", path=local)
-    resolve_source(ref, allow_patterns=patterns)  # reachability: config files only
+    resolve_source(ref, kind="config")  # reachability: config files only
     return ref
 
 
@@ -393,13 +393,13 @@ def plan_recipe(
     the output directory can be used, and that the device exists. Writes nothing.
     """
     from .device import resolve_device
-    from .io.output import check_output_dir
+    from .sinks.output import check_output_dir
 
     base_dir = recipe.base_dir
-    inputs = [_resolve_ref(s.path, base_dir, what="input", patterns=["*.json"]) for s in recipe.inputs]
+    inputs = [_resolve_ref(s.path, base_dir, what="input") for s in recipe.inputs]
     base = None
     if recipe.base_model:
-        base = _resolve_ref(recipe.base_model, base_dir, what="base_model", patterns=["*.json"])
+        base = _resolve_ref(recipe.base_model, base_dir, what="base_model")
     output_dir = _output_path(recipe, out)
     check_output_dir(output_dir, inputs=[*inputs, *([base] if base else [])], overwrite=overwrite)
     device = str(resolve_device(device))
@@ -477,7 +477,7 @@ MULTI_PROCESS_FUNCTIONS = ("merge_models",)
 def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     """Run the plan into an atomic output directory (shared by all ranks under a launcher)."""
     from . import __version__
-    from .parallel import distributed_output, process_context
+    from .sinks.parallel import distributed_output, process_context
 
     recipe = plan.recipe
     reproducible = recipe.model_copy(
@@ -530,9 +530,9 @@ def _run_file_api(plan: MergePlan, tmp: Path, *, lift: bool = True) -> MergeRepo
 def _run_lora(plan: MergePlan, tmp: Path) -> MergeReport:
     """Load the base with transformers, merge in memory, save the result with ``save_pretrained``."""
     from . import merge_lora_adapters
-    from .card import write_model_card
-    from .io.output import copy_base_side_files
     from .progress import is_quiet
+    from .sinks.card import write_model_card
+    from .sinks.output import copy_base_side_files
 
     if is_quiet():
         from huggingface_hub.utils import disable_progress_bars
@@ -541,9 +541,7 @@ def _run_lora(plan: MergePlan, tmp: Path) -> MergeReport:
         disable_progress_bars()
         disable_progress_bar()
 
-    base_dir = resolve_source(
-        plan.base_model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-    )
+    base_dir = resolve_source(plan.base_model, kind="model")
     model = _load_base_model(base_dir, plan.device)
     result = merge_lora_adapters(model, plan.inputs, **plan.kwargs)
     report = getattr(result, "orthomerge_report", None)

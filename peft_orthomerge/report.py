@@ -23,7 +23,7 @@ class ModuleStats:
         orthogonality_error: ``max_k ||R_k^T R_k - I||_F`` of the merged rotation blocks as the
             output's flag builds them (exact Cayley: rounding only; Neumann: truncation error).
             OFT: over the ``params["orthogonality_blocks"]`` blocks of largest ``||Q_k||_F`` per
-            module (default 4, ``"all"``: every block), in float32; see `peft_orthomerge.oft.writer`.
+            module (default 4, ``"all"``: every block), in float32; see `peft_orthomerge.sinks.oft_adapter`.
         extra: method-specific numbers (e.g. residual norms, solver errors).
     """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 
 from peft_orthomerge import __version__
-from peft_orthomerge.card import MAX_TABLE_ROWS, render_model_card, write_model_card
 from peft_orthomerge.report import MergeReport, ModuleStats
+from peft_orthomerge.sinks.card import MAX_TABLE_ROWS, render_model_card, write_model_card
 
 
 def _report(n_modules=3, kind="oft"):

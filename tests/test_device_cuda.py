@@ -25,7 +25,7 @@ def test_round_trip_through_cuda_keeps_values_and_dtype():
 
 
 def _all_tensors(directory, stem):
-    from peft_orthomerge.io.tensors import TensorReader
+    from peft_orthomerge.sources.tensors import TensorReader
 
     reader = TensorReader.from_dir(directory, stem)
     return {k: reader.get(k) for k in reader.keys()}

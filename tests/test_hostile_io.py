@@ -32,14 +32,14 @@ from peft_orthomerge.errors import (
     UnsafeInputError,
 )
 from peft_orthomerge.io import output as output_mod
-from peft_orthomerge.io.output import (
+from peft_orthomerge.sinks.output import (
     ShardedSafetensorsWriter,
     atomic_output_dir,
     check_output_dir,
     finalize_shards,
 )
-from peft_orthomerge.io.resolve import looks_like_repo_id, resolve_source
-from peft_orthomerge.io.tensors import TensorReader
+from peft_orthomerge.sources.resolve import looks_like_repo_id, resolve_source
+from peft_orthomerge.sources.tensors import TensorReader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -760,7 +760,7 @@ def test_unreachable_hub_id_offline_is_input_error(tmp_path):
         tmp_path / "hub",
         """
         from peft_orthomerge.errors import InputError
-        from peft_orthomerge.io.resolve import resolve_source
+        from peft_orthomerge.sources.resolve import resolve_source
         try:
             resolve_source("some-org/does-not-exist")
         except InputError as exc:
@@ -790,8 +790,8 @@ def test_local_hub_cache_layout_resolves_offline(tmp_path):
     proc = _run_resolve(
         cache,
         """
-        from peft_orthomerge.io.resolve import resolve_source
-        from peft_orthomerge.io.tensors import TensorReader
+        from peft_orthomerge.sources.resolve import resolve_source
+        from peft_orthomerge.sources.tensors import TensorReader
         d = resolve_source("org/oft-math", allow_patterns=["*.json", "*.safetensors"])
         r = TensorReader.from_dir(d, "adapter_model")
         print("DIR", d)

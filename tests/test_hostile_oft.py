@@ -578,7 +578,7 @@ def test_ctrl_c_between_modules(lab, out, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(so_merge, "merge_module", interrupt_second)
-    import peft_orthomerge.oft.plan as plan_mod
+    import peft_orthomerge.plan.oft as plan_mod
 
     monkeypatch.setattr(plan_mod, "merge_module", interrupt_second)
     with pytest.raises(KeyboardInterrupt):

@@ -7,9 +7,9 @@ from typing import ClassVar
 import pytest
 
 from peft_orthomerge import hub
-from peft_orthomerge.card import write_model_card
 from peft_orthomerge.errors import ConfigError, OutputError
 from peft_orthomerge.report import REPORT_FILE, MergeReport
+from peft_orthomerge.sinks.card import write_model_card
 
 TOKEN = "hf_secretTOKEN1234567890"
 

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_llama
 from safetensors import safe_open
 
-from peft_orthomerge.decouple.layout import conv1d_weight_names
+from peft_orthomerge.sources.layout import conv1d_weight_names
 
 NOT_CHECKED = "could not check the weight layout"
 

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from peft_orthomerge.errors import ConfigError, InputError, OrthoMergeError, OutputError
-from peft_orthomerge.io.tensors import TensorReader
-from peft_orthomerge.parallel import (
+from peft_orthomerge.sinks.parallel import (
     ProcessContext,
     distributed_write,
     estimate_cost,
@@ -31,6 +30,7 @@ from peft_orthomerge.parallel import (
     process_context,
     split_by_cost,
 )
+from peft_orthomerge.sources.tensors import TensorReader
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -187,7 +187,7 @@ def test_estimate_cost():
 
 
 def test_parse_size():
-    from peft_orthomerge.io.output import parse_size
+    from peft_orthomerge.sinks.output import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500mb") == 5 * 10**8
     assert parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123 and parse_size("1.5MB") == 1_500_000
@@ -300,7 +300,7 @@ def test_unusable_output_dir_fails_every_rank(tmp_path):
 
 
 def test_rebuilt_errors_keep_class_and_message():
-    from peft_orthomerge.parallel import _Failure
+    from peft_orthomerge.sinks.parallel import _Failure
 
     exc = OutputError("cannot write", path="/x", tensor="w", hint="Try again.")
     rebuilt = _Failure.of(1, exc).rebuild()

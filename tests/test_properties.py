@@ -16,8 +16,6 @@ from hypothesis import strategies as st
 from peft.tuners.oft.layer import OFTRotationModule
 
 from peft_orthomerge.errors import ConfigError
-from peft_orthomerge.io.output import ShardedSafetensorsWriter, atomic_output_dir, finalize_shards
-from peft_orthomerge.io.tensors import TensorReader
 from peft_orthomerge.ops.decouple import decouple_merge, iter_procrustes, procrustes_rotation
 from peft_orthomerge.ops.procrustes import polar
 from peft_orthomerge.ops.skew import (
@@ -31,6 +29,8 @@ from peft_orthomerge.ops.skew import (
 )
 from peft_orthomerge.ops.so_merge import merge_module
 from peft_orthomerge.ops.weights import normalize_weights
+from peft_orthomerge.sinks.output import ShardedSafetensorsWriter, atomic_output_dir, finalize_shards
+from peft_orthomerge.sources.tensors import TensorReader
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]

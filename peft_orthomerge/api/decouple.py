@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from ..card import write_model_card
 from ..device import to_output
 from ..errors import (
     ConfigError,
@@ -27,33 +26,33 @@ from ..errors import (
     NumericalError,
     OrthoMergeError,
 )
-from ..io.output import (
-    DEFAULT_MAX_SHARD_BYTES,
-    ShardedSafetensorsWriter,
-    check_output_dir,
-    copy_base_side_files,
-    parse_size,
-)
-from ..io.resolve import resolve_source
-from ..io.tensors import TensorReader
 from ..memory import release_free_memory, return_large_blocks
 from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
 from ..ops.decouple_rows import decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.procrustes import check_solver
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.weights import normalize_weights
-from ..parallel import distributed_write, estimate_cost, process_context, split_by_cost
 from ..report import REPORT_FILE, MergeReport, ModuleStats
-from .layout import conv1d_weight_names
-from .lora_reader import (
-    ADAPTER_PATTERNS,
+from ..sinks.card import write_model_card
+from ..sinks.output import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedSafetensorsWriter,
+    check_output_dir,
+    copy_base_side_files,
+    parse_size,
+)
+from ..sinks.parallel import distributed_write, estimate_cost, process_context, split_by_cost
+from ..sources.checkpoint import FileRows, LazyTensors, open_checkpoint, validate_checkpoints
+from ..sources.layout import conv1d_weight_names
+from ..sources.lora import (
     LoraAdapter,
     read_adapter_dir,
     read_loaded_adapter,
 )
+from ..sources.resolve import resolve_source
+from ..sources.tensors import TensorReader
 
 Ref = str | os.PathLike
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 EXPORTS = ("model", "lora")
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 MIN_SHARD_BYTES = 16 * 1024**2
@@ -246,7 +245,7 @@ def merge_lora_adapters(
         if isinstance(ref, str) and ref in loaded:
             sources.append(read_loaded_adapter(model, ref))
         else:
-            sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
+            sources.append(read_adapter_dir(str(ref), resolve_source(ref, kind="adapter")))
     base = model.unload() if is_peft else model
     plan = _lora_plan(base, sources)
 
@@ -435,73 +434,6 @@ def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern
     return out
 
 
-def _open_checkpoint(ref: Ref, allow_pickle: bool) -> tuple[Path, TensorReader]:
-    """``model.safetensors`` (or shards); else transformers' pickle ``pytorch_model.bin``, refused
-    unless ``allow_pickle`` (then read with ``weights_only=True``)."""
-    patterns = CHECKPOINT_PATTERNS + (["*.bin"] if allow_pickle else [])
-    directory = resolve_source(ref, allow_patterns=patterns)
-    legacy = directory / "pytorch_model.bin"
-    has_safetensors = (
-        any(directory.glob("model*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
-    )
-    if legacy.is_file() and not has_safetensors:
-        return directory, TensorReader.from_file(legacy, allow_pickle=allow_pickle)
-    return directory, TensorReader.from_dir(directory, "model", allow_pickle=allow_pickle)
-
-
-def _validate_checkpoints(base: TensorReader, experts: Sequence[TensorReader]) -> None:
-    """Same tensor names and shapes everywhere (headers only); raises naming file and tensor."""
-    names = set(base.keys())
-    for reader in experts:
-        extra = sorted(set(reader.keys()) - names)
-        missing = sorted(names - set(reader.keys()))
-        if extra or missing:
-            key = (missing or extra)[0]
-            what = "missing from the fine-tuned checkpoint" if missing else "not in the base checkpoint"
-            raise IncompatibleInputsError(
-                f"tensor {what} ({len(missing)} missing, {len(extra)} extra)",
-                path=reader.files[0],
-                tensor=key,
-                hint="Is this a fine-tune of the same base model?",
-            )
-        for key in base.keys():
-            if base.shape(key) != reader.shape(key):
-                raise IncompatibleInputsError(
-                    f"shape mismatch: base {base.shape(key)} vs fine-tuned {reader.shape(key)}",
-                    path=reader.file_of(key),
-                    tensor=key,
-                    hint="Is this a fine-tune of the same base model?",
-                )
-
-
-class _LazyTensors(Sequence):
-    """The experts' copies of one tensor, each read from its file when indexed (and dropped by the
-    caller after use), so at most one expert's full tensor is alive at a time."""
-
-    def __init__(self, readers: Sequence[TensorReader], name: str, *, transpose: bool = False) -> None:
-        self.readers, self.name, self.transpose = list(readers), name, transpose
-
-    def __len__(self) -> int:
-        return len(self.readers)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        tensor = self.readers[i].get(self.name)
-        return tensor.T if self.transpose else tensor
-
-
-class _FileRows:
-    """One tensor of a checkpoint as a `RowSource`: blocks of rows read from the file on demand."""
-
-    def __init__(self, reader: TensorReader, name: str) -> None:
-        self.reader, self.name = reader, name
-        self.shape = reader.shape(name)
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.reader.get_rows(self.name, start, stop)
-
-
 def _merge_rows(
     name: str,
     base: TensorReader,
@@ -521,7 +453,7 @@ def _merge_rows(
     if not storage.is_floating_point:
         return base.get(name), "copied"
     rkw = {k: v for k, v in kwargs.items() if k != "seed"}
-    src0, srcs = _FileRows(base, name), [_FileRows(r, name) for r in experts]
+    src0, srcs = FileRows(base, name), [FileRows(r, name) for r in experts]
     if not decoupled:
         out, _ = task_arithmetic_rows(
             src0, srcs, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device
@@ -585,7 +517,7 @@ def merge_models(
 
     Several processes: started by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``),
     every process calls this function with the same arguments; the tensors are split between
-    them by estimated cost (`peft_orthomerge.parallel.split_by_cost`), each writes its own
+    them by estimated cost (`peft_orthomerge.sinks.parallel.split_by_cost`), each writes its own
     shards into the shared temporary output directory (one file system for all nodes), and
     rank 0 writes the index, report and card. The tensors written do not depend on the number
     of processes; a rank that fails makes every rank raise its error, and nothing is written.
@@ -601,11 +533,11 @@ def merge_models(
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
     dev = ctx.device
-    base_dir, base_reader = _open_checkpoint(base, allow_pickle)
-    opened = [_open_checkpoint(r, allow_pickle) for r in refs]
+    base_dir, base_reader = open_checkpoint(base, allow_pickle)
+    opened = [open_checkpoint(r, allow_pickle) for r in refs]
     readers = [r for _, r in opened]
     check_output_dir(output_dir, inputs=[base_dir, *[d for d, _ in opened]], overwrite=overwrite)
-    _validate_checkpoints(base_reader, readers)
+    validate_checkpoints(base_reader, readers)
 
     report = MergeReport(
         kind="full",
@@ -673,7 +605,7 @@ def merge_models(
                     done[name] = "copied"
                     continue
                 # read when used (decouple_merge converts one expert at a time), not all at once
-                experts = _LazyTensors(readers, name, transpose=transposed)
+                experts = LazyTensors(readers, name, transpose=transposed)
                 if transposed:  # the math sees the torch layout (out, in)
                     w0 = w0.T
                 out, stats = _merge_tensor(

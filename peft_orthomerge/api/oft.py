@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io.output import atomic_output_dir, check_output_dir
-from ..io.resolve import resolve_source
-from ..io.tensors import TensorReader
+from ..plan.oft import ORTHOGONALITY_BLOCKS, build_plan
 from ..report import MergeReport
-from .plan import ORTHOGONALITY_BLOCKS, build_plan
-from .reader import OftAdapter, read_adapter_dir, read_loaded_adapter
-from .writer import ParameterShapes, check_fold_targets, new_report, write_adapter, write_folded
-
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
-BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+from ..sinks.oft_adapter import check_fold_targets, new_report, write_adapter, write_folded
+from ..sinks.output import atomic_output_dir, check_output_dir
+from ..sources.in_memory import ParameterShapes
+from ..sources.oft import OftAdapter, read_adapter_dir, read_loaded_adapter
+from ..sources.resolve import resolve_source
+from ..sources.tensors import TensorReader
 
 Ref = str | os.PathLike
 
@@ -65,7 +63,7 @@ def merge_oft_adapters(
         scale: multiplies the merged skew blocks.
         device: where the so(b) arithmetic runs.
         orthogonality_blocks: per module, how many merged blocks (those of largest norm) the report's
-            orthogonality error is measured on; ``None``: every block (slower). See `peft_orthomerge.oft.writer`.
+            orthogonality error is measured on; ``None``: every block (slower). See `peft_orthomerge.sinks.oft_adapter`.
 
     Returns:
         The `PeftModel` (``model`` itself if it was one); ``.orthomerge_report`` holds the `MergeReport`.
@@ -85,7 +83,7 @@ def merge_oft_adapters(
         if isinstance(ref, str) and ref in loaded:
             sources.append(read_loaded_adapter(model, ref))
         else:
-            sources.append(read_adapter_dir(str(ref), resolve_source(ref, allow_patterns=ADAPTER_PATTERNS)))
+            sources.append(read_adapter_dir(str(ref), resolve_source(ref, kind="adapter")))
     plan = build_plan(
         sources,
         weights,
@@ -143,9 +141,9 @@ def merge_oft_checkpoints(
     ``torch.load(weights_only=True)``. Returns the `MergeReport`.
     """
     refs = _refs(adapters)
-    dirs = [resolve_source(r, allow_patterns=ADAPTER_PATTERNS) for r in refs]
+    dirs = [resolve_source(r, kind="adapter") for r in refs]
     sources = [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)]
-    base_dir = resolve_source(fold_into, allow_patterns=BASE_PATTERNS) if fold_into is not None else None
+    base_dir = resolve_source(fold_into, kind="model") if fold_into is not None else None
     export = "folded" if base_dir is not None else "adapter"
     plan = build_plan(
         sources,

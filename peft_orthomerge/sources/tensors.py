@@ -335,6 +335,14 @@ class TensorReader:
             return self.get(key, check_finite=False).dtype
         return _DTYPES[entry.dtype]
 
+    def storage_dtype(self, key: str) -> str:
+        """The dtype as stored: the safetensors header's name (``"BF16"``, ``"F8_E4M3"``, ...), or the
+        torch dtype's name for a pickle checkpoint. No data read."""
+        file = self._locate(key)
+        if self._pickle is not None:
+            return str(self._pickle[key].dtype).removeprefix("torch.")
+        return self._shard(file).entries[key].dtype
+
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
         """Load one tensor on CPU; NaN/Inf raise `NumericalError` unless ``check_finite=False``."""
         file = self._locate(key)

@@ -53,9 +53,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from .device import resolve_device
-from .errors import ConfigError, OrthoMergeError
-from .io.output import (
+from ..device import resolve_device
+from ..errors import ConfigError, OrthoMergeError
+from .output import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
     atomic_output_dir,

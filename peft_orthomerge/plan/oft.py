@@ -20,7 +20,7 @@ from ..ops.registry import euclidean_methods
 from ..ops.skew import peft_rotation
 from ..ops.so_merge import ModuleMerge, get_so_method, merge_module, so_methods
 from ..ops.weights import normalize_weights
-from .reader import OftAdapter, OftModule
+from ..sources.oft import OftAdapter, OftModule
 
 CAYLEY_CHOICES = ("auto", "exact", "neumann")
 ORTHOGONALITY_BLOCKS = 4  # default: blocks per module whose orthogonality error is measured (see writer)

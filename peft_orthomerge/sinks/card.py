@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .io.resolve import looks_like_repo_id
-from .report import REPORT_FILE, MergeReport
+from ..report import REPORT_FILE, MergeReport
+from ..sources.resolve import looks_like_repo_id
 
 PAPER = "Orthogonal Model Merging (Yang, Shi, Liu, ICML 2026)"
 MAX_TABLE_ROWS = 24
@@ -36,7 +36,7 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
     ``library_name="peft"`` marks an adapter (the card shows how to load it with `PeftModel`);
     anything else is a full model loadable with transformers.
     """
-    from . import __version__
+    from .. import __version__
 
     is_adapter = library_name == "peft"
     meta: dict = {"library_name": library_name or "transformers"}

@@ -24,17 +24,18 @@ from pathlib import Path
 
 import torch
 
-from ..card import write_model_card
 from ..errors import IncompatibleInputsError
-from ..io.output import ShardedSafetensorsWriter, copy_base_side_files, finalize_shards
-from ..io.tensors import TensorReader
+from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
 from ..ops.skew import from_canonical, orthogonality_error, orthogonality_errors, peft_rotation, vec_to_skew
+from ..plan.oft import ModulePlan, OftPlan, iter_merged_modules, merge_one, merged_passthrough
 from ..progress import progress
 from ..report import REPORT_FILE, MergeReport, ModuleStats
-from .fold import fold_weight
-from .plan import ModulePlan, OftPlan, iter_merged_modules, merge_one, merged_passthrough
-from .reader import PREFIX
+from ..sources.in_memory import ParameterShapes
+from ..sources.oft import PREFIX
+from ..sources.tensors import TensorReader
+from .card import write_model_card
+from .output import ShardedSafetensorsWriter, copy_base_side_files, finalize_shards
 
 OFT_KEY = {"linear": "oft_R", "embedding": "oft_embedding_R"}
 
@@ -182,21 +183,6 @@ def base_name(key: str) -> str:
     """Adapter pass-through key -> base checkpoint key (``base_model.model.`` and ``base_layer.`` removed)."""
     name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     return name.replace(".base_layer.", ".")
-
-
-class ParameterShapes:
-    """An in-memory model seen like a `TensorReader` by `check_fold_targets`: parameter names
-    (PEFT's ``base_layer`` wrappers removed) -> shapes."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._shapes = {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters()}
-        self.label = type(model).__name__ + " in memory"
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._shapes
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
 
 
 def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> None:

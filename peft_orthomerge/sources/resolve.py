@@ -9,6 +9,16 @@ from pathlib import Path
 
 from ..errors import InputError
 
+# What a merge needs from a Hub repo, by kind of input (``snapshot_download``'s ``allow_patterns``).
+# Pickle files (``*.bin``) are fetched for checkpoints only when pickle loading is allowed.
+PATTERNS: dict[str, tuple[str, ...]] = {
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"),
+    "model": ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"),
+    "config": ("*.json",),
+    "any": ("*.json", "*.safetensors", "*.md"),
+}
+PICKLE_PATTERNS = ("*.bin",)
+
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
 
 
@@ -29,6 +39,8 @@ def _check_revision(revision: str | None, ref: str) -> None:
 def resolve_source(
     ref: str | os.PathLike,
     *,
+    kind: str | None = None,
+    allow_pickle: bool = False,
     allow_patterns: Sequence[str] | None = None,
     revision: str | None = None,
 ) -> Path:
@@ -36,8 +48,12 @@ def resolve_source(
 
     A path that exists locally wins. Otherwise a string shaped like ``org/name`` is fetched with
     `huggingface_hub.snapshot_download` (which serves from the local cache, and only from it when
-    ``HF_HUB_OFFLINE=1``), restricted to ``allow_patterns``. Anything else is an `InputError`.
+    ``HF_HUB_OFFLINE=1``), restricted to the files of ``kind`` (a key of `PATTERNS`; with
+    ``allow_pickle`` a model's ``*.bin`` files too) or to explicit ``allow_patterns``. Anything
+    else is an `InputError`.
     """
+    if kind is not None:
+        allow_patterns = [*PATTERNS[kind], *(PICKLE_PATTERNS if allow_pickle and kind == "model" else ())]
     try:
         path = Path(ref).expanduser()
     except RuntimeError as exc:  # "~user" for an unknown user

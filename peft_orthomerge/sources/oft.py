@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from ..errors import IncompatibleInputsError, InputError, NumericalError, OrthoMergeError
-from ..io.jsonfile import read_json_object
-from ..io.tensors import TensorReader, ensure_finite
 from ..ops.skew import block_norms, block_size_from_n, skew_to_vec, to_canonical
+from .in_memory import DictSource
+from .jsonfile import read_json_object
+from .tensors import TensorReader
 
 PREFIX = "base_model.model."
 NEW_SUFFIXES = {".oft_R.weight": "linear", ".oft_embedding_R.weight": "embedding"}
@@ -49,30 +50,6 @@ class OftModule:
     scale_key: str | None = None  # legacy oft_s
 
 
-class DictTensors:
-    """`TensorReader`-like view of an in-memory state dict (adapters loaded in a `PeftModel`)."""
-
-    def __init__(self, state: dict[str, torch.Tensor], label: str) -> None:
-        self._state = state
-        self.files = [Path(label)]
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._state
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._state[key].shape)
-
-    def file_of(self, key: str) -> Path:
-        return self.files[0]
-
-    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
-        tensor = self._state[key].detach().to("cpu")
-        return ensure_finite(tensor, path=self.files[0], name=key) if check_finite else tensor
-
-
 @dataclass
 class OftAdapter:
     """A validated OFT adapter: config, modules, pass-through keys, and lazy tensors."""
@@ -80,7 +57,7 @@ class OftAdapter:
     ref: str
     label: str  # path or adapter name, for messages
     config: dict[str, Any]
-    tensors: Any  # TensorReader | DictTensors
+    tensors: Any  # TensorReader | DictSource
     modules: dict[str, OftModule]
     passthrough: list[str]
     legacy: bool = False
@@ -297,4 +274,4 @@ def read_loaded_adapter(model: Any, name: str) -> OftAdapter:
     label = f"<loaded adapter {name!r}>"
     _check_config(config, label)
     state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    return parse_adapter(name, label, config, DictTensors(state, label))
+    return parse_adapter(name, label, config, DictSource(state, label, device="cpu"))

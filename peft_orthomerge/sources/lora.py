@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ..errors import IncompatibleInputsError, InputError
-from ..io.jsonfile import read_json_object
-from ..io.tensors import TensorReader, ensure_finite
 from ..ops.lora_fold import dora_weight, lora_delta, lora_scaling, module_rank_alpha
+from .in_memory import DictSource, TensorSource
+from .jsonfile import read_json_object
+from .tensors import TensorReader
 
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "*.json"]
 PREFIX = "base_model.model."
 SUFFIXES = {
     ".lora_A.weight": "A",
@@ -47,25 +47,6 @@ UNFOLDABLE = (
     "use_qalora",
     "use_bdlora",
 )
-
-
-class TensorSource(Protocol):
-    def keys(self) -> list[str]: ...
-    def get(self, key: str) -> torch.Tensor: ...
-
-
-class DictSource:
-    """A `TensorSource` over an in-memory state dict (adapters already loaded in a model)."""
-
-    def __init__(self, state: Mapping[str, torch.Tensor], label: str) -> None:
-        self._state = dict(state)
-        self.label = label
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def get(self, key: str) -> torch.Tensor:
-        return ensure_finite(self._state[key].detach(), path=self.label, name=key)
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""I/O: reading adapters and checkpoints lazily, writing outputs atomically. Knows nothing of merging."""

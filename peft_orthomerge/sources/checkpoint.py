@@ -1,0 +1,80 @@
+"""Full checkpoints as merge inputs: opening (safetensors, or opted-in pickle), checking that a set
+of fine-tunes matches its base (headers only), and lazy per-tensor and per-row-block views."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import IncompatibleInputsError
+from .resolve import resolve_source
+from .tensors import TensorReader
+
+
+def open_checkpoint(ref: str | os.PathLike, allow_pickle: bool) -> tuple[Path, TensorReader]:
+    """``model.safetensors`` (or shards); else transformers' pickle ``pytorch_model.bin``, refused
+    unless ``allow_pickle`` (then read with ``weights_only=True``)."""
+    directory = resolve_source(ref, kind="model", allow_pickle=allow_pickle)
+    legacy = directory / "pytorch_model.bin"
+    has_safetensors = (
+        any(directory.glob("model*.safetensors")) or (directory / "model.safetensors.index.json").is_file()
+    )
+    if legacy.is_file() and not has_safetensors:
+        return directory, TensorReader.from_file(legacy, allow_pickle=allow_pickle)
+    return directory, TensorReader.from_dir(directory, "model", allow_pickle=allow_pickle)
+
+
+def validate_checkpoints(base: TensorReader, experts: Sequence[TensorReader]) -> None:
+    """Same tensor names and shapes everywhere (headers only); raises naming file and tensor."""
+    names = set(base.keys())
+    for reader in experts:
+        extra = sorted(set(reader.keys()) - names)
+        missing = sorted(names - set(reader.keys()))
+        if extra or missing:
+            key = (missing or extra)[0]
+            what = "missing from the fine-tuned checkpoint" if missing else "not in the base checkpoint"
+            raise IncompatibleInputsError(
+                f"tensor {what} ({len(missing)} missing, {len(extra)} extra)",
+                path=reader.files[0],
+                tensor=key,
+                hint="Is this a fine-tune of the same base model?",
+            )
+        for key in base.keys():
+            if base.shape(key) != reader.shape(key):
+                raise IncompatibleInputsError(
+                    f"shape mismatch: base {base.shape(key)} vs fine-tuned {reader.shape(key)}",
+                    path=reader.file_of(key),
+                    tensor=key,
+                    hint="Is this a fine-tune of the same base model?",
+                )
+
+
+class LazyTensors(Sequence):
+    """The experts' copies of one tensor, each read from its file when indexed (and dropped by the
+    caller after use), so at most one expert's full tensor is alive at a time."""
+
+    def __init__(self, readers: Sequence[TensorReader], name: str, *, transpose: bool = False) -> None:
+        self.readers, self.name, self.transpose = list(readers), name, transpose
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        tensor = self.readers[i].get(self.name)
+        return tensor.T if self.transpose else tensor
+
+
+class FileRows:
+    """One tensor of a checkpoint as a `RowSource`: blocks of rows read from the file on demand."""
+
+    def __init__(self, reader: TensorReader, name: str) -> None:
+        self.reader, self.name = reader, name
+        self.shape = reader.shape(name)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.reader.get_rows(self.name, start, stop)

@@ -1,0 +1,72 @@
+"""In-memory inputs seen like files: a state dict as a tensor source, a model's parameter shapes.
+
+Every reader of the package (`TensorReader` for files, `DictSource` for adapters already loaded
+in a model) offers the `TensorSource` protocol, so adapter parsers and merges never ask where
+a tensor came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .tensors import ensure_finite
+
+
+class TensorSource(Protocol):
+    """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU)."""
+
+    files: list[Path]
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, key: str) -> bool: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def file_of(self, key: str) -> Path: ...
+    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor: ...
+
+
+class DictSource:
+    """A `TensorSource` over an in-memory state dict (adapters already loaded in a `PeftModel`);
+    ``label`` stands for the file in error messages; ``device``: where `get` puts a tensor
+    (``None``: where it is)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], label: str, *, device: str | None = None) -> None:
+        self._state = dict(state)
+        self.label = label
+        self.files = [Path(label)]
+        self.device = device
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def file_of(self, key: str) -> Path:
+        return self.files[0]
+
+    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
+        tensor = self._state[key].detach()
+        tensor = tensor if self.device is None else tensor.to(self.device)
+        return ensure_finite(tensor, path=self.label, name=key) if check_finite else tensor
+
+
+class ParameterShapes:
+    """An in-memory model's parameter names (PEFT's ``base_layer`` wrappers removed) and shapes,
+    answering ``in`` and ``shape`` like a `TensorReader` of its checkpoint."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._shapes = {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters()}
+        self.label = type(model).__name__ + " in memory"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]

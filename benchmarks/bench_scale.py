@@ -133,7 +133,7 @@ class _AnonPeak:
 def child(args: argparse.Namespace) -> None:
     """Run one `merge_models` and write this rank's measurements as JSON."""
     torch.set_num_threads(args.threads)
-    import peft_orthomerge.decouple  # noqa: F401 - everything imported before the baseline is taken
+    import peft_orthomerge.api.decouple  # noqa: F401 - everything imported before the baseline is taken
     from peft_orthomerge import merge_models
     from peft_orthomerge.device import resolve_device, synchronize
     from peft_orthomerge.sinks.parallel import leave_process_group

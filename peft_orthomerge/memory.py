@@ -5,9 +5,14 @@ of up to 32 MB from ``mmap`` onto the heap once a large block has been freed. A 
 frees every tensor after writing it, but without a trim the process's resident memory creeps up
 to the high-water mark of everything merged so far instead of the current tensor's need.
 `release_free_memory` asks glibc to return free heap pages (``malloc_trim(0)``), and
-`return_large_blocks` fixes glibc's mmap threshold at 1 MiB for the process, so every block of a
-megabyte or more is mapped and unmapped on its own instead of fragmenting the heap (it costs a
-few page faults per large allocation). Elsewhere both do nothing.
+`large_blocks_returned` fixes glibc's mmap threshold at 1 MiB while a streaming merge runs, so
+every block of a megabyte or more is mapped and unmapped on its own instead of fragmenting the
+heap (it costs a few page faults per large allocation). Elsewhere both do nothing.
+
+glibc has no call that reads the threshold back: on exit the threshold is set to glibc's initial
+value (128 KiB). Like any ``mallopt`` call (or the ``MALLOC_MMAP_THRESHOLD_`` environment
+variable) this ends glibc's dynamic threshold adjustment for the process; it affects only how
+memory is requested from the OS, never a result.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
+GLIBC_DEFAULT_MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 @functools.cache
@@ -42,18 +50,25 @@ def _malloc_trim():
     return trim
 
 
-@functools.cache
-def return_large_blocks() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB for this process (once); ``True`` when it was set.
-
-    Called by the streaming merges (`merge_models`) before their first tensor: peak memory then
-    follows what is alive, not the heap's high-water mark. A process-wide setting, like the
-    ``MALLOC_MMAP_THRESHOLD_`` environment variable it mirrors; it changes no result."""
+def _set_mmap_threshold(nbytes: int) -> bool:
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
+
+
+@contextmanager
+def large_blocks_returned() -> Iterator[bool]:
+    """While the block runs, glibc maps every allocation of 1 MiB or more on its own and unmaps it
+    when freed (yields ``True`` when that could be set); afterwards glibc's initial threshold is
+    set back (module docstring). It changes no result."""
+    changed = _set_mmap_threshold(MMAP_THRESHOLD_BYTES)
+    try:
+        yield changed
+    finally:
+        if changed:
+            _set_mmap_threshold(GLIBC_DEFAULT_MMAP_THRESHOLD_BYTES)
 
 
 def release_free_memory() -> None:

@@ -474,6 +474,11 @@ def run_recipe(
 MULTI_PROCESS_FUNCTIONS = ("merge_models",)
 
 
+def _runs_on_every_rank(plan: MergePlan) -> bool:
+    """Whether the API call writes a full checkpoint through the multi-process sink (every rank takes part)."""
+    return plan.function in MULTI_PROCESS_FUNCTIONS or plan.kwargs.get("fold_into") is not None
+
+
 def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     """Run the plan into an atomic output directory (shared by all ranks under a launcher)."""
     from . import __version__
@@ -492,7 +497,7 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     )
     sources = [*plan.inputs, *([plan.base_model] if plan.base_model else [])]
     ctx = process_context(plan.device)
-    everywhere = plan.function in MULTI_PROCESS_FUNCTIONS
+    everywhere = _runs_on_every_rank(plan)
 
     def work(tmp: Path) -> MergeReport | None:
         if not (ctx.is_main or everywhere):

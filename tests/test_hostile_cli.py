@@ -442,7 +442,7 @@ def test_cli_lora_given_as_oft_points_to_the_lora_path(real, tmp_path):
 
 
 def test_cli_interrupt_in_the_real_merge_leaves_nothing(real, tmp_path, monkeypatch):
-    import peft_orthomerge.plan.oft as plan_mod
+    import peft_orthomerge.merge.oft as plan_mod
 
     calls = []
     real_merge = plan_mod.merge_module

@@ -31,7 +31,7 @@ from peft_orthomerge.errors import (
     OutputError,
     UnsafeInputError,
 )
-from peft_orthomerge.io import output as output_mod
+from peft_orthomerge.sinks import output as output_mod
 from peft_orthomerge.sinks.output import (
     ShardedSafetensorsWriter,
     atomic_output_dir,

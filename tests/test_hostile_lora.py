@@ -29,7 +29,7 @@ from peft_orthomerge.errors import (
     OutputError,
     UnsafeInputError,
 )
-from peft_orthomerge.io import output as output_mod
+from peft_orthomerge.sinks import output as output_mod
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

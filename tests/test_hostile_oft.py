@@ -29,7 +29,7 @@ from peft_orthomerge.errors import (
     OutputError,
     UnsafeInputError,
 )
-from peft_orthomerge.io import output as output_mod
+from peft_orthomerge.sinks import output as output_mod
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "legacy-oft-peft-0.15.2"
@@ -578,7 +578,7 @@ def test_ctrl_c_between_modules(lab, out, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(so_merge, "merge_module", interrupt_second)
-    import peft_orthomerge.plan.oft as plan_mod
+    import peft_orthomerge.merge.oft as plan_mod
 
     monkeypatch.setattr(plan_mod, "merge_module", interrupt_second)
     with pytest.raises(KeyboardInterrupt):

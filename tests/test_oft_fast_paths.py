@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from peft_orthomerge import merge_oft_checkpoints
 from peft_orthomerge.errors import ConfigError, NumericalError
-from peft_orthomerge.oft import fold as fold_mod
+from peft_orthomerge.ops import oft_fold as fold_mod
 from peft_orthomerge.ops.oft_fold import fold_weight
 from peft_orthomerge.ops.skew import block_norms
 from peft_orthomerge.ops.so_merge import merge_module

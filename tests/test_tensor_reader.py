@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peft_orthomerge.errors import InputError, NumericalError
-from peft_orthomerge.io import tensors as tensors_mod
+from peft_orthomerge.sources import tensors as tensors_mod
 from peft_orthomerge.sources.tensors import TensorReader
 
 pytestmark = pytest.mark.skipif(sys.byteorder != "little", reason="positional reads assume a little-endian machine")

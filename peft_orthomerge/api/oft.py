@@ -10,18 +10,21 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..plan.oft import ORTHOGONALITY_BLOCKS, build_plan
+from ..merge.oft import FoldedOft
+from ..plan.oft import build_plan, check_fold_targets
+from ..plan.options import ORTHOGONALITY_BLOCKS, OftOptions
 from ..report import MergeReport
-from ..sinks.oft_adapter import check_fold_targets, new_report, write_adapter, write_folded
+from ..sinks.checkpoint import write_checkpoint
+from ..sinks.oft_adapter import new_report, write_adapter
 from ..sinks.output import atomic_output_dir, check_output_dir
+from ..sinks.parallel import process_context
+from ..sources.checkpoint import open_checkpoint
 from ..sources.in_memory import ParameterShapes
 from ..sources.oft import OftAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
-from ..sources.tensors import TensorReader
 
 Ref = str | os.PathLike
 
@@ -78,23 +81,14 @@ def merge_oft_adapters(
         raise ConfigError(
             f"adapter name {adapter_name!r} is already used in the model", hint="Pass another adapter_name."
         )
-    sources: list[OftAdapter] = []
-    for ref in refs:
-        if isinstance(ref, str) and ref in loaded:
-            sources.append(read_loaded_adapter(model, ref))
-        else:
-            sources.append(read_adapter_dir(str(ref), resolve_source(ref, kind="adapter")))
-    plan = build_plan(
-        sources,
-        weights,
-        method=method,
-        granularity=granularity,
-        cayley=cayley,
-        scale=scale,
-        export="memory",
-        device=device,
-        orthogonality_blocks=orthogonality_blocks,
-    )
+    options = OftOptions(method, granularity, cayley, scale, "memory", device, orthogonality_blocks)
+    sources: list[OftAdapter] = [
+        read_loaded_adapter(model, ref)
+        if isinstance(ref, str) and ref in loaded
+        else read_adapter_dir(str(ref), resolve_source(ref, kind="adapter"))
+        for ref in refs
+    ]
+    plan = build_plan(sources, weights, options)
     base = model.get_base_model() if is_peft else model
     check_fold_targets(plan, ParameterShapes(base))  # PEFT would silently skip a module the model lacks
     report = new_report(plan, [str(r) for r in refs], None)
@@ -141,31 +135,30 @@ def merge_oft_checkpoints(
     ``torch.load(weights_only=True)``. Returns the `MergeReport`.
     """
     refs = _refs(adapters)
-    dirs = [resolve_source(r, kind="adapter") for r in refs]
-    sources = [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)]
-    base_dir = resolve_source(fold_into, kind="model") if fold_into is not None else None
-    export = "folded" if base_dir is not None else "adapter"
-    plan = build_plan(
-        sources,
-        weights,
-        method=method,
-        granularity=granularity,
-        cayley=cayley,
-        scale=scale,
-        export=export,
-        device=device,
-        orthogonality_blocks=orthogonality_blocks,
-    )
-    inputs: list[Path] = [*dirs, *([base_dir] if base_dir is not None else [])]
-    out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
-    base = None
-    if base_dir is not None:
-        base = TensorReader.from_dir(base_dir, "model", allow_pickle=allow_pickle)
-        check_fold_targets(plan, base)
-    report = new_report(plan, [str(r) for r in refs], str(out))
-    with atomic_output_dir(out, inputs=inputs, overwrite=overwrite) as tmp:
-        if base is None:
+    if fold_into is None:
+        options = OftOptions(method, granularity, cayley, scale, "adapter", device, orthogonality_blocks)
+        dirs = [resolve_source(r, kind="adapter") for r in refs]
+        plan = build_plan(
+            [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)], weights, options
+        )
+        out = check_output_dir(output_dir, inputs=dirs, overwrite=overwrite)
+        report = new_report(plan, [str(r) for r in refs], str(out))
+        with atomic_output_dir(out, inputs=dirs, overwrite=overwrite) as tmp:
             write_adapter(plan, tmp, report)
-        else:
-            write_folded(plan, base, base_dir, tmp, report, base_ref=str(fold_into))
-    return report
+        return report
+    ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
+    options = OftOptions(method, granularity, cayley, scale, "folded", str(ctx.device), orthogonality_blocks)
+    dirs = [resolve_source(r, kind="adapter") for r in refs]
+    plan = build_plan(
+        [read_adapter_dir(str(r), d, allow_pickle=allow_pickle) for r, d in zip(refs, dirs)], weights, options
+    )
+    base_dir, base = open_checkpoint(fold_into, allow_pickle)
+    inputs = [*dirs, base_dir]
+    out = check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
+    check_fold_targets(plan, base)
+    report = new_report(plan, [str(r) for r in refs], str(out))
+    jobs = FoldedOft(plan, base, report)
+    return write_checkpoint(
+        ctx, out, jobs, report, base_dir=base_dir, base_ref=str(fold_into), inputs=inputs, overwrite=overwrite,
+        desc="folding",
+    )  # fmt: skip

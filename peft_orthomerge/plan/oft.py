@@ -1,30 +1,25 @@
-"""The merge plan: every check on the inputs and options, done before any tensor is merged or written.
+"""The plan of an OFT merge: every check on the inputs and options, done before any tensor is merged.
 
-A plan fixes the output convention (``use_cayley_neumann`` and the number of Neumann terms),
-the union of target modules (a module an adapter does not target is the identity for it), and
-which tensors are merged how. `iter_merged_modules` then streams the merge one module at a time.
+A plan fixes the output convention (``use_cayley_neumann`` and the number of Neumann terms), the
+union of target modules (a module an adapter does not target is the identity for it), the output
+block configuration, and the pass-through tensors (biases, ``modules_to_save``) and who holds
+them. `check_fold_targets` checks a plan against the base model it will be folded into or
+loaded onto. The merge itself is `merge.oft`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
-from ..device import resolve_device
 from ..errors import ConfigError, IncompatibleInputsError
-from ..ops.registry import euclidean_methods
-from ..ops.skew import peft_rotation
-from ..ops.so_merge import ModuleMerge, get_so_method, merge_module, so_methods
 from ..ops.weights import normalize_weights
-from ..sources.oft import OftAdapter, OftModule
-
-CAYLEY_CHOICES = ("auto", "exact", "neumann")
-ORTHOGONALITY_BLOCKS = 4  # default: blocks per module whose orthogonality error is measured (see writer)
-EXPORTS = ("adapter", "memory", "folded")
+from ..sources.in_memory import ParameterShapes
+from ..sources.oft import PREFIX, OftAdapter, OftModule
+from ..sources.tensors import TensorReader
+from .options import OftOptions
 
 
 @dataclass
@@ -40,106 +35,41 @@ class ModulePlan:
 
 @dataclass
 class OftPlan:
+    """A validated OFT merge. ``oft_block_size`` / ``oft_rank``: the output `OFTConfig`'s
+    ``oft_block_size`` and ``r`` (one of them is 0); ``passthrough``: key -> indices of the
+    adapters holding it."""
+
     adapters: list[OftAdapter]
     weights: list[float]
-    method: str
-    granularity: str
-    scale: float
-    export: str
-    euclidean: bool
+    options: OftOptions
     use_cayley_neumann: bool
     terms: int
     block_share: bool
-    oft_block_size: int  # the output OFTConfig's oft_block_size and r (one of them is 0)
+    oft_block_size: int
     oft_rank: int
     modules: list[ModulePlan]
-    passthrough: dict[str, list[int]]  # key -> indices of the adapters holding it
+    passthrough: dict[str, list[int]]
     warnings: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS  # None: every block
 
     @property
     def params(self) -> dict:
+        """The plan's settings as a report records them."""
+        blocks = self.options.orthogonality_blocks
         return {
-            "granularity": self.granularity,
-            "scale": self.scale,
+            "granularity": self.options.granularity,
+            "scale": self.options.scale,
             "use_cayley_neumann": self.use_cayley_neumann,
             "num_cayley_neumann_terms": self.terms,
-            "export": self.export,
-            "orthogonality_blocks": "all" if self.orthogonality_blocks is None else self.orthogonality_blocks,
+            "export": self.options.export,
+            "orthogonality_blocks": "all" if blocks is None else blocks,
         }
 
 
-def _choose_method(method: str, export: str) -> bool:
-    """Return True for a Euclidean baseline method; raise `ConfigError` for unknown / unexportable ones."""
-    if method in so_methods():
-        if not get_so_method(method).orthogonal and export != "folded":
-            raise ConfigError(
-                f"method {method!r} does not produce a rotation, so it cannot be stored as an OFT adapter",
-                hint="Use it with fold_into=<base model> (folded export), or choose 'orthomerge', 'mean_q' or 'product_r'.",
-            )
-        return False
-    if method in euclidean_methods():
-        if export != "folded":
-            raise ConfigError(
-                f"Euclidean method {method!r} acts on folded weights and cannot give an OFT adapter",
-                hint="Pass fold_into=<base model> to merge_oft_checkpoints.",
-            )
-        return True
-    valid = ", ".join([*so_methods(), *euclidean_methods()])
-    raise ConfigError(f"unknown method {method!r}; valid: {valid}")
-
-
-def build_plan(
-    adapters: Sequence[OftAdapter],
-    weights: Sequence[float] | None,
-    *,
-    method: str = "orthomerge",
-    granularity: str = "module",
-    cayley: str = "auto",
-    scale: float = 1.0,
-    export: str = "adapter",
-    device: str = "cpu",
-    orthogonality_blocks: int | None = ORTHOGONALITY_BLOCKS,
-) -> OftPlan:
-    """Validate everything about a merge of ``adapters`` and return the plan.
-
-    ``orthogonality_blocks``: per module, the number of merged blocks (those of largest norm) whose
-    orthogonality error the report measures; ``None`` measures every block.
-    """
-    if not adapters:
-        raise ConfigError("no adapters to merge", hint="Pass at least one OFT adapter.")
-    weights = normalize_weights(weights, len(adapters))
-    euclidean = _choose_method(method, export)
-    if granularity not in ("module", "block"):
-        raise ConfigError(f"unknown granularity {granularity!r}; valid: 'module', 'block'")
-    if cayley not in CAYLEY_CHOICES:
-        raise ConfigError(f"unknown cayley option {cayley!r}; valid: {', '.join(CAYLEY_CHOICES)}")
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ConfigError(f"scale must be a number, got {scale!r}") from None
-    if not math.isfinite(scale):
-        raise ConfigError(f"scale must be finite, got {scale}")
-    if orthogonality_blocks is not None and (
-        isinstance(orthogonality_blocks, bool) or not isinstance(orthogonality_blocks, int) or orthogonality_blocks < 1
-    ):
-        raise ConfigError(
-            f"orthogonality_blocks must be a positive integer or None (every block), got {orthogonality_blocks!r}"
-        )
-    device = str(resolve_device(device))  # "auto" -> cuda:N or cpu; ConfigError when CUDA is missing
-    warnings = [w for a in adapters for w in a.warnings]
-    for a in adapters:
-        if a.fold_only_reason and export != "folded":
-            raise IncompatibleInputsError(
-                a.fold_only_reason, path=a.label, hint="It can only be folded: pass fold_into=<base model>."
-            )
-
+def _output_convention(adapters: Sequence[OftAdapter], cayley: str, warnings: list[str]) -> tuple[bool, int]:
+    """The merged adapter's ``use_cayley_neumann`` and ``num_cayley_neumann_terms``."""
     flags = {a.use_cayley_neumann for a in adapters}
-    if cayley == "exact":
-        use_neumann = False
-    elif cayley == "neumann":
-        use_neumann = True
+    if cayley in ("exact", "neumann"):
+        use_neumann = cayley == "neumann"
     elif len(flags) == 1:
         use_neumann = flags.pop()
     else:
@@ -152,24 +82,29 @@ def build_plan(
     terms = term_set[-1] if term_set else 5
     if len(term_set) > 1:
         warnings.append(f"inputs use different num_cayley_neumann_terms {term_set}; the output uses {terms}")
+    return use_neumann, terms
 
-    modules = _plan_modules(adapters, export)
-    block_share = all(a.block_share for a in adapters)
+
+def _output_blocks(adapters: Sequence[OftAdapter], modules: Sequence[ModulePlan]) -> tuple[int, int]:
+    """``(oft_block_size, r)`` of the output config: one block size, or the inputs' common setting."""
     sizes = {m.b for m in modules}
     configured = {int(a.config.get("oft_block_size") or 0) for a in adapters}
     ranks = {int(a.config.get("r") or 0) for a in adapters}
-    oft_rank = 0
     if len(sizes) == 1:
-        oft_block_size = sizes.pop()
-    elif len(configured) == 1 and 0 not in configured:
-        oft_block_size = configured.pop()  # PEFT adjusts it per module the same way on reload
-    elif len(ranks) == 1 and 0 not in ranks and len({m.r for m in modules}) == 1:
-        oft_block_size, oft_rank = 0, ranks.pop()  # configured by the number of blocks
-    else:
-        raise IncompatibleInputsError(
-            f"modules use different block sizes {sorted(sizes)} and the adapters were configured with different "
-            f"oft_block_size {sorted(configured)}: one OFT config cannot describe the result"
-        )
+        return sizes.pop(), 0
+    if len(configured) == 1 and 0 not in configured:
+        return configured.pop(), 0  # PEFT adjusts it per module the same way on reload
+    if len(ranks) == 1 and 0 not in ranks and len({m.r for m in modules}) == 1:
+        return 0, ranks.pop()  # configured by the number of blocks
+    raise IncompatibleInputsError(
+        f"modules use different block sizes {sorted(sizes)} and the adapters were configured with different "
+        f"oft_block_size {sorted(configured)}: one OFT config cannot describe the result"
+    )
+
+
+def _plan_passthrough(adapters: Sequence[OftAdapter], export: str) -> dict[str, list[int]]:
+    """Pass-through key -> indices of the adapters that hold it; shapes must agree, and outside a
+    folded export every adapter must hold it (its merge would need the base value)."""
     passthrough: dict[str, list[int]] = {}
     for i, a in enumerate(adapters):
         for key in a.passthrough:
@@ -190,24 +125,35 @@ def build_plan(
                 tensor=key,
                 hint="Fold into the base model (fold_into=...), or merge adapters saved with the same bias / modules_to_save settings.",
             )
+    return passthrough
+
+
+def build_plan(adapters: Sequence[OftAdapter], weights: Sequence[float] | None, options: OftOptions) -> OftPlan:
+    """Validate everything about a merge of ``adapters`` under ``options`` and return the plan."""
+    if not adapters:
+        raise ConfigError("no adapters to merge", hint="Pass at least one OFT adapter.")
+    weights = normalize_weights(weights, len(adapters))
+    warnings = [w for a in adapters for w in a.warnings]
+    for a in adapters:
+        if a.fold_only_reason and options.export != "folded":
+            raise IncompatibleInputsError(
+                a.fold_only_reason, path=a.label, hint="It can only be folded: pass fold_into=<base model>."
+            )
+    use_neumann, terms = _output_convention(adapters, options.cayley, warnings)
+    modules = _plan_modules(adapters, options.export)
+    block_size, rank = _output_blocks(adapters, modules)
     return OftPlan(
-        list(adapters),
-        weights,
-        method,
-        granularity,
-        scale,
-        export,
-        euclidean,
-        use_neumann,
-        terms,
-        block_share,
-        oft_block_size,
-        oft_rank,
-        modules,
-        passthrough,
-        warnings,
-        device,
-        orthogonality_blocks,
+        adapters=list(adapters),
+        weights=weights,
+        options=options,
+        use_cayley_neumann=use_neumann,
+        terms=terms,
+        block_share=all(a.block_share for a in adapters),
+        oft_block_size=block_size,
+        oft_rank=rank,
+        modules=modules,
+        passthrough=_plan_passthrough(adapters, options.export),
+        warnings=warnings,
     )
 
 
@@ -250,54 +196,39 @@ def _plan_modules(adapters: Sequence[OftAdapter], export: str) -> list[ModulePla
     return plans
 
 
-def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each adapter's canonical ``(r, n)`` vectors for module ``mp`` in its stored precision
-    (float32 / float64; zeros where not targeted; shared single blocks repeated to ``r`` rows),
-    and their per-block norms (float64 ``(r,)``)."""
-    n = mp.b * (mp.b - 1) // 2
-    vecs, norms = [], []
-    for a, src in zip(plan.adapters, mp.sources):
-        if src is None:
-            vecs.append(torch.zeros(mp.r, n, dtype=torch.float32, device=plan.device))
-            norms.append(torch.zeros(mp.r, dtype=torch.float64, device=plan.device))
-            continue
-        vec, norm = a.canonical_with_norms(mp.name)
-        vec, norm = vec.to(plan.device), norm.to(plan.device)
-        vecs.append(vec.expand(mp.r, n) if vec.shape[0] != mp.r else vec)
-        norms.append(norm.expand(mp.r) if norm.shape[0] != mp.r else norm)
-    return vecs, norms
+def base_name(key: str) -> str:
+    """Adapter pass-through key -> base checkpoint key (``base_model.model.`` and ``base_layer.`` removed)."""
+    name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    return name.replace(".base_layer.", ".")
 
 
-def merge_one(plan: OftPlan, mp: ModulePlan) -> ModuleMerge:
-    """Merge module ``mp`` with the plan's method."""
-    vecs, norms = canonical_inputs(plan, mp)
-    applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
-    return merge_module(
-        vecs,
-        plan.weights,
-        method=plan.method,
-        granularity=plan.granularity,
-        scale=plan.scale,
-        norms=norms,
-        applied=applied,
-    )
-
-
-def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:
-    """Merge the modules one at a time (only one module's tensors are in memory)."""
+def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> None:
+    """Before writing: every module and pass-through tensor exists in the base with a fitting shape."""
+    base_label = base.label if isinstance(base, ParameterShapes) else str(base.files[0].parent)
     for mp in plan.modules:
-        yield mp, merge_one(plan, mp)
-
-
-def merged_passthrough(plan: OftPlan, key: str, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted mean of a pass-through tensor; adapters without it contribute ``base``."""
-    holders = plan.passthrough[key]
-    total = None
-    for i, (a, w) in enumerate(zip(plan.adapters, plan.weights)):
-        value = a.tensors.get(key) if i in holders else base
-        if value is None:
-            raise IncompatibleInputsError("pass-through tensor missing and no base value", path=a.label, tensor=key)
-        term = value.to(torch.float64) * w
-        total = term if total is None else total + term
-    dtype = plan.adapters[holders[0]].tensors.get(key).dtype if base is None else base.dtype
-    return total.to(dtype)
+        key = f"{mp.name}.weight"
+        label = next(a.label for a, s in zip(plan.adapters, mp.sources) if s is not None)
+        if key not in base:
+            raise IncompatibleInputsError(
+                "OFT module not found in the base model", path=label, tensor=key, hint=f"Base: {base_label}"
+            )
+        shape = base.shape(key)
+        in_dim = shape[1] if mp.kind == "embedding" else int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 0
+        if len(shape) < 2 or in_dim % mp.b or (mp.r != 1 and mp.r * mp.b != in_dim):
+            raise IncompatibleInputsError(
+                f"{mp.r} OFT block(s) of size {mp.b} do not fit the base weight of shape {shape}",
+                path=label,
+                tensor=key,
+                hint="The adapter was trained for a different base model.",
+            )
+    for key, holders in plan.passthrough.items():
+        target = base_name(key)
+        label = plan.adapters[holders[0]].label
+        if target not in base:
+            raise IncompatibleInputsError(
+                f"tensor has no counterpart {target!r} in the base model", path=label, tensor=key
+            )
+        if base.shape(target) != plan.adapters[holders[0]].tensors.shape(key):
+            raise IncompatibleInputsError(
+                f"shape differs from the base tensor {target!r} {base.shape(target)}", path=label, tensor=key
+            )

@@ -125,3 +125,11 @@ def write_model_card(directory: str | Path, report: MergeReport, **kwargs) -> Pa
     path = Path(directory) / "README.md"
     path.write_text(render_model_card(report, **kwargs))
     return path
+
+
+def write_report_files(
+    directory: str | Path, report: MergeReport, *, base_model: str | None = None, library_name: str | None = None
+) -> None:
+    """Write an output's ``orthomerge_report.json`` and ``README.md`` model card: the one place both are written."""
+    report.to_json(Path(directory) / REPORT_FILE)
+    write_model_card(directory, report, base_model=base_model, library_name=library_name)

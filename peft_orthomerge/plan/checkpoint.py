@@ -1,0 +1,121 @@
+"""The plan of a full-checkpoint merge: per tensor, whether it is decoupled, how it is read, its cost.
+
+Built from the base checkpoint's header alone (no tensor data is read), the same on every rank
+of a multi-process merge, so each rank can take its share of the `TensorTask` list.
+
+Routes (how a tensor reaches the math):
+
+- ``"rows"``: task arithmetic straight from the files by blocks of rows, never a whole tensor in
+  memory (`merge.tensor.merge_rows`): every TA tensor that is not decoupled, and decoupled weights
+  with ``2 * out >= in`` in torch layout;
+- ``"tensor"``: the base tensor in memory and the experts read one at a time
+  (`merge.tensor.merge_tensor`): everything else that is floating point;
+- ``"copy"``: non-floating tensors, copied from the base.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..sources.layout import conv1d_weight_names
+from ..sources.tensors import TensorReader
+from .options import DecoupleOptions
+
+ROUTES = ("rows", "tensor", "copy")
+
+
+def compile_patterns(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
+    """``include`` / ``exclude`` regexes, compiled; `ConfigError` naming the bad one."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"invalid {what} regex {p!r}: {exc}") from None
+    return out
+
+
+def estimate_cost(shape: Sequence[int], *, decoupled: bool = True) -> float:
+    """Estimated cost of merging one tensor of ``shape`` (torch layout, W is (out, in)).
+
+    A decoupled 2-D weight costs a cross Gram ``W0^T W_i`` (``out * in^2``) plus an ``in x in``
+    polar factor (``in^3``); anything else (1-D tensors, plain Euclidean merges) is linear
+    in its size.
+    """
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if decoupled and len(shape) == 2:
+        out, inp = int(shape[0]), int(shape[1])
+        return float(inp) ** 3 + float(out) * float(inp) ** 2
+    return float(numel)
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One checkpoint tensor: its name, shape for the math (``(out, in)``: a ``Conv1D`` weight,
+    stored ``(in, out)``, has ``transposed`` set), whether it is decoupled, its route and cost."""
+
+    name: str
+    shape: tuple[int, ...]
+    decoupled: bool
+    transposed: bool
+    route: str
+    cost: float
+
+
+def _route(
+    reader: TensorReader,
+    name: str,
+    shape: tuple[int, ...],
+    options: DecoupleOptions,
+    decoupled: bool,
+    transposed: bool,
+) -> str:
+    if not reader.dtype(name).is_floating_point:
+        return "copy"
+    rows = options.residual == "ta" and bool(shape)
+    if rows and (not decoupled or (not transposed and 2 * shape[0] >= shape[1])):
+        return "rows"
+    return "tensor"
+
+
+def plan_checkpoint(
+    base: TensorReader,
+    base_dir: Path,
+    options: DecoupleOptions,
+    *,
+    include: Sequence[re.Pattern[str]] = (),
+    exclude: Sequence[re.Pattern[str]] = (),
+) -> list[TensorTask]:
+    """One `TensorTask` per tensor of ``base``, in the checkpoint's order.
+
+    A tensor is decoupled when the options have a target, it is 2-D, its name matches an
+    ``include`` pattern (none given: every name; ``re.search``) and no ``exclude`` pattern
+    (`compile_patterns` makes both). Weights of transformers'
+    ``Conv1D`` modules are found from ``base_dir/config.json`` (`sources.layout.conv1d_weight_names`).
+    """
+    names = base.keys()
+    conv1d = conv1d_weight_names(base_dir, names)
+    tasks = []
+    for name in names:
+        stored = base.shape(name)
+        transposed = name in conv1d and len(stored) == 2
+        shape = stored[::-1] if transposed else stored
+        decoupled = (
+            options.target is not None
+            and len(stored) == 2
+            and (not include or any(p.search(name) for p in include))
+            and not any(p.search(name) for p in exclude)
+        )
+        route = _route(base, name, shape, options, decoupled, transposed)
+        tasks.append(TensorTask(name, shape, decoupled, transposed, route, estimate_cost(shape, decoupled=decoupled)))
+    return tasks

@@ -57,7 +57,8 @@ def child(mode: str, path: str) -> dict:
     torch.set_num_threads(1)
     from safetensors import safe_open
 
-    from peft_orthomerge.sources.tensors import TensorReader, ensure_finite
+    from peft_orthomerge.sources.tensors import TensorReader
+    from peft_orthomerge.sources.validation import ensure_finite
 
     with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")

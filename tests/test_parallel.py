@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from peft_orthomerge.errors import ConfigError, InputError, OrthoMergeError, OutputError
+from peft_orthomerge.plan.checkpoint import estimate_cost
+from peft_orthomerge.sinks.checkpoint import distributed_write
 from peft_orthomerge.sinks.parallel import (
     ProcessContext,
-    distributed_write,
-    estimate_cost,
     launcher_env,
     leave_process_group,
     process_context,

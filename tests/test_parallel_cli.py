@@ -21,7 +21,8 @@ from _cli_utils import build_oft_inputs
 from conftest import build_tiny_llama
 from safetensors.torch import save_file
 
-from peft_orthomerge.sinks.parallel import estimate_cost, split_by_cost
+from peft_orthomerge.plan.checkpoint import estimate_cost
+from peft_orthomerge.sinks.parallel import split_by_cost
 from peft_orthomerge.sources.tensors import TensorReader
 
 REPO = Path(__file__).resolve().parents[1]

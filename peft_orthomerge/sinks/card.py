@@ -30,35 +30,23 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_model_card(report: MergeReport, *, base_model: str | None = None, library_name: str | None = None) -> str:
-    """Return a model card: YAML front matter for the Hub, then inputs, method, usage and a module table.
-
-    ``library_name="peft"`` marks an adapter (the card shows how to load it with `PeftModel`);
-    anything else is a full model loadable with transformers.
-    """
-    from .. import __version__
-
-    is_adapter = library_name == "peft"
+def _front_matter(report: MergeReport, base_model: str | None, library_name: str | None) -> list[str]:
+    """The Hub metadata block: library, base model and its relation, tags."""
     meta: dict = {"library_name": library_name or "transformers"}
     if _is_hub_id(base_model):
         meta["base_model"] = base_model
-        meta["base_model_relation"] = "adapter" if is_adapter else "merge"
+        meta["base_model_relation"] = "adapter" if library_name == "peft" else "merge"
     meta["tags"] = ["merge", "orthomerge", "peft-orthomerge", report.kind]
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
-    title = TITLES.get(report.kind, "Merged model")
-    lines += [
-        f"# {title}",
-        "",
-        f"Merged with peft-orthomerge {__version__}, method `{report.method}`, following {PAPER}.",
-        "",
-    ]
-    if base_model:
-        lines += [f"Base model: `{base_model}`", ""]
-    lines += ["## Inputs", "", "| # | input | weight |", "|---|---|---|"]
+    return ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
+
+
+def _method_lines(report: MergeReport, version: str) -> list[str]:
+    """Inputs with weights, the method's parameters and the summary of magnitude factors and errors."""
+    lines = ["## Inputs", "", "| # | input | weight |", "|---|---|---|"]
     lines += [f"| {i} | `{_cell(ref)}` | {w:.4f} |" for i, (ref, w) in enumerate(zip(report.inputs, report.weights))]
     lines += ["", "Weights are normalised to sum to 1.", "", "## Method", "", f"- method: `{report.method}`"]
     lines += [f"- {k}: `{_cell(v)}`" for k, v in report.params.items()]
-    lines.append(f"- peft-orthomerge version: `{__version__}`")
+    lines.append(f"- peft-orthomerge version: `{version}`")
     stats = report.summary_stats()
     if "c_mean" in stats:
         lines.append(
@@ -67,14 +55,17 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
         )
     if "orthogonality_error_max" in stats:
         lines.append(f"- largest orthogonality error of a merged rotation: {stats['orthogonality_error_max']:.2e}")
-    lines += ["", "## Usage", "", "```python"]
-    load_base = base_model or "BASE_MODEL"
+    return lines
+
+
+def _usage_lines(base_model: str | None, is_adapter: bool) -> list[str]:
+    lines = ["", "## Usage", "", "```python"]
     if is_adapter:
         lines += [
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM",
             "",
-            f'base = AutoModelForCausalLM.from_pretrained("{load_base}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")',
             'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_ADAPTER")',
         ]
     else:
@@ -83,18 +74,36 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
             "",
             'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_OF_THIS_MODEL")',
         ]
-    lines += ["```", ""]
+    return [*lines, "```", ""]
+
+
+def render_model_card(report: MergeReport, *, base_model: str | None = None, library_name: str | None = None) -> str:
+    """Return a model card: YAML front matter for the Hub, then inputs, method, usage and a module table.
+
+    ``library_name="peft"`` marks an adapter (the card shows how to load it with `PeftModel`);
+    anything else is a full model loadable with transformers.
+    """
+    from .. import __version__
+
+    title = TITLES.get(report.kind, "Merged model")
+    lines = _front_matter(report, base_model, library_name)
+    lines += [
+        f"# {title}",
+        "",
+        f"Merged with peft-orthomerge {__version__}, method `{report.method}`, following {PAPER}.",
+        "",
+    ]
+    if base_model:
+        lines += [f"Base model: `{base_model}`", ""]
+    lines += _method_lines(report, __version__)
+    lines += _usage_lines(base_model, library_name == "peft")
     if report.modules:
         lines += _module_table(report)
     if report.passthrough:
         shown = report.passthrough[:MAX_TABLE_ROWS]
         more = len(report.passthrough) - len(shown)
-        lines += [
-            "",
-            "Tensors merged by weighted mean: "
-            + ", ".join(f"`{n}`" for n in shown)
-            + (f" and {more} more" if more else ""),
-        ]
+        names = ", ".join(f"`{n}`" for n in shown) + (f" and {more} more" if more else "")
+        lines += ["", "Tensors merged by weighted mean: " + names]
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"

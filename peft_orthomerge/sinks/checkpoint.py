@@ -12,9 +12,9 @@ number of processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -22,10 +22,13 @@ from ..memory import large_blocks_returned, release_free_memory
 from ..progress import progress
 from ..report import MergeReport, ModuleStats
 from .card import write_report_files
-from .output import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_base_side_files
-from .parallel import ProcessContext, distributed_write, split_by_cost
+from .output import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_base_side_files, finalize_shards
+from .parallel import ProcessContext, distributed_output, split_by_cost
 
 Entry = ModuleStats | str | None  # a report entry; "passthrough": merged without statistics; None: nothing
+ShardParts = list[tuple[str, list[str]]]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TensorJobs(Protocol):
@@ -42,6 +45,51 @@ class TensorJobs(Protocol):
     def finish(self) -> None:
         """Called once after this process's last `compute` (statistics gathered in batches)."""
         ...
+
+
+def distributed_write(
+    ctx: ProcessContext,
+    output_dir: str | os.PathLike,
+    *,
+    compute: Callable[[Path, ShardedSafetensorsWriter], T],
+    finalize: Callable[[Path, list[T]], R],
+    inputs: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+    prefix: str = "model",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> R:
+    """`distributed_output` for safetensors shards: each rank writes its own, rank 0 indexes them all.
+
+    Args:
+        ctx: from `process_context`.
+        output_dir: the final directory (validated by rank 0 before any work).
+        compute: ``compute(tmp_dir, writer) -> T`` runs on every rank, adding its tensors to
+            ``writer`` (shards tagged ``rank{r}-``, flushed every ``max_shard_bytes``); ``T``
+            (picklable, small: e.g. per-module statistics) is gathered to rank 0.
+        finalize: ``finalize(tmp_dir, results) -> R`` runs on rank 0 once all shards are
+            renamed to transformers' names and indexed (`finalize_shards`); it writes configs,
+            report and card. ``R`` must be picklable; every rank returns it.
+        inputs, overwrite: as for `atomic_output_dir`.
+        prefix, max_shard_bytes, metadata: as for `ShardedSafetensorsWriter`.
+
+    Raises:
+        The error of the first failing rank, on every rank; nothing is left on disk.
+    """
+
+    def work(tmp: Path) -> tuple[ShardParts, int, T]:
+        writer = ShardedSafetensorsWriter(
+            tmp, prefix=prefix, max_shard_bytes=max_shard_bytes, shard_tag=f"rank{ctx.rank}-", metadata=metadata
+        )
+        result = compute(tmp, writer)
+        return writer.close(), writer.total_bytes, result
+
+    def finish(tmp: Path, gathered: list[tuple[ShardParts, int, T]]) -> R:
+        parts = [part for rank_parts, _, _ in gathered for part in rank_parts]
+        finalize_shards(tmp, parts, prefix=prefix, total_bytes=sum(n for _, n, _ in gathered))
+        return finalize(tmp, [result for _, _, result in gathered])
+
+    return distributed_output(ctx, output_dir, work=work, finalize=finish, inputs=inputs, overwrite=overwrite)
 
 
 def _report_entries(report: MergeReport, names: Iterable[str], done: dict[str, Entry]) -> None:

@@ -13,7 +13,7 @@ Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 `process_context` reads them and, only when ``WORLD_SIZE > 1``, initialises the default process
 group (gloo for CPU work, nccl for CUDA work). Without a launcher everything runs in-process.
 
-How a merge is split (`distributed_output`, `distributed_write`):
+How a merge is split (`distributed_output`; for checkpoints `sinks.checkpoint.distributed_write`):
 
 1. Rank 0 validates the output path and creates the hidden temporary output directory
    (`atomic_output_dir`); its path is broadcast. With several machines it must lie on a
@@ -44,7 +44,7 @@ import heapq
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,10 +56,7 @@ import torch
 from ..device import resolve_device
 from ..errors import ConfigError, OrthoMergeError
 from .output import (
-    DEFAULT_MAX_SHARD_BYTES,
-    ShardedSafetensorsWriter,
     atomic_output_dir,
-    finalize_shards,
 )
 
 T = TypeVar("T")
@@ -176,22 +173,6 @@ def _settle(ctx: ProcessContext) -> None:
 
 
 # -- splitting the work ------------------------------------------------------------------------
-def estimate_cost(shape: Sequence[int], *, decoupled: bool = True) -> float:
-    """Estimated cost of merging one tensor of ``shape`` (torch layout, W is (out, in)).
-
-    A decoupled 2-D weight costs a cross Gram ``W0^T W_i`` (``out * in^2``) plus an ``in x in``
-    polar factor (``in^3``); anything else (1-D tensors, plain Euclidean merges) is linear
-    in its size.
-    """
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    if decoupled and len(shape) == 2:
-        out, inp = int(shape[0]), int(shape[1])
-        return float(inp) ** 3 + float(out) * float(inp) ** 2
-    return float(numel)
-
-
 def split_by_cost(items: Iterable[tuple[str, float]], world_size: int) -> list[list[str]]:
     """Assign named work items to ``world_size`` ranks, balancing estimated cost.
 
@@ -320,7 +301,6 @@ def main_checked(ctx: ProcessContext, run: Callable[[], R]) -> R:
 
 
 # -- the atomic, multi-process output --------------------------------------------------------
-ShardParts = list[tuple[str, list[str]]]
 
 
 def distributed_output(
@@ -376,48 +356,3 @@ def distributed_output(
         raise
     _settle(ctx)
     return result
-
-
-def distributed_write(
-    ctx: ProcessContext,
-    output_dir: str | os.PathLike,
-    *,
-    compute: Callable[[Path, ShardedSafetensorsWriter], T],
-    finalize: Callable[[Path, list[T]], R],
-    inputs: Iterable[str | os.PathLike] = (),
-    overwrite: bool = False,
-    prefix: str = "model",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    metadata: dict[str, str] | None = None,
-) -> R:
-    """`distributed_output` for safetensors shards: each rank writes its own, rank 0 indexes them all.
-
-    Args:
-        ctx: from `process_context`.
-        output_dir: the final directory (validated by rank 0 before any work).
-        compute: ``compute(tmp_dir, writer) -> T`` runs on every rank, adding its tensors to
-            ``writer`` (shards tagged ``rank{r}-``, flushed every ``max_shard_bytes``); ``T``
-            (picklable, small: e.g. per-module statistics) is gathered to rank 0.
-        finalize: ``finalize(tmp_dir, results) -> R`` runs on rank 0 once all shards are
-            renamed to transformers' names and indexed (`finalize_shards`); it writes configs,
-            report and card. ``R`` must be picklable; every rank returns it.
-        inputs, overwrite: as for `atomic_output_dir`.
-        prefix, max_shard_bytes, metadata: as for `ShardedSafetensorsWriter`.
-
-    Raises:
-        The error of the first failing rank, on every rank; nothing is left on disk.
-    """
-
-    def work(tmp: Path) -> tuple[ShardParts, int, T]:
-        writer = ShardedSafetensorsWriter(
-            tmp, prefix=prefix, max_shard_bytes=max_shard_bytes, shard_tag=f"rank{ctx.rank}-", metadata=metadata
-        )
-        result = compute(tmp, writer)
-        return writer.close(), writer.total_bytes, result
-
-    def finish(tmp: Path, gathered: list[tuple[ShardParts, int, T]]) -> R:
-        parts = [part for rank_parts, _, _ in gathered for part in rank_parts]
-        finalize_shards(tmp, parts, prefix=prefix, total_bytes=sum(n for _, n, _ in gathered))
-        return finalize(tmp, [result for _, _, result in gathered])
-
-    return distributed_output(ctx, output_dir, work=work, finalize=finish, inputs=inputs, overwrite=overwrite)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from .tensors import ensure_finite
+from .validation import ensure_finite
 
 
 class TensorSource(Protocol):

@@ -182,13 +182,32 @@ def read_config(directory: Path) -> dict[str, Any]:
     return read_json_object(file, what="adapter config")
 
 
-def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) -> OftAdapter:
-    """Validate ``config`` and the tensor headers of one adapter; no tensor data is read except ``oft_s``."""
-    _check_config(config, label)
+def _current_module(key: str, kind: str, shape: tuple[int, ...], label: str) -> OftModule:
+    """A PEFT >= 0.16 module from its ``oft_R`` / ``oft_embedding_R`` header: ``(r, b(b-1)/2)``."""
+    if len(shape) != 2 or shape[0] < 1:
+        raise InputError(f"OFT tensor must be 2-D (r, n) with r >= 1, got shape {shape}", path=label, tensor=key)
+    try:
+        b = block_size_from_n(shape[1])
+    except OrthoMergeError as exc:
+        raise InputError(exc.message, path=label, tensor=key) from None
+    name = module_name(key, next(s for s in NEW_SUFFIXES if key.endswith(s)))
+    return OftModule(name, key, kind, shape[0], b)
+
+
+def _legacy_module(key: str, shape: tuple[int, ...], tensors: Any, label: str) -> OftModule:
+    """A PEFT 0.14-0.15.2 module from its ``oft_r`` header ``(r, b, b)`` (and its ``oft_s``, if any)."""
+    if len(shape) != 3 or shape[0] < 1 or shape[1] != shape[2]:
+        raise InputError(f"legacy oft_r must be (r, b, b), got shape {shape}", path=label, tensor=key)
+    name = module_name(key, LEGACY_R)
+    skey = key[: -len(LEGACY_R)] + LEGACY_S
+    return OftModule(name, key, "linear", shape[0], shape[1], skey if skey in tensors else None)
+
+
+def _index_tensors(tensors: Any, label: str) -> tuple[dict[str, OftModule], list[str], bool]:
+    """Module name -> `OftModule`, the pass-through keys, and whether the adapter is legacy."""
     modules: dict[str, OftModule] = {}
     passthrough: list[str] = []
-    legacy_keys = [k for k in tensors.keys() if k.endswith(LEGACY_R)]
-    legacy = bool(legacy_keys)
+    legacy = any(k.endswith(LEGACY_R) for k in tensors.keys())
     for key in tensors.keys():
         shape = tensors.shape(key)
         kind = next((kind for suffix, kind in NEW_SUFFIXES.items() if key.endswith(suffix)), None)
@@ -197,26 +216,40 @@ def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) ->
                 raise InputError(
                     "adapter mixes legacy (oft_r) and current (oft_R) OFT tensors", path=label, tensor=key
                 )
-            if len(shape) != 2 or shape[0] < 1:
-                raise InputError(
-                    f"OFT tensor must be 2-D (r, n) with r >= 1, got shape {shape}", path=label, tensor=key
-                )
-            try:
-                b = block_size_from_n(shape[1])
-            except OrthoMergeError as exc:
-                raise InputError(exc.message, path=label, tensor=key) from None
-            name = module_name(key, next(s for s in NEW_SUFFIXES if key.endswith(s)))
-            modules[name] = OftModule(name, key, kind, shape[0], b)
+            module = _current_module(key, kind, shape, label)
+            modules[module.name] = module
         elif key.endswith(LEGACY_R):
-            if len(shape) != 3 or shape[0] < 1 or shape[1] != shape[2]:
-                raise InputError(f"legacy oft_r must be (r, b, b), got shape {shape}", path=label, tensor=key)
-            name = module_name(key, LEGACY_R)
-            skey = key[: -len(LEGACY_R)] + LEGACY_S
-            modules[name] = OftModule(name, key, "linear", shape[0], shape[1], skey if skey in tensors else None)
-        elif key.endswith(LEGACY_S) and legacy:
-            continue
-        else:
+            module = _legacy_module(key, shape, tensors, label)
+            modules[module.name] = module
+        elif not (key.endswith(LEGACY_S) and legacy):
             passthrough.append(key)
+    return modules, passthrough, legacy
+
+
+def _convert_legacy(adapter: OftAdapter) -> None:
+    """Legacy output scales that are all ones are dropped; others make the adapter fold-only."""
+    if adapter.config.get("coft"):
+        raise IncompatibleInputsError("legacy OFT adapter with coft=True is not supported", path=adapter.label)
+    for mod in adapter.modules.values():
+        if mod.scale_key is None:
+            continue
+        s = adapter.tensors.get(mod.scale_key)
+        if not bool((s == 1).all()):
+            adapter.fold_only_reason = (
+                f"legacy OFT adapter (PEFT <= 0.15.2) whose output scale {mod.scale_key} is not all ones: "
+                "not representable as a current OFT adapter"
+            )
+            break
+    if adapter.fold_only_reason is None:
+        for mod in adapter.modules.values():
+            mod.scale_key = None  # all ones: drop
+    adapter.warnings.append(f"{adapter.label}: legacy OFT format (PEFT 0.14-0.15.2) converted to the current layout")
+
+
+def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) -> OftAdapter:
+    """Validate ``config`` and the tensor headers of one adapter; no tensor data is read except ``oft_s``."""
+    _check_config(config, label)
+    modules, passthrough, legacy = _index_tensors(tensors, label)
     if not modules:
         raise IncompatibleInputsError("adapter holds no OFT tensors (oft_R / oft_embedding_R)", path=label)
     if config.get("block_share") and any(m.r != 1 for m in modules.values()):
@@ -224,22 +257,7 @@ def parse_adapter(ref: str, label: str, config: dict[str, Any], tensors: Any) ->
         raise InputError(f"block_share=True but {bad.r} blocks are stored", path=label, tensor=bad.key)
     adapter = OftAdapter(ref, label, config, tensors, modules, passthrough, legacy=legacy)
     if legacy:
-        if config.get("coft"):
-            raise IncompatibleInputsError("legacy OFT adapter with coft=True is not supported", path=label)
-        for mod in modules.values():
-            if mod.scale_key is None:
-                continue
-            s = tensors.get(mod.scale_key)
-            if not bool((s == 1).all()):
-                adapter.fold_only_reason = (
-                    f"legacy OFT adapter (PEFT <= 0.15.2) whose output scale {mod.scale_key} is not all ones: "
-                    "not representable as a current OFT adapter"
-                )
-                break
-        if adapter.fold_only_reason is None:
-            for mod in modules.values():
-                mod.scale_key = None  # all ones: drop
-        adapter.warnings.append(f"{label}: legacy OFT format (PEFT 0.14-0.15.2) converted to the current layout")
+        _convert_legacy(adapter)
     elif config.get("use_cayley_neumann", True) and _older_than(config.get("peft_version"), (0, 18)):
         adapter.warnings.append(
             f"{label}: saved by PEFT < 0.18 with use_cayley_neumann=True; PEFT changed the Neumann formula in 0.18 "

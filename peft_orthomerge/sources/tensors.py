@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import InputError, NumericalError, UnsafeInputError
+from ..errors import InputError, UnsafeInputError
+from .validation import ensure_finite, load_pickle_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # safetensors dtypes of less than one byte per value
-_ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from this torch are left out)
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
@@ -46,42 +46,6 @@ _DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from thi
 _DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
 # Positional reads give the file's bytes as they are: right only where the machine is little-endian.
 POSITIONAL_READS = sys.byteorder == "little" and hasattr(os, "preadv")
-
-
-def ensure_finite(tensor: torch.Tensor, *, path: str | Path | None, name: str) -> torch.Tensor:
-    """Raise `NumericalError` naming the file and tensor if ``tensor`` holds NaN or Inf.
-
-    Float and complex dtypes are checked; those ``torch.isfinite`` does not implement (some
-    float8 variants) are checked after an exact upcast to float32.
-    """
-    if not (tensor.is_floating_point() or tensor.is_complex()) or not tensor.numel():
-        return tensor
-    check = tensor if tensor.dtype in _ISFINITE_DTYPES or tensor.is_complex() else tensor.float()
-    if check.is_complex():
-        finite = bool(torch.isfinite(check).all())
-    else:  # min and max in one reduction, no temporary: NaN propagates into both, Inf shows in one
-        finite = bool(torch.isfinite(torch.stack(torch.aminmax(check))).all())
-    if not finite:
-        raise NumericalError("tensor contains NaN or Inf values", path=path, tensor=name)
-    return tensor
-
-
-def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a pickle checkpoint with ``torch.load(weights_only=True)`` (no arbitrary code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError (refused object), RuntimeError (corrupt archive), ...
-        raise UnsafeInputError(
-            f"torch.load(weights_only=True) refused the pickle checkpoint ({type(exc).__name__}): "
-            "it is corrupt or holds objects other than tensors",
-            path=path,
-            hint="Convert it to safetensors in an environment you trust.",
-        ) from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise InputError("pickle checkpoint is not a flat dict of tensor names to tensors", path=path)
-    return state
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

@@ -192,3 +192,26 @@ def test_merge_models_shard_size_and_device_options(tmp_path, full_inputs):
         with pytest.raises(ConfigError, match="CUDA is not available"):
             merge_models(full_inputs / "base", experts, tmp_path / "bad", device="cuda")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "one"]
+
+
+def test_folded_oft_export_is_split_between_the_ranks(tmp_path_factory, tmp_path):
+    """A folded OFT export goes through the same checkpoint sink as `merge_models`: under torchrun
+    each rank folds its share of the tensors and writes its own shard, and the tensors are the
+    ones a single process writes."""
+    inputs = build_oft_inputs(tmp_path_factory.mktemp("pcli_oft_split"), n=2)
+    data = {
+        "kind": "oft",
+        "base_model": str(inputs["base"]),
+        "inputs": [{"path": str(inputs["oft0"])}, {"path": str(inputs["oft1"]), "weight": 3.0}],
+        "method": {"name": "orthomerge", "granularity": "block"},
+        "output": {"path": "merged", "format": "folded"},
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    one = _cli("single", recipe, "--out", str(tmp_path / "one"), "--quiet")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli("torchrun", recipe, "--out", str(tmp_path / "two"), "--quiet")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "one").glob("model*.safetensors")) == ["model.safetensors"]
+    assert len(list((tmp_path / "two").glob("model-0000?-of-00002.safetensors"))) == 2  # one shard per rank
+    _assert_same_output(tmp_path / "one", tmp_path / "two")

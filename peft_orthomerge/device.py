@@ -6,12 +6,10 @@ Device policy
     multi-process launcher (torchrun, ``accelerate launch``) a bare ``"cuda"`` / ``"auto"`` means
     the GPU of this process, ``cuda:<LOCAL_RANK>``.
 
-Dtype policy
-    Inputs are stored in the base model's dtype (often bf16 / fp16). The math is computed in
-    fp32 for 16-bit and fp32 inputs, and in fp64 when the caller asks for accuracy
-    (``precise=True``: polar factors, inverse Cayley maps near -1) or when the input already
-    is fp64. Results are cast back to the base dtype and moved to the CPU only when written
-    (`to_output`).
+Output dtype
+    The math runs in the dtype a merge's options choose (`plan.options.DecoupleOptions.precision`;
+    OFT merges in float32 / float64 by tensor); results are cast back to the base dtype and
+    moved to the CPU only when written (`to_output`).
 """
 
 from __future__ import annotations
@@ -67,26 +65,6 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     if not 0 <= index < torch.cuda.device_count():
         raise ConfigError(f"CUDA device index {index} out of range ({torch.cuda.device_count()} visible)")
     return torch.device("cuda", index)
-
-
-def compute_dtype(dtype: torch.dtype, *, precise: bool = False) -> torch.dtype:
-    """The dtype the math runs in for inputs stored as ``dtype``.
-
-    16-bit and fp32 inputs compute in fp32; fp64 inputs, or ``precise=True``, in fp64.
-    Non-floating dtypes are an error (they are never merged).
-    """
-    if not dtype.is_floating_point:
-        raise ConfigError(f"cannot compute on tensors of dtype {dtype}")
-    if precise or dtype == torch.float64:
-        return torch.float64
-    return torch.float32
-
-
-def to_compute(tensor: torch.Tensor, device: torch.device, *, precise: bool = False) -> torch.Tensor:
-    """Move ``tensor`` to ``device`` in its compute dtype (one copy; non-blocking from pinned memory)."""
-    return tensor.to(
-        device=device, dtype=compute_dtype(tensor.dtype, precise=precise), non_blocking=tensor.is_pinned()
-    )
 
 
 def to_output(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

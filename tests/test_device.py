@@ -1,4 +1,4 @@
-"""Device resolution and the compute-dtype policy (CPU only; CUDA cases in test_device_cuda.py)."""
+"""Device resolution and output casting (CPU only; CUDA cases in test_device_cuda.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from peft_orthomerge.device import (
-    compute_dtype,
     resolve_device,
     synchronize,
-    to_compute,
     to_output,
 )
 from peft_orthomerge.errors import ConfigError
@@ -35,28 +33,6 @@ def test_resolve_unknown(bad):
 def test_cuda_unavailable_is_config_error(name):
     with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device(name)
-
-
-@pytest.mark.parametrize(
-    "stored, precise, expected",
-    [
-        (torch.bfloat16, False, torch.float32),
-        (torch.float16, False, torch.float32),
-        (torch.float32, False, torch.float32),
-        (torch.float64, False, torch.float64),
-        (torch.bfloat16, True, torch.float64),
-        (torch.float32, True, torch.float64),
-    ],
-)
-def test_compute_dtype_policy(stored, precise, expected):
-    assert compute_dtype(stored, precise=precise) == expected
-    t = torch.ones(3, dtype=stored)
-    assert to_compute(t, torch.device("cpu"), precise=precise).dtype == expected
-
-
-def test_compute_dtype_rejects_integers():
-    with pytest.raises(ConfigError):
-        compute_dtype(torch.int64)
 
 
 def test_to_output_back_to_base_dtype():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_orthomerge.device import resolve_device, to_compute, to_output
+from peft_orthomerge.device import resolve_device, to_output
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,7 +18,7 @@ def test_resolve_cuda():
 
 def test_round_trip_through_cuda_keeps_values_and_dtype():
     x = torch.randn(64, 48, dtype=torch.bfloat16)
-    y = to_compute(x, resolve_device("cuda"))
+    y = x.to(resolve_device("cuda"), torch.float32)
     assert y.device.type == "cuda" and y.dtype == torch.float32
     back = to_output(y, x.dtype)
     assert back.device.type == "cpu" and back.dtype == torch.bfloat16 and torch.equal(back, x)

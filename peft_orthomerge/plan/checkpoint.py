@@ -25,8 +25,6 @@ from ..sources.layout import conv1d_weight_names
 from ..sources.tensors import TensorReader
 from .options import DecoupleOptions
 
-ROUTES = ("rows", "tensor", "copy")
-
 
 def compile_patterns(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
     """``include`` / ``exclude`` regexes, compiled; `ConfigError` naming the bad one."""

@@ -84,7 +84,7 @@ def run_demo() -> float:
         merged = merge_oft_adapters(_tiny_llama(), [str(a) for a in adapters], weights=[0.5, 0.3, 0.2])
         print(merged.orthomerge_report)
         merged.save_pretrained(tmp / "merged")
-        saved = tmp / "merged" / "merged"  # PEFT saves a non-default adapter in a subfolder
+        saved = tmp / "merged"
         reloaded = PeftModel.from_pretrained(_tiny_llama(), saved).eval()
         folded = _dense_fold(_tiny_llama(), saved)
         ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -49,6 +49,8 @@ class MergeReport:
         modules: per-module statistics.
         passthrough: tensors merged by plain weighted mean (biases, ``modules_to_save``).
         warnings: anything the user should know (converted conventions, fallbacks).
+        notes: how the output differs in form from its inputs (stored dtype, flags written
+            differently), without changing what it computes.
     """
 
     kind: str
@@ -60,6 +62,7 @@ class MergeReport:
     modules: list[ModuleStats] = field(default_factory=list)
     passthrough: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
 from ..sources.checkpoint import open_checkpoint, validate_checkpoints
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
+from ..sources.models import check_plain_base
 from ..sources.resolve import resolve_source
 
 Ref = str | os.PathLike
@@ -86,6 +87,11 @@ def merge_lora_adapters(
     residual; rotations merge in so(in), residuals with ``residual``. A module an adapter does not
     touch has a zero task vector for that adapter; adapters may have different ranks and targets.
 
+    ``model`` is modified: with ``export="model"`` the merged weights are written into its modules
+    in place; with ``export="lora"`` PEFT injects the new adapter's layers into it. A `PeftModel`
+    is unloaded first (its LoRA layers removed). A plain model that already carries PEFT layers
+    (for example a base given to `merge_oft_adapters` before) is refused.
+
     Args:
         model: the base transformers model, or a `PeftModel` holding LoRA adapters (its LoRA layers
             are removed with ``unload()``; the base weights are used).
@@ -119,6 +125,7 @@ def merge_lora_adapters(
     weights_n = normalize_weights(weights, len(refs))
     options = DecoupleOptions(target, residual, residual_kwargs, solver, precision)
     _check_export(export, rank)
+    check_plain_base(model, "merge_lora_adapters")
     sources = _lora_sources(model, refs)
     base = model.unload() if isinstance(model, PeftModel) else model
     plan = plan_lora(base, sources)

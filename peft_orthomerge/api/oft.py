@@ -23,6 +23,7 @@ from ..sinks.output import atomic_output_dir, check_output_dir
 from ..sinks.parallel import process_context
 from ..sources.checkpoint import open_checkpoint
 from ..sources.in_memory import ParameterShapes
+from ..sources.models import check_plain_base
 from ..sources.oft import OftAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
 
@@ -43,7 +44,7 @@ def merge_oft_adapters(
     adapters: Ref | Sequence[Ref],
     weights: Sequence[float] | None = None,
     *,
-    adapter_name: str = "merged",
+    adapter_name: str | None = None,
     method: str = "orthomerge",
     granularity: str = "module",
     cayley: str = "auto",
@@ -53,11 +54,18 @@ def merge_oft_adapters(
 ):
     """Merge OFT adapters into a new adapter ``adapter_name`` of a `peft.PeftModel` and activate it.
 
+    ``model`` is modified: PEFT injects the merged adapter's OFT layers into it (into its base
+    model when it is a `PeftModel`). Pass a fresh base to later merges; a plain model that already
+    carries PEFT layers is refused.
+
     Args:
         model: a transformers model (the base), or a `PeftModel` already holding adapters.
         adapters: adapter directories, Hub repo ids, or names of adapters loaded in ``model``.
         weights: task weights (normalised to sum 1; default uniform).
-        adapter_name: name of the merged adapter (must be new).
+        adapter_name: name of the merged adapter (must be new). Default: ``"default"`` when ``model``
+            holds no adapter, so that ``save_pretrained(dir)`` writes a directory that
+            ``PeftModel.from_pretrained(base, dir)`` loads as it is; ``"merged"`` in a `PeftModel`
+            that already holds adapters (PEFT saves it in ``dir/merged``).
         method: ``"orthomerge"`` (magnitude-corrected so(b) merge), ``"mean_q"``, ``"product_r"``
             (``"mean_r"`` and Euclidean methods give no rotation: use `merge_oft_checkpoints` with ``fold_into``).
         granularity: ``"module"`` or ``"block"``: over what the magnitude correction takes norms.
@@ -75,8 +83,11 @@ def merge_oft_adapters(
     from peft import PeftModel
 
     refs = _refs(adapters)
+    check_plain_base(model, "merge_oft_adapters")
     is_peft = isinstance(model, PeftModel)
     loaded = set(model.peft_config) if is_peft else set()
+    if adapter_name is None:
+        adapter_name = "merged" if loaded else "default"
     if adapter_name in loaded:
         raise ConfigError(
             f"adapter name {adapter_name!r} is already used in the model", hint="Pass another adapter_name."

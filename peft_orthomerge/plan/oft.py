@@ -50,6 +50,7 @@ class OftPlan:
     modules: list[ModulePlan]
     passthrough: dict[str, list[int]]
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def params(self) -> dict:
@@ -128,6 +129,25 @@ def _plan_passthrough(adapters: Sequence[OftAdapter], export: str) -> dict[str, 
     return passthrough
 
 
+def _form_notes(adapters: Sequence[OftAdapter], export: str) -> list[str]:
+    """How a merged adapter differs in form from its inputs (what it computes is unchanged)."""
+    if export == "folded":
+        return []
+    notes = []
+    stored = sorted({str(a.tensors.dtype(m.key)).removeprefix("torch.") for a in adapters for m in a.modules.values()})
+    if stored != ["float32"]:
+        notes.append(
+            f"the inputs store their OFT tensors as {', '.join(stored)}; the merged adapter stores float32 "
+            "(PEFT computes its rotations in float32)"
+        )
+    if any(a.config.get("coft") for a in adapters):
+        notes.append(
+            "inputs with coft=True were read with PEFT's projection applied; the merged adapter stores the "
+            "projected generator and is written with coft=False, so PEFT applies it unchanged"
+        )
+    return notes
+
+
 def build_plan(adapters: Sequence[OftAdapter], weights: Sequence[float] | None, options: OftOptions) -> OftPlan:
     """Validate everything about a merge of ``adapters`` under ``options`` and return the plan."""
     if not adapters:
@@ -154,6 +174,7 @@ def build_plan(adapters: Sequence[OftAdapter], weights: Sequence[float] | None, 
         modules=modules,
         passthrough=_plan_passthrough(adapters, options.export),
         warnings=warnings,
+        notes=_form_notes(adapters, options.export),
     )
 
 

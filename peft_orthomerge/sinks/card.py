@@ -106,6 +106,8 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
         lines += ["", "Tensors merged by weighted mean: " + names]
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {_cell(w)}" for w in report.warnings]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {_cell(n)}" for n in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -9,6 +9,7 @@ upper triangle of each block in ``torch.triu_indices(b, b, 1)`` order, in float3
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,13 +37,35 @@ def new_report(plan: OftPlan, inputs: list[str], output_path: str | None) -> Mer
         params=plan.params,
         passthrough=sorted(plan.passthrough),
         warnings=list(plan.warnings),
+        notes=list(plan.notes),
     )
+
+
+def _common(values: list) -> object:
+    """The value all inputs agree on, else ``None``."""
+    distinct = {json.dumps(v, sort_keys=True, default=str) for v in values}
+    return values[0] if len(distinct) == 1 else None
+
+
+def output_base_model(plan: OftPlan, base_model: str | None) -> str | None:
+    """The merged adapter's ``base_model_name_or_path``: ``base_model`` (the model or recipe base
+    it was merged for), else the inputs' common value; a local directory as an absolute path, so
+    that ``AutoPeftModel*.from_pretrained`` finds it from any working directory."""
+    ref = (
+        base_model
+        if base_model is not None
+        else _common([a.config.get("base_model_name_or_path") for a in plan.adapters])
+    )
+    if not ref:
+        return None
+    local = Path(str(ref)).expanduser()
+    return str(local.resolve()) if local.is_dir() else str(ref)
 
 
 def _adapter_config(plan: OftPlan, base_model: str | None):
     from peft import OFTConfig
 
-    first = plan.adapters[0].config
+    configs = [a.config for a in plan.adapters]
     modes = {a.config.get("bias", "none") for a in plan.adapters} - {"none"}
     bias = modes.pop() if len(modes) == 1 else ("all" if modes else "none")
     to_save = sorted({m for a in plan.adapters for m in (a.config.get("modules_to_save") or [])})
@@ -58,8 +81,9 @@ def _adapter_config(plan: OftPlan, base_model: str | None):
         modules_to_save=to_save or None,
         init_weights=True,
         inference_mode=True,
-        base_model_name_or_path=base_model if base_model is not None else first.get("base_model_name_or_path"),
-        task_type=first.get("task_type"),
+        base_model_name_or_path=output_base_model(plan, base_model),
+        task_type=_common([c.get("task_type") for c in configs]),
+        auto_mapping=_common([c.get("auto_mapping") for c in configs]),
     )
 
 

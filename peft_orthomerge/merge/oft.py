@@ -16,14 +16,28 @@ from functools import partial
 import torch
 
 from ..errors import IncompatibleInputsError
+from ..ops.block_lift import lift_blocks
 from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
-from ..ops.skew import peft_rotation, vec_to_skew
+from ..ops.skew import block_norms, peft_rotation, vec_to_skew
 from ..ops.so_merge import ModuleMerge, merge_module
 from ..plan.oft import ModulePlan, OftPlan, base_name
 from ..report import MergeReport, ModuleStats
+from ..sources.oft import OftAdapter, OftModule
 from ..sources.tensors import TensorReader
 from .oft_stats import OrthogonalityProbe, module_stats
+
+
+def adapter_canonical(
+    adapter: OftAdapter, src: OftModule, mp: ModulePlan, *, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's canonical ``(rows, n)`` vectors of module ``mp`` at the plan's block size
+    (lifted exactly from a smaller one, `ops.block_lift`) and their per-block norms."""
+    vec, norms = adapter.canonical_with_norms(mp.name, dtype=dtype)
+    if src.b != mp.b:
+        vec = lift_blocks(vec, src.b, mp.b)
+        norms = block_norms(vec)
+    return vec, norms
 
 
 def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -37,7 +51,7 @@ def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor],
             vecs.append(torch.zeros(mp.r, n, dtype=torch.float32, device=plan.options.device))
             norms.append(torch.zeros(mp.r, dtype=torch.float64, device=plan.options.device))
             continue
-        vec, norm = a.canonical_with_norms(mp.name)
+        vec, norm = adapter_canonical(a, src, mp)
         vec, norm = vec.to(plan.options.device), norm.to(plan.options.device)
         vecs.append(vec.expand(mp.r, n) if vec.shape[0] != mp.r else vec)
         norms.append(norm.expand(mp.r) if norm.shape[0] != mp.r else norm)
@@ -94,7 +108,8 @@ def _fold_euclidean(plan: OftPlan, mp: ModulePlan, w0: torch.Tensor, scales: lis
         if src is None:
             taus.append(torch.zeros_like(w0, dtype=torch.float32))
             continue
-        rot = peft_rotation(vec_to_skew(a.canonical(mp.name).to(device), mp.b), a.use_cayley_neumann, a.terms)
+        vec = adapter_canonical(a, src, mp, dtype=torch.float64)[0]
+        rot = peft_rotation(vec_to_skew(vec.to(device), mp.b), a.use_cayley_neumann, a.terms)
         taus.append(fold_weight(w0, rot, mp.kind, out_scale=s, name=mp.name).float() - w0.float())
     gen = torch.Generator(device=device).manual_seed(0)
     merged = get_euclidean(plan.options.method)(taus, plan.weights, base=w0.float(), generator=gen)

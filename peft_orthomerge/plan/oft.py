@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError
+from ..ops.block_lift import common_block_size
 from ..ops.weights import normalize_weights
 from ..sources.in_memory import ParameterShapes
 from ..sources.oft import PREFIX, OftAdapter, OftModule
@@ -99,7 +100,8 @@ def _output_blocks(adapters: Sequence[OftAdapter], modules: Sequence[ModulePlan]
         return 0, ranks.pop()  # configured by the number of blocks
     raise IncompatibleInputsError(
         f"modules use different block sizes {sorted(sizes)} and the adapters were configured with different "
-        f"oft_block_size {sorted(configured)}: one OFT config cannot describe the result"
+        f"oft_block_size {sorted(configured)}: one OFT config cannot describe the result",
+        hint="Fold the merge into the base model instead (fold_into=<base model>, or output format: folded).",
     )
 
 
@@ -161,7 +163,7 @@ def build_plan(adapters: Sequence[OftAdapter], weights: Sequence[float] | None, 
             )
     use_neumann, terms = _output_convention(adapters, options.cayley, warnings)
     modules = _plan_modules(adapters, options.export)
-    block_size, rank = _output_blocks(adapters, modules)
+    block_size, rank = (0, 0) if options.export == "folded" else _output_blocks(adapters, modules)
     return OftPlan(
         adapters=list(adapters),
         weights=weights,
@@ -178,42 +180,74 @@ def build_plan(adapters: Sequence[OftAdapter], weights: Sequence[float] | None, 
     )
 
 
+def _common_size_module(name: str, present: list, adapters: Sequence[OftAdapter], export: str) -> ModulePlan:
+    """A module whose inputs share one block size; a ``block_share`` input (one stored block) takes
+    the block count of the others."""
+    a0, m0 = present[0]
+    full = {m.r for _, m in present} - {1}
+    if len(full) > 1:
+        a, m = next((a, m) for a, m in present if m.r != m0.r)
+        raise IncompatibleInputsError(
+            f"{m.r} blocks here but {m0.r} in {a0.label}: the module shapes differ", path=a.label, tensor=m.key
+        )
+    r = full.pop() if full else 1
+    shared_here = any(a.block_share for a, _ in present)
+    if r == 1 and shared_here and not all(a.block_share for a in adapters) and export != "folded":
+        a, m = next((a, m) for a, m in present if a.block_share)
+        raise IncompatibleInputsError(
+            "block_share adapter mixed with non-shared adapters, and no adapter tells how many blocks this module has",
+            path=a.label,
+            tensor=m.key,
+            hint="Fold into the base model (fold_into=...) or merge adapters with the same block_share setting.",
+        )
+    return ModulePlan(name, m0.kind, m0.b, r, [a.modules.get(name) for a in adapters])
+
+
+def _mixed_size_module(name: str, present: list, adapters: Sequence[OftAdapter]) -> ModulePlan:
+    """A module whose inputs have different block sizes: every input is lifted, exactly, to the
+    smallest common multiple of them (`ops.block_lift`); it divides the input width, since each
+    block size does."""
+    a0, m0 = present[0]
+    sizes = sorted({m.b for _, m in present})
+    shared = next(((a, m) for a, m in present if a.block_share), None)
+    if shared is not None:
+        raise IncompatibleInputsError(
+            f"a block_share adapter cannot be merged with adapters of other block sizes {sizes}",
+            path=shared[0].label,
+            tensor=shared[1].key,
+            hint="Merge it with adapters of its own block size and block_share setting.",
+        )
+    width = m0.r * m0.b
+    other = next(((a, m) for a, m in present if m.r * m.b != width), None)
+    if other is not None:
+        raise IncompatibleInputsError(
+            f"{other[1].r} blocks of size {other[1].b} here but {m0.r} of size {m0.b} in {a0.label}: "
+            "the module shapes differ",
+            path=other[0].label,
+            tensor=other[1].key,
+        )
+    size = common_block_size(sizes)  # divides the width, as every block size does
+    return ModulePlan(name, m0.kind, size, width // size, [a.modules.get(name) for a in adapters])
+
+
 def _plan_modules(adapters: Sequence[OftAdapter], export: str) -> list[ModulePlan]:
+    """One `ModulePlan` per module any adapter targets, in first-seen order."""
     names: dict[str, None] = {}
     for a in adapters:
         names.update(dict.fromkeys(a.modules))
     plans = []
     for name in names:
-        sources = [a.modules.get(name) for a in adapters]
-        present = [(a, m) for a, m in zip(adapters, sources) if m is not None]
+        present = [(a, a.modules[name]) for a in adapters if name in a.modules]
         a0, m0 = present[0]
         for a, m in present[1:]:
             if m.kind != m0.kind:
                 raise IncompatibleInputsError(
                     f"module is an {m0.kind} in {a0.label} but an {m.kind} here", path=a.label, tensor=m.key
                 )
-            if m.b != m0.b:
-                raise IncompatibleInputsError(
-                    f"block size {m.b} differs from {m0.b} in {a0.label}", path=a.label, tensor=m.key
-                )
-        rows = {m.r for _, m in present}
-        full = rows - {1}
-        if len(full) > 1:
-            a, m = next((a, m) for a, m in present if m.r != m0.r)
-            raise IncompatibleInputsError(
-                f"{m.r} blocks here but {m0.r} in {a0.label}: the module shapes differ", path=a.label, tensor=m.key
-            )
-        r = full.pop() if full else 1
-        shared_here = any(a.block_share for a, _ in present)
-        if r == 1 and shared_here and not all(a.block_share for a in adapters) and export != "folded":
-            a, m = next((a, m) for a, m in present if a.block_share)
-            raise IncompatibleInputsError(
-                "block_share adapter mixed with non-shared adapters, and no adapter tells how many blocks this module has",
-                path=a.label,
-                tensor=m.key,
-                hint="Fold into the base model (fold_into=...) or merge adapters with the same block_share setting.",
-            )
-        plans.append(ModulePlan(name, m0.kind, m0.b, r, sources))
+        if len({m.b for _, m in present}) == 1:
+            plans.append(_common_size_module(name, present, adapters, export))
+        else:
+            plans.append(_mixed_size_module(name, present, adapters))
     return plans
 
 

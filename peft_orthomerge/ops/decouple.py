@@ -58,9 +58,9 @@ from .procrustes import (
     check_solver,
     default_tol,
     newton_schulz,
-    orthogonality_error,
     resolve_solver,
 )
+from .orthogonality import orthogonality_errors
 from .registry import get_euclidean, merge_iter
 
 TARGETS = ("global", "conflict", None)
@@ -490,7 +490,7 @@ def _orthogonality_error(rot: Rotation) -> float:
     random probes (`_probe_orthogonality_error`) instead of ``m x m`` products."""
     if rot.factors is None:
         c = rot.core
-        return float(orthogonality_error(c)) if c.shape[-1] else 0.0
+        return float(orthogonality_errors(c)) if c.shape[-1] else 0.0
     pc, z, y = rot.factors
     err_d = (_probe_orthogonality_error(pc) ** 2 + _probe_orthogonality_error(z) ** 2) ** 0.5
     return err_d + _probe_orthogonality_error(y)

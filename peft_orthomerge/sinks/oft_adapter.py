@@ -27,7 +27,8 @@ import torch
 from ..errors import IncompatibleInputsError
 from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
-from ..ops.skew import from_canonical, orthogonality_error, orthogonality_errors, peft_rotation, vec_to_skew
+from ..ops.orthogonality import max_orthogonality_error, orthogonality_errors
+from ..ops.skew import from_canonical, peft_rotation, vec_to_skew
 from ..plan.oft import ModulePlan, OftPlan, iter_merged_modules, merge_one, merged_passthrough
 from ..progress import progress
 from ..report import REPORT_FILE, MergeReport, ModuleStats
@@ -77,7 +78,7 @@ class _OrthogonalityProbe:
 
     def add(self, stats: ModuleStats, mp: ModulePlan, merge) -> ModuleStats:
         if merge.vec is None:  # non-orthogonal method: the rotation itself, every block
-            self._set(stats, orthogonality_error(merge.rotation))
+            self._set(stats, max_orthogonality_error(merge.rotation))
             return stats
         vec = merge.vec
         k = self.plan.orthogonality_blocks

@@ -90,8 +90,8 @@ def test_oft_fold_matches_peft_merge_and_unload(minilm, use_cayley_neumann):
 def _geometry_rows(weight: torch.Tensor, n_tasks: int = 3, b: int = 32, scale: float = 0.05, seed: int = 0):
     """Merge ``n_tasks`` random exact-Cayley OFT rotations of ``weight`` with each method; return
     ``{method: (spectral_norm, hyperspherical_energy)}`` of the merged folded weight."""
-    from peft_orthomerge.ops.oft_fold import fold_weight
     from peft_orthomerge.ops.cayley import cayley
+    from peft_orthomerge.ops.oft_fold import fold_weight
     from peft_orthomerge.ops.skew import vec_to_skew
     from peft_orthomerge.ops.so_merge import merge_module, so_methods
 

@@ -54,13 +54,13 @@ import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
 from .euclidean import ta_coefficients
+from .orthogonality import orthogonality_errors
 from .procrustes import (
     check_solver,
     default_tol,
     newton_schulz,
     resolve_solver,
 )
-from .orthogonality import orthogonality_errors
 from .registry import get_euclidean, merge_iter
 
 TARGETS = ("global", "conflict", None)

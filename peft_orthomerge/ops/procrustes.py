@@ -29,6 +29,7 @@ All functions accept batches ``(..., n, n)`` of same-shaped matrices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError

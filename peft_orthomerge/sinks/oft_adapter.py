@@ -26,8 +26,8 @@ import torch
 
 from ..errors import IncompatibleInputsError
 from ..ops.oft_fold import fold_weight
-from ..ops.registry import get_euclidean
 from ..ops.orthogonality import max_orthogonality_error, orthogonality_errors
+from ..ops.registry import get_euclidean
 from ..ops.skew import from_canonical, peft_rotation, vec_to_skew
 from ..plan.oft import ModulePlan, OftPlan, iter_merged_modules, merge_one, merged_passthrough
 from ..progress import progress

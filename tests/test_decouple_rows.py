@@ -1,4 +1,4 @@
-"""The row-block (Gram) path of decoupled task arithmetic, `ops.decouple_rows`.
+"""The row-block (Gram) path of decoupled task arithmetic, `ops.decouple.rows`.
 
 Checked against the independent dense float64 reference of `test_decouple_ops` (explicit SVDs,
 inverses and residuals), against the library's own explicit-residual path for the statistics,
@@ -14,8 +14,7 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 from test_decouple_ops import ref_merge
 
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
-from peft_orthomerge.ops.decouple import decouple_merge
-from peft_orthomerge.ops.decouple_rows import TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
+from peft_orthomerge.ops.decouple import TensorRows, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from peft_orthomerge.ops.euclidean import ta_coefficients
 
 F64 = torch.float64

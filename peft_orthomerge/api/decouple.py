@@ -27,8 +27,7 @@ from ..errors import (
     OrthoMergeError,
 )
 from ..memory import release_free_memory, return_large_blocks
-from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge
-from ..ops.decouple_rows import decouple_merge_ta_rows, task_arithmetic_rows
+from ..ops.decouple import TARGETS, DecoupleStats, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.procrustes import check_solver
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.weights import normalize_weights

@@ -10,7 +10,7 @@ See the package docstring for the whole method.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -160,24 +160,37 @@ def decouple_merge(
     stats, mean = _first_pass(base, full, count, weights, target, name)
     if fast_ta:
         return merge_ta_reduced(base, full, weights, coeffs, target, mean, stats, solver, rtol, name)
+
+    def merge(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
+        return merge_iter(merge_fn, vectors, weights, base=base, generator=generator, **kwargs)
+
     if target is None:
-        task_vectors = (full(i) - base for i in range(count))
-        merged_tau = merge_iter(merge_fn, task_vectors, weights, base=base, generator=generator, **kwargs)
+        merged_tau = merge(full(i) - base for i in range(count))
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
-
-    # Procrustes solves one target at a time, when the residual stream asks for it
-    feed = solver_feed(base, solver, rtol)
-    skew = SkewSum()
-    stats.skew_norms = [0.0] * count
-    stats.orth_part_norms = [0.0] * count
+    feed, skew = solver_feed(base, solver, rtol), SkewSum()
+    stats.skew_norms, stats.orth_part_norms = [0.0] * count, [0.0] * count
     residuals = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name)
-    rho = merge_iter(merge_fn, residuals, weights, base=base, generator=generator, **kwargs).to(dtype)
+    del mean  # the residual stream holds it while it runs
+    return _merge_rotated(base, residuals, feed, skew, stats, merge, dtype), stats
+
+
+def _merge_rotated(
+    base: torch.Tensor,
+    residuals: Iterator[torch.Tensor],
+    feed: tuple[list[torch.Tensor], Iterator],
+    skew: SkewSum,
+    stats: DecoupleStats,
+    merge: Callable[[Iterable[torch.Tensor]], torch.Tensor],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``W0 @ P + merge(rho_i)``: Procrustes solves one target at a time (``feed``), when the
+    residual stream ``residuals`` (`_residuals`) handed to ``merge`` asks for it."""
+    rho = merge(residuals).to(dtype)
     feed[1].close()  # drops the shared QR of W0^T
     del residuals, feed
-    mean = None
     c = merged_stats(stats, skew)
     if c is None:
-        return base + rho, stats
-    return _rotated_base(base, skew, c).add_(rho), stats
+        return base + rho
+    return _rotated_base(base, skew, c).add_(rho)

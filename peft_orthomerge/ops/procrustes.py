@@ -23,7 +23,9 @@ singular values into an oscillating band around ``0.7 .. 1.2`` and never converg
 factor, so rotations computed with it are not orthogonal and not the Procrustes optimum
 (`quintic_newton_schulz` is kept only to demonstrate this; see ``tests/test_procrustes.py``).
 
-All functions accept batches ``(..., n, n)`` of same-shaped matrices.
+All functions accept batches ``(..., n, n)`` of same-shaped matrices. In decoupling (DESIGN section 4,
+torch layout ``(out, in)``) ``A = W0^T W_target`` and the factor ``P`` acts on the input side,
+``W0 @ P``; the rank-deficient, closest-to-identity rule on top of these solvers is `closest_polar`.
 """
 
 from __future__ import annotations
@@ -109,8 +111,7 @@ def newton_schulz(
     n = a.shape[-1]
     tol = default_tol(a.dtype, n) if tol is None else tol
     x = a / _spectral_bound(a)[..., None, None]
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
-    err = torch.linalg.matrix_norm(x.transpose(-2, -1) @ x - eye)
+    err = orthogonality_errors(x)
     steps = 0
     while steps < max_iter and bool((err > tol).any()):
         gram = x.transpose(-2, -1) @ x

@@ -19,7 +19,7 @@ For expert weights ``W_i`` and the base ``W0``:
 2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = 2 out`` dimensional span
    ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)`` of the rows of ``W0`` (``Q0``) and of ``T_i``
    (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``), with the frame ``F = [Q0, Q0c]`` from
-   one complete QR of ``W0^T`` shared by all tasks, kept as Householder reflectors (`Frame`: no
+   one complete QR of ``W0^T`` shared by all tasks, kept as Householder reflectors (`frame.Frame`: no
    ``in x in`` matrix, products by ``ormqr``); ``P = I + B (C - I) B^T`` with an ``m x m``
    core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
    coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``

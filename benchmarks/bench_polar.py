@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from peft_orthomerge.ops.decouple import _complete_qr, _polar_near_orthogonal
+from peft_orthomerge.ops.closest_polar import complete_qr, polar_near_orthogonal
 from peft_orthomerge.ops.procrustes import polar, polar_svd, quintic_newton_schulz
 
 F64 = torch.float64
@@ -130,7 +130,7 @@ def completion_block(quick: bool) -> torch.Tensor:
     frame = torch.linalg.qr(w0.T, mode="complete").Q
     tf = w @ frame
     ri = torch.linalg.qr(tf[:, out:].T).R
-    y, _, _ = _complete_qr(torch.cat([tf[:, :out].T, ri]))
+    y, _, _ = complete_qr(torch.cat([tf[:, :out].T, ri]))
     return y[out:, out:].contiguous()
 
 
@@ -140,7 +140,7 @@ def completion_rows(quick: bool) -> list[dict]:
     for dtype in (F64, torch.float32):
         x = block.to(dtype)
         t_svd, ref = _time(lambda x=x: polar_svd(x))
-        t_ns, res = _time(lambda x=x: _polar_near_orthogonal(x))
+        t_ns, res = _time(lambda x=x: polar_near_orthogonal(x))
         fallback = res is None
         factor = ref if fallback else res
         dist = float(torch.linalg.matrix_norm(factor.to(F64) - polar_svd(block)))

@@ -104,8 +104,9 @@ def _fold_row(model, quick: bool) -> dict:
 
 
 def _geometry_rows(weights: dict[str, torch.Tensor], b: int = 32, n_tasks: int = 3) -> list[dict]:
+    from peft_orthomerge.ops.cayley import cayley
     from peft_orthomerge.ops.oft_fold import fold_weight
-    from peft_orthomerge.ops.skew import cayley, vec_to_skew
+    from peft_orthomerge.ops.skew import vec_to_skew
     from peft_orthomerge.ops.so_merge import merge_module
 
     g = torch.Generator().manual_seed(1)
@@ -136,8 +137,8 @@ def _geometry_rows(weights: dict[str, torch.Tensor], b: int = 32, n_tasks: int =
 
 
 def _decoupling_row(weights: dict[str, torch.Tensor]) -> dict:
+    from peft_orthomerge.ops.cayley import cayley
     from peft_orthomerge.ops.decouple import procrustes_rotation
-    from peft_orthomerge.ops.skew import cayley
 
     g = torch.Generator().manual_seed(2)
     noise_total = rho_total = orth_total = tau_total = 0.0

@@ -13,19 +13,10 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 from conftest import build_tiny_llama
 
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
-from peft_orthomerge.ops import decouple as decouple_mod
-from peft_orthomerge.ops import registry
-from peft_orthomerge.ops.decouple import (
-    _complete_qr,
-    _polar_near_orthogonal,
-    cayley_apply,
-    cayley_apply_leading,
-    decouple_merge,
-    inverse_cayley,
-    iter_procrustes,
-    procrustes_batch,
-    procrustes_rotation,
-)
+from peft_orthomerge.ops import closest_polar, registry
+from peft_orthomerge.ops.cayley import cayley_apply, cayley_apply_leading, inverse_cayley_lu
+from peft_orthomerge.ops.closest_polar import complete_qr, polar_near_orthogonal
+from peft_orthomerge.ops.decouple import decouple_merge, iter_procrustes, procrustes_batch, procrustes_rotation
 
 F64 = torch.float64
 
@@ -263,14 +254,14 @@ def test_complete_qr_determinant_from_reflectors():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(12, 5, generator=gen, dtype=F64)
     for mat in (x, x[:, [1, 0, 2, 3, 4]], -x):
-        y, r, det = _complete_qr(mat)
+        y, r, det = complete_qr(mat)
         assert torch.allclose(y[:, :5] @ r, mat, atol=1e-12)
         assert torch.allclose(y.T @ y, torch.eye(12, dtype=F64), atol=1e-12)
         assert det == pytest.approx(float(torch.linalg.det(y)), abs=1e-9)
     # an already-triangular column gives tau = 0 (an identity factor, det +1), still correct
     tri = torch.zeros(6, 2, dtype=F64)
     tri[0, 0], tri[0, 1], tri[1, 1] = 2.0, 1.0, 3.0
-    y, _, det = _complete_qr(tri)
+    y, _, det = complete_qr(tri)
     assert det == pytest.approx(float(torch.linalg.det(y)), abs=1e-12)
 
 
@@ -291,11 +282,11 @@ def test_factored_inverse_cayley_and_cayley_apply():
     y, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=F64))
     a = torch.randn(6, 6, generator=gen, dtype=F64)
     p = torch.linalg.matrix_exp(0.3 * (a - a.T))
-    q = inverse_cayley(p @ y, right=y)  # P = (P Y) Y^T given factored
+    q = inverse_cayley_lu(p @ y, right=y)  # P = (P Y) Y^T given factored
     assert torch.allclose(q, _dense_inverse_cayley(p), atol=1e-12)
     half = torch.diag(torch.tensor([-1.0, -1.0, 1, 1, 1, 1], dtype=F64))
     with pytest.raises(NumericalError, match="mlp.down_proj"):
-        inverse_cayley(half @ y, right=y, name="mlp.down_proj")
+        inverse_cayley_lu(half @ y, right=y, name="mlp.down_proj")
     w = torch.randn(3, 6, generator=gen, dtype=F64)
     s = q.clone()
     eye = torch.eye(6, dtype=F64)
@@ -431,14 +422,14 @@ def test_near_orthogonal_polar_certified_or_declined(method):
     fp32); a singular value near 0 is declined (Newton-Schulz cannot certify it in its step
     budget, the eigh route refuses a squared condition number): None, the caller uses the SVD."""
     a, polar_a = _with_spectrum(torch.linspace(0.6, 1.0, 40).tolist(), 41)
-    x = _polar_near_orthogonal(a, method=method)
+    x = polar_near_orthogonal(a, method=method)
     assert x is not None and float((x - polar_a).norm()) < 1e-12
     assert float((x.T @ x - torch.eye(40, dtype=F64)).norm()) < 1e-12
-    x32 = _polar_near_orthogonal(a.float(), method=method)
+    x32 = polar_near_orthogonal(a.float(), method=method)
     assert x32 is not None and float((x32.double() - polar_a).norm()) < 1e-4
     weak, _ = _with_spectrum([1e-6] + [1.0] * 39, 42)
-    assert _polar_near_orthogonal(weak, method=method) is None
-    assert _polar_near_orthogonal(weak.float(), method=method) is None
+    assert polar_near_orthogonal(weak, method=method) is None
+    assert polar_near_orthogonal(weak.float(), method=method) is None
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -448,13 +439,13 @@ def test_reduced_completion_newton_schulz_and_svd_branches(monkeypatch, shape, d
     det P = +1, else the SVD with the det fix on Z's weakest direction (or the SVD when Newton-Schulz
     declines). Every branch agrees with the dense reference; both natural branches occur."""
     made: list[torch.Tensor | None] = []
-    real = decouple_mod._polar_near_orthogonal
+    real = closest_polar.polar_near_orthogonal
 
     def spy(a, *args, **kwargs):
         made.append(real(a, *args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(decouple_mod, "_polar_near_orthogonal", spy)
+    monkeypatch.setattr(closest_polar, "polar_near_orthogonal", spy)
     used = []
     for seed in range(4):
         w0, wt = _pair(*shape, 0.3, 50 + seed)
@@ -468,7 +459,7 @@ def test_reduced_completion_newton_schulz_and_svd_branches(monkeypatch, shape, d
         assert torch.allclose(rot.dense().double(), ref_rotation(w0, wt), atol=tol)
         assert float(torch.linalg.det(rot.dense().double())) == pytest.approx(1.0, abs=tol)
     assert used == [True, False, True, False]
-    monkeypatch.setattr(decouple_mod, "_polar_near_orthogonal", lambda a, *args, **kwargs: None)
+    monkeypatch.setattr(closest_polar, "polar_near_orthogonal", lambda a, *args, **kwargs: None)
     w0, wt = _pair(*shape, 0.3, 50)
     ((rot, _),) = list(iter_procrustes(w0, [wt], solver="svd"))
     assert torch.allclose(rot.dense(), ref_rotation(w0, wt), atol=1e-9)

@@ -14,8 +14,7 @@ from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 from test_decouple_ops import ref_merge
 
 from peft_orthomerge.errors import ConfigError, IncompatibleInputsError, NumericalError
-from peft_orthomerge.ops.decouple import decouple_merge
-from peft_orthomerge.ops.decouple_rows import TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
+from peft_orthomerge.ops.decouple import TensorRows, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from peft_orthomerge.ops.euclidean import ta_coefficients
 
 F64 = torch.float64

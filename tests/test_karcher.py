@@ -275,7 +275,8 @@ def test_merge_skew_errors() -> None:
 
 
 def test_oft_karcher_method_satisfies_the_defining_property() -> None:
-    from peft_orthomerge.ops.skew import cayley, vec_to_skew
+    from peft_orthomerge.ops.cayley import cayley
+    from peft_orthomerge.ops.skew import vec_to_skew
     from peft_orthomerge.ops.so_merge import merge_module
 
     gen = torch.Generator().manual_seed(13)

@@ -116,7 +116,7 @@ def test_default_ta_streams_rows_and_matches_reference(experts, tmp_path, monkey
     """Global + TA (the default) reads decoupled weights by blocks of rows, never whole: a reader
     that refuses whole 2-D tensors, blocks of 5 rows, and the output still equals the independent
     dense reference, with the report's statistics."""
-    from peft_orthomerge.ops import decouple_rows
+    from peft_orthomerge.ops.decouple import rows as decouple_rows
     from peft_orthomerge.sources.tensors import TensorReader
 
     base, paths = experts

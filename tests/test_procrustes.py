@@ -7,9 +7,9 @@ import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from peft_orthomerge.errors import ConfigError
+from peft_orthomerge.ops.orthogonality import orthogonality_errors
 from peft_orthomerge.ops.procrustes import (
     newton_schulz,
-    orthogonality_error,
     polar,
     quintic_newton_schulz,
     resolve_solver,
@@ -87,8 +87,8 @@ def test_published_quintic_does_not_converge_to_polar_factor():
 
 def test_orthogonality_error_and_solver_names():
     q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
-    assert float(orthogonality_error(q)) < 1e-13
-    assert float(orthogonality_error(2 * q)) == pytest.approx(3 * 10**0.5, rel=1e-9)
+    assert float(orthogonality_errors(q)) < 1e-13
+    assert float(orthogonality_errors(2 * q)) == pytest.approx(3 * 10**0.5, rel=1e-9)
     assert resolve_solver("auto", "cpu") == "svd"
     assert resolve_solver("newton_schulz", "cpu") == "newton_schulz"
     with pytest.raises(ConfigError):

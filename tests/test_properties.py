@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 from peft.tuners.oft.layer import OFTRotationModule
 
 from peft_orthomerge.errors import ConfigError
+from peft_orthomerge.ops.cayley import cayley, inverse_cayley
 from peft_orthomerge.ops.decouple import decouple_merge, iter_procrustes, procrustes_rotation
 from peft_orthomerge.ops.procrustes import polar
 from peft_orthomerge.ops.skew import (
-    cayley,
     from_canonical,
-    inverse_cayley,
     neumann_rotation,
     skew_to_vec,
     to_canonical,

@@ -90,8 +90,9 @@ def test_oft_fold_matches_peft_merge_and_unload(minilm, use_cayley_neumann):
 def _geometry_rows(weight: torch.Tensor, n_tasks: int = 3, b: int = 32, scale: float = 0.05, seed: int = 0):
     """Merge ``n_tasks`` random exact-Cayley OFT rotations of ``weight`` with each method; return
     ``{method: (spectral_norm, hyperspherical_energy)}`` of the merged folded weight."""
+    from peft_orthomerge.ops.cayley import cayley
     from peft_orthomerge.ops.oft_fold import fold_weight
-    from peft_orthomerge.ops.skew import cayley, vec_to_skew
+    from peft_orthomerge.ops.skew import vec_to_skew
     from peft_orthomerge.ops.so_merge import merge_module, so_methods
 
     g = torch.Generator().manual_seed(seed)
@@ -146,7 +147,7 @@ def test_hyperspherical_energy_definition():
 
 
 def _rotation(dim: int, angle_scale: float, g: torch.Generator) -> torch.Tensor:
-    from peft_orthomerge.ops.skew import cayley
+    from peft_orthomerge.ops.cayley import cayley
 
     a = torch.randn(dim, dim, generator=g, dtype=torch.float64) * angle_scale / dim**0.5
     return cayley(a - a.T)

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from ..ops.skew import orthogonality_error, orthogonality_errors, peft_rotation, vec_to_skew
+from ..ops.orthogonality import max_orthogonality_error, orthogonality_errors
+from ..ops.skew import peft_rotation, vec_to_skew
 from ..ops.so_merge import ModuleMerge
 from ..plan.oft import ModulePlan, OftPlan
 from ..report import MergeReport, ModuleStats
@@ -54,7 +55,7 @@ class OrthogonalityProbe:
 
     def add(self, stats: ModuleStats, mp: ModulePlan, merge: ModuleMerge) -> ModuleStats:
         if merge.vec is None:  # non-orthogonal method: the rotation itself, every block
-            self._set(stats, orthogonality_error(merge.rotation))
+            self._set(stats, max_orthogonality_error(merge.rotation))
             return stats
         vec = merge.vec
         k = self.plan.options.orthogonality_blocks

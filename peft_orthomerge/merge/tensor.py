@@ -16,8 +16,7 @@ import torch
 
 from ..device import to_output
 from ..errors import NumericalError
-from ..ops.decouple import DecoupleStats, decouple_merge
-from ..ops.decouple_rows import RowSource, decouple_merge_ta_rows, task_arithmetic_rows
+from ..ops.decouple import DecoupleStats, RowSource, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.registry import get_euclidean, merge_iter
 from ..plan.options import DecoupleOptions
 from ..report import ModuleStats

@@ -23,19 +23,20 @@ singular values into an oscillating band around ``0.7 .. 1.2`` and never converg
 factor, so rotations computed with it are not orthogonal and not the Procrustes optimum
 (`quintic_newton_schulz` is kept only to demonstrate this; see ``tests/test_procrustes.py``).
 
-All functions accept batches ``(..., n, n)`` of same-shaped matrices.
+All functions accept batches ``(..., n, n)`` of same-shaped matrices. In decoupling (DESIGN section 4,
+torch layout ``(out, in)``) ``A = W0^T W_target`` and the factor ``P`` acts on the input side,
+``W0 @ P``; the rank-deficient, closest-to-identity rule on top of these solvers is `closest_polar`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from ..errors import ConfigError
+from .orthogonality import orthogonality_errors
 
-Solver = Literal["auto", "svd", "newton_schulz"]
 SOLVERS = ("auto", "svd", "newton_schulz")
 
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -43,21 +44,22 @@ QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
 
 @dataclass
 class PolarResult:
-    """A batch of polar factors and how they were obtained.
+    """How a polar factor (or a batch of them) was obtained, and optionally the factor itself.
 
     Attributes:
-        factor: ``(..., n, n)`` orthogonal factors.
         solver: the solver that produced the answer (``"svd"`` or ``"newton_schulz"``).
-        orthogonality_error: ``max ||P^T P - I||_F`` over the batch.
+        orthogonality_error: ``max ||P^T P - I||_F`` over the batch (or a bound on it).
         iterations: Newton-Schulz steps taken (0 for the SVD).
         fallback: how many matrices of the batch fell back from Newton-Schulz to the SVD.
+        factor: ``(..., n, n)`` orthogonal factors (`polar`); ``None`` where the factor is returned
+            separately (the decoupling path's compact `frame.Rotation`).
     """
 
-    factor: torch.Tensor
     solver: str
     orthogonality_error: float
     iterations: int = 0
     fallback: int = 0
+    factor: torch.Tensor | None = None
 
 
 def check_solver(solver: str) -> str:
@@ -72,12 +74,6 @@ def resolve_solver(solver: str, device: torch.device | str) -> str:
     if solver == "auto":
         return "newton_schulz" if torch.device(device).type == "cuda" else "svd"
     return solver
-
-
-def orthogonality_error(x: torch.Tensor) -> torch.Tensor:
-    """``||X^T X - I||_F`` per matrix of the batch."""
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    return torch.linalg.matrix_norm(x.transpose(-2, -1) @ x - eye)
 
 
 def default_tol(dtype: torch.dtype, n: int) -> float:
@@ -115,14 +111,13 @@ def newton_schulz(
     n = a.shape[-1]
     tol = default_tol(a.dtype, n) if tol is None else tol
     x = a / _spectral_bound(a)[..., None, None]
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
-    err = torch.linalg.matrix_norm(x.transpose(-2, -1) @ x - eye)
+    err = orthogonality_errors(x)
     steps = 0
     while steps < max_iter and bool((err > tol).any()):
         gram = x.transpose(-2, -1) @ x
         x = 1.5 * x - 0.5 * (x @ gram)
         steps += 1
-        err = orthogonality_error(x)
+        err = orthogonality_errors(x)
     return x, err, steps
 
 
@@ -152,8 +147,8 @@ def polar(a: torch.Tensor, solver: str = "auto", *, tol: float | None = None, ma
     tol = default_tol(a.dtype, n) if tol is None else tol
     if solver == "svd" or n == 0:
         p = polar_svd(a)
-        err = orthogonality_error(p) if n else torch.zeros(a.shape[:-2], dtype=a.dtype)
-        return PolarResult(p, "svd", float(err.max()) if err.numel() else 0.0)
+        err = orthogonality_errors(p) if n else torch.zeros(a.shape[:-2], dtype=a.dtype)
+        return PolarResult("svd", float(err.max()) if err.numel() else 0.0, factor=p)
     x, err, steps = newton_schulz(a, tol=tol, max_iter=max_iter)
     bad = err > tol
     n_bad = int(bad.sum())
@@ -163,5 +158,5 @@ def polar(a: torch.Tensor, solver: str = "auto", *, tol: float | None = None, ma
         else:
             x = x.clone()
             x[bad] = polar_svd(a[bad])
-        err = orthogonality_error(x)
-    return PolarResult(x, "newton_schulz", float(err.max()) if err.numel() else 0.0, steps, n_bad)
+        err = orthogonality_errors(x)
+    return PolarResult("newton_schulz", float(err.max()) if err.numel() else 0.0, steps, n_bad, factor=x)

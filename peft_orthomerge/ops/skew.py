@@ -1,4 +1,4 @@
-"""Skew-symmetric blocks, PEFT's vector layout, and the Cayley maps between so(b) and SO(b).
+"""Skew-symmetric OFT blocks: PEFT's vector layout, its two sign conventions, and the rotations PEFT builds.
 
 Layout (PEFT >= 0.16): a module's OFT parameter is a tensor of shape ``(r, n)`` with
 ``n = b(b-1)/2``; row ``k`` holds the strict upper triangle of block ``k`` in the order of
@@ -19,7 +19,8 @@ PEFT stores vectors in two opposite conventions, depending on ``use_cayley_neuma
 PEFT applies ``R`` to the input: per block ``x_blk -> x_blk @ R_k``, so a Linear weight ``W``
 of shape ``(out, in)`` becomes ``W @ blockdiag(R)^T``.
 
-All functions are batched over blocks (leading dimension ``r``). The rotation maps compute in
+The exact Cayley pair itself lives in `cayley`; `peft_rotation` picks it or the Neumann series
+the way PEFT does. All functions are batched over blocks (leading dimension ``r``). The rotation maps compute in
 float64 unless given ``dtype``; the vector helpers (`to_canonical`, `block_norms`) keep float32 where
 the caller asks for it (a sign flip and a norm lose nothing there).
 """
@@ -30,7 +31,8 @@ import math
 
 import torch
 
-from ..errors import InputError, NumericalError
+from ..errors import InputError
+from .cayley import cayley
 
 
 def block_size_from_n(n: int) -> int:
@@ -55,12 +57,6 @@ def skew_to_vec(q: torch.Tensor) -> torch.Tensor:
     b = q.shape[-1]
     rows, cols = torch.triu_indices(b, b, 1, device=q.device)
     return q[:, rows, cols]
-
-
-def skew_norm(vec: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:
-    """Frobenius norm of the skew block(s) ``U - U^T`` given their vectors: ``sqrt(2) * ||vec||``."""
-    vec = vec.to(torch.float64)
-    return math.sqrt(2.0) * (torch.linalg.vector_norm(vec) if dim is None else torch.linalg.vector_norm(vec, dim=dim))
 
 
 def block_norms(vec: torch.Tensor) -> torch.Tensor:
@@ -110,51 +106,8 @@ def neumann_rotation(q: torch.Tensor, terms: int, *, dtype: torch.dtype = torch.
     return r
 
 
-def cayley(q: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Exact canonical Cayley map ``R = (I + Q)(I - Q)^-1`` (defined for every skew ``Q``)."""
-    q = q.to(dtype)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    return torch.linalg.solve(eye - q, eye + q, left=False)
-
-
 def peft_rotation(
     q: torch.Tensor, use_cayley_neumann: bool, terms: int = 5, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """The rotation PEFT builds for canonical blocks ``q`` stored under the given flag (in ``dtype``)."""
     return neumann_rotation(q, terms, dtype=dtype) if use_cayley_neumann else cayley(q, dtype=dtype)
-
-
-def inverse_cayley(r: torch.Tensor, *, tol: float = 1e-10) -> torch.Tensor:
-    """Canonical ``Q = (R - I)(R + I)^-1``; `NumericalError` where ``R`` has eigenvalue -1.
-
-    The result is skew-symmetrised (exactly skew for orthogonal ``R``; the projection only
-    removes rounding noise).
-    """
-    r = r.to(torch.float64)
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
-    plus = r + eye
-    smallest = torch.linalg.svdvals(plus)[..., -1]
-    if bool((smallest <= tol).any()):
-        bad = int(torch.argmin(smallest))
-        raise NumericalError(
-            f"inverse Cayley map undefined: rotation block {bad} has an eigenvalue at -1 "
-            f"(smallest singular value of R + I: {float(smallest[bad]):.2e})",
-            hint="The rotations are too far apart (a half turn); merge in so(b) instead (method='orthomerge').",
-        )
-    q = torch.linalg.solve(plus, r - eye, left=False)
-    return 0.5 * (q - q.transpose(-2, -1))
-
-
-def orthogonality_errors(r: torch.Tensor) -> torch.Tensor:
-    """Per block ``||R_k^T R_k - I||_F``, shape ``(r,)``, in ``r``'s floating dtype (float32 input:
-    float32 rounding, as in PEFT's own float32 forward; other dtypes: float64)."""
-    r = r if r.dtype in (torch.float32, torch.float64) else r.to(torch.float64)
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye)
-
-
-def orthogonality_error(r: torch.Tensor) -> float:
-    """``max_k ||R_k^T R_k - I||_F`` over the blocks of ``r`` (0.0 for an empty batch); see `orthogonality_errors`."""
-    if r.shape[0] == 0:
-        return 0.0
-    return float(orthogonality_errors(r).max())

@@ -46,7 +46,8 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from .skew import block_norms, block_size_from_n, cayley, inverse_cayley, skew_to_vec, vec_to_skew
+from .cayley import cayley, inverse_cayley
+from .skew import block_norms, block_size_from_n, skew_to_vec, vec_to_skew
 
 Granularity = Literal["module", "block"]
 ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i|| counts as an exact cancellation

@@ -1,6 +1,6 @@
 """Decoupled merging with task arithmetic, by row blocks (the Gram path).
 
-Conventions as in `decouple`: torch layout, ``W`` is ``(out, in)``; a rotation ``P`` (``in x in``)
+Conventions as in `peft_orthomerge.ops.decouple`: torch layout, ``W`` is ``(out, in)``; a rotation ``P`` (``in x in``)
 acts on the input side, ``W0 @ P``. This path serves ``residual="ta"`` on weights with
 ``2 out >= in`` (square and tall matrices: q/o projections, gate/up, embeddings, ``lm_head``).
 
@@ -18,13 +18,12 @@ in two passes; all per-task work is on ``in x in`` matrices:
    ``T_i = W0 + tau_i * mask_i`` is row-local too (the cosine of a row of ``tau_i`` with the same
    row of the weighted mean task vector), so ``M_i = G + W0^T (tau_i * mask_i)`` is accumulated
    in the same pass.
-2. Per task: the closest-to-identity polar factor ``P_i`` of ``M_i`` in SO(in) (`decouple`'s
-   solvers and rules), ``Q_i = (P_i - I)(P_i + I)^-1``, the skew sum and ``sum_i c_i (P_i - I)``.
+2. Per task: the closest-to-identity polar factor ``P_i`` of ``M_i`` in SO(in) (`closest_polar`), ``Q_i = (P_i - I)(P_i + I)^-1``, the skew sum and ``sum_i c_i (P_i - I)``.
    Statistics without ``(out, in)`` products (``D_i = P_i - I``):
    ``||W0 D_i||_F^2 = <G D_i, D_i>`` and ``||rho_i||_F^2 = ||tau_i||^2 - 2 <E_i, D_i> + ||W0 D_i||^2``
    (the last is a difference: a residual far below ``||tau_i||`` is known to about
    ``1e-8 ||tau_i||`` in float64).
-3. Merge in so(in) with magnitude correction (`decouple`), ``R - I = 2 (I - Q)^-1 Q`` (one solve),
+3. Merge in so(in) with magnitude correction (`stats.magnitude_factor`), ``R - I = 2 (I - Q)^-1 Q`` (one solve),
    then a second pass over row blocks writes ``W0 + sum_i c_i tau_i + W0 @ X``.
 
 Versus forming each ``rho_i`` this saves one ``(out, in) x (in, in)`` product per task and keeps
@@ -40,19 +39,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import ConfigError, IncompatibleInputsError, NumericalError
-from .decouple import (
-    RANK_RTOL,
-    DecoupleStats,
-    ProcrustesInfo,
-    _closest_polar_svd,
-    _magnitude_factor,
-    _probe_orthogonality_error,
-    conflict_rows,
-    inverse_cayley,
-)
-from .euclidean import ta_coefficients
-from .procrustes import check_solver, default_tol, newton_schulz, resolve_solver
+from ...errors import ConfigError, IncompatibleInputsError, NumericalError
+from ..cayley import inverse_cayley_lu
+from ..closest_polar import RANK_RTOL, closest_polar
+from ..euclidean import ta_coefficients
+from ..procrustes import PolarResult, check_solver, resolve_solver
+from .stats import DecoupleStats, magnitude_factor
+from .targets import conflict_rows
 
 BLOCK_BYTES = 16 * 1024**2  # row blocks of about this many bytes per (out, in)-sized temporary
 
@@ -85,20 +78,6 @@ def _block_rows(n_in: int, element_bytes: int, block_bytes: int | None) -> int:
     """Rows per block: ``block_bytes`` (default `BLOCK_BYTES`) of ``n_in`` elements each, at least one."""
     budget = BLOCK_BYTES if block_bytes is None else block_bytes
     return max(1, budget // max(1, n_in * element_bytes))
-
-
-def _polar(m: torch.Tensor, solver: str, rtol: float) -> tuple[torch.Tensor, ProcrustesInfo]:
-    """Closest-to-identity optimal ``P`` in SO(in) for ``M`` (square; see `decouple`)."""
-    info = ProcrustesInfo(solver, 0.0)
-    if solver == "newton_schulz":
-        x, err, info.iterations = newton_schulz(m)
-        if float(err) <= default_tol(m.dtype, m.shape[-1]) and float(torch.linalg.det(x)) > 0:
-            info.orthogonality_error = float(err)
-            return x, info
-        info.fallback = 1
-    p = _closest_polar_svd(m, rtol)
-    info.orthogonality_error = _probe_orthogonality_error(p)
-    return p, info
 
 
 def _combine_rows(
@@ -173,33 +152,12 @@ def _loader(device: torch.device, dtype: torch.dtype, name: str | None):
     return load
 
 
-def decouple_merge_ta_rows(
-    w0: torch.Tensor | RowSource,
-    experts: Sequence[torch.Tensor | RowSource],
-    weights: Sequence[float],
-    target: str = "global",
-    residual_kwargs: Mapping[str, Any] | None = None,
-    solver: str = "auto",
-    *,
-    name: str | None = None,
-    dtype: torch.dtype = torch.float64,
-    rtol: float = RANK_RTOL,
-    out_dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    block_bytes: int | None = None,
-) -> tuple[torch.Tensor, DecoupleStats]:
-    """``decouple_merge(w0, experts, weights, target, "ta", residual_kwargs, solver)`` by row blocks.
-
-    ``weights`` are normalised (sum 1); ``target`` is ``"global"`` or ``"conflict"``. Math runs in
-    ``dtype`` on ``device`` (default: ``w0``'s device, else the CPU); the merged weight comes back
-    in ``out_dtype`` (default ``dtype``) and ``stats.merged_delta_norm`` is ``||out - W0||_F``
-    before that cast. See the module docstring for the formulas.
-    """
+def _check_rows_inputs(
+    base: RowSource, sources: list[RowSource], weights: Sequence[float], target: str, solver: str, name: str | None
+) -> None:
     if target not in ("global", "conflict"):
         raise ConfigError(f"the row-block path needs target 'global' or 'conflict', got {target!r}")
     check_solver(solver)
-    base = _source(w0)
-    sources = [_source(e) for e in experts]
     if len(sources) != len(weights) or not sources:
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} experts")
     for src in sources:
@@ -208,24 +166,26 @@ def decouple_merge_ta_rows(
                 f"shape mismatch: base {tuple(base.shape)} vs expert {tuple(src.shape)}; decoupling needs equal 2-D shapes",
                 tensor=name,
             )
-    if device is None:
-        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    solver = resolve_solver(solver, device)
-    out_dtype = dtype if out_dtype is None else out_dtype
-    weights = [float(w) for w in weights]
-    coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
-    n_out, n_in = base.shape
-    # the conflict target holds every task vector of a block at once: smaller blocks
-    share = len(sources) if target == "conflict" else 1
-    step = max(1, _block_rows(n_in, torch.finfo(dtype).bits // 8, block_bytes) // share)
 
-    load = _loader(device, dtype, name)
-    # -- first pass: G, E_i (and the conflict target's M_i), ||tau_i|| ----------------------------
-    stats = DecoupleStats()
+
+def _gram_pass(
+    base: RowSource,
+    sources: list[RowSource],
+    weights: list[float],
+    conflict: bool,
+    load,
+    step: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    stats: DecoupleStats,
+) -> tuple[torch.Tensor, list, list | None, list[float]]:
+    """First pass, by row blocks: ``G = W0^T W0``, ``E_i = W0^T tau_i``, for the conflict target
+    ``W0^T (tau_i * mask_i)``, and ``||tau_i||^2``; records the norms (and rows kept) in ``stats``.
+    Returns ``(G, [E_i], [masked E_i] or None, [||tau_i||^2])``."""
+    n_out, n_in = base.shape
     gram = torch.zeros(n_in, n_in, dtype=dtype, device=device)
     cross = [torch.zeros_like(gram) for _ in sources]  # E_i = W0^T tau_i
-    masked = [torch.zeros_like(gram) for _ in sources] if target == "conflict" else None
+    masked = [torch.zeros_like(gram) for _ in sources] if conflict else None
     tau_sq = [0.0] * len(sources)
     kept = [0] * len(sources)
     for start in range(0, n_out, step):
@@ -251,16 +211,32 @@ def decouple_merge_ta_rows(
     stats.task_vector_norms = [v**0.5 for v in tau_sq]
     if masked is not None:
         stats.rows_kept = kept
+    return gram, cross, masked, tau_sq
 
-    # -- per task: P_i, Q_i, sum_i w_i Q_i, sum_i c_i (P_i - I), statistics ------------------------
+
+def _task_rotations(
+    gram: torch.Tensor,
+    cross: list,
+    masked: list | None,
+    tau_sq: list[float],
+    weights: list[float],
+    coeffs: list[float],
+    solver: str,
+    rtol: float,
+    name: str | None,
+    stats: DecoupleStats,
+) -> tuple[torch.Tensor | None, float, torch.Tensor]:
+    """Per task: ``P_i``, ``Q_i``, the statistics; returns ``(sum_i w_i Q_i or None,
+    sum_i w_i ||Q_i||_F, sum_i c_i (P_i - I))``. Frees ``cross[i]`` / ``masked[i]`` as it goes."""
     skew_sum: torch.Tensor | None = None
     total = 0.0
     d_sum = torch.zeros_like(gram)
-    infos: list[ProcrustesInfo] = []
-    stats.skew_norms = [0.0] * len(sources)
-    stats.orth_part_norms = [0.0] * len(sources)
+    infos: list[PolarResult] = []
+    count = len(cross)
+    stats.skew_norms = [0.0] * count
+    stats.orth_part_norms = [0.0] * count
     stats.residual_norms = list(stats.task_vector_norms)
-    for i in range(len(sources)):
+    for i in range(count):
         part = cross[i] if masked is None else masked[i]
         if not bool(part.any()):  # T_i = W0 on W0's column space: P_i = I, Q_i = 0, rho_i = tau_i
             continue
@@ -268,10 +244,10 @@ def decouple_merge_ta_rows(
         del part
         if masked is not None:
             masked[i] = None
-        p, info = _polar(m, solver, rtol)
+        p, info = closest_polar(m, solver, rtol)
         del m
         infos.append(info)
-        q = inverse_cayley(p, name=name)
+        q = inverse_cayley_lu(p, name=name)
         norm = float(torch.linalg.matrix_norm(q))
         stats.skew_norms[i] = norm
         total += weights[i] * norm
@@ -286,16 +262,16 @@ def decouple_merge_ta_rows(
         stats.residual_norms[i] = max(res_sq, 0.0) ** 0.5
         del d, p
         cross[i] = None
-    del cross, gram
-    if infos:
-        stats.solver = infos[0].solver
-        stats.solver_error = max(x.orthogonality_error for x in infos)
-        stats.solver_fallback = sum(x.fallback for x in infos)
-    else:
-        stats.solver = "identity"
+    stats.record_solver(infos)
+    return skew_sum, total, d_sum
 
-    # -- merged rotation: X = (R - I) - sum_i c_i (P_i - I) ---------------------------------------
-    factor = _magnitude_factor(skew_sum, total)
+
+def _merged_correction(
+    d_sum: torch.Tensor, skew_sum: torch.Tensor | None, total: float, stats: DecoupleStats
+) -> torch.Tensor:
+    """``X = (R - I) - sum_i c_i (P_i - I)`` with ``R = cayley(c S)``, ``R - I = 2 (I - Q)^-1 Q``
+    (one solve); overwrites ``d_sum`` and ``skew_sum``."""
+    factor = magnitude_factor(skew_sum, total)
     stats.magnitude_factor = factor
     x = d_sum.neg_()
     if factor is not None:
@@ -305,8 +281,53 @@ def decouple_merge_ta_rows(
         eye_minus_q.diagonal().add_(1)
         x.add_(torch.linalg.solve(eye_minus_q, q.mul_(2)))  # R - I = 2 (I - Q)^-1 Q
         del q, eye_minus_q
-    skew_sum = None
+    return x
 
-    # -- second pass: out = W0 + sum_i c_i tau_i + W0 @ X -----------------------------------------
+
+def decouple_merge_ta_rows(
+    w0: torch.Tensor | RowSource,
+    experts: Sequence[torch.Tensor | RowSource],
+    weights: Sequence[float],
+    target: str = "global",
+    residual_kwargs: Mapping[str, Any] | None = None,
+    solver: str = "auto",
+    *,
+    name: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    rtol: float = RANK_RTOL,
+    out_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    block_bytes: int | None = None,
+) -> tuple[torch.Tensor, DecoupleStats]:
+    """``decouple_merge(w0, experts, weights, target, "ta", residual_kwargs, solver)`` by row blocks.
+
+    ``weights`` are normalised (sum 1); ``target`` is ``"global"`` or ``"conflict"``. Math runs in
+    ``dtype`` on ``device`` (default: ``w0``'s device, else the CPU); the merged weight comes back
+    in ``out_dtype`` (default ``dtype``) and ``stats.merged_delta_norm`` is ``||out - W0||_F``
+    before that cast. See the module docstring for the formulas.
+    """
+    base = _source(w0)
+    sources = [_source(e) for e in experts]
+    _check_rows_inputs(base, sources, weights, target, solver, name)
+    if device is None:
+        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    solver = resolve_solver(solver, device)
+    out_dtype = dtype if out_dtype is None else out_dtype
+    weights = [float(w) for w in weights]
+    coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
+    # the conflict target holds every task vector of a block at once: smaller blocks
+    share = len(sources) if target == "conflict" else 1
+    step = max(1, _block_rows(base.shape[1], torch.finfo(dtype).bits // 8, block_bytes) // share)
+    load = _loader(device, dtype, name)
+    stats = DecoupleStats()
+    gram, cross, masked, tau_sq = _gram_pass(
+        base, sources, weights, target == "conflict", load, step, dtype, device, stats
+    )
+    skew_sum, total, d_sum = _task_rotations(gram, cross, masked, tau_sq, weights, coeffs, solver, rtol, name, stats)
+    del cross, gram, masked
+    x = _merged_correction(d_sum, skew_sum, total, stats)
+    skew_sum = None
+    # second pass: out = W0 + sum_i c_i tau_i + W0 @ X
     out, stats.merged_delta_norm = _combine_rows(base, sources, coeffs, x, load, step, out_dtype)
     return out, stats

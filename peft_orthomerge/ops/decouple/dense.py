@@ -1,0 +1,196 @@
+"""`decouple_merge`: decoupled merging of one 2-D weight with any Euclidean residual method.
+
+Conventions: torch layout, ``W`` is ``(out, in)``; ``P_i`` (``in x in``) acts on the input side,
+``W0 @ P_i``; ``Q_i = (P_i - I)(P_i + I)^-1``; merged ``P = cayley(c S)`` applied as
+``W0 P = 2 W0 (I - c S)^-1 - W0`` (`cayley.cayley_apply`), or ``(W0 F) cayley(c S_F) F^T`` in the
+reduced basis. Residuals ``rho_i = W_i - W0 @ P_i`` are merged by `registry`; result
+``W0 @ P + rho_merged``. Task arithmetic is routed to the cheaper paths (`rows`, `reduced`).
+See the package docstring for the whole method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ...errors import ConfigError, NumericalError
+from ..cayley import cayley_apply, cayley_apply_leading
+from ..closest_polar import RANK_RTOL
+from ..euclidean import ta_coefficients
+from ..procrustes import check_solver
+from ..registry import get_euclidean, merge_iter
+from .reduced import merge_ta_reduced
+from .rows import decouple_merge_ta_rows
+from .solve import check_pair, solver_feed
+from .stats import DecoupleStats, SkewSum, diff_norm, merged_stats
+from .targets import TARGETS, conflict_target
+
+
+def _check_inputs(
+    w0: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], target, solver: str, name
+) -> None:
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; valid: 'global', 'conflict', None")
+    check_solver(solver)
+    if len(experts) != len(weights) or not experts:
+        raise ConfigError(f"got {len(weights)} weights for {len(experts)} experts")
+    for e in experts:
+        check_pair(w0, e, name)
+
+
+def _first_pass(
+    base: torch.Tensor, full: Callable[[int], torch.Tensor], count: int, weights: list[float], target, name
+) -> tuple[DecoupleStats, torch.Tensor | None]:
+    """One expert at a time and before any work: finiteness, ``||tau_i||``, for the conflict
+    target the weighted mean task vector. Returns ``(stats, mean)``."""
+    stats = DecoupleStats()
+    mean = base.new_zeros(base.shape) if target == "conflict" else None
+    finite = bool(torch.isfinite(base).all())
+    for i in range(count):
+        if not finite:
+            break
+        f = full(i)
+        finite = bool(torch.isfinite(f).all())
+        tau = f - base
+        del f
+        stats.task_vector_norms.append(float(torch.linalg.matrix_norm(tau)))
+        if mean is not None:
+            mean.add_(weights[i] * tau)
+        del tau
+    if not finite:
+        raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
+    return stats, mean
+
+
+def _residuals(
+    base: torch.Tensor,
+    full: Callable[[int], torch.Tensor],
+    count: int,
+    weights: list[float],
+    target: str,
+    mean: torch.Tensor | None,
+    stats: DecoupleStats,
+    feed: tuple[list[torch.Tensor], Iterator],
+    skew: SkewSum,
+    name: str | None,
+) -> Iterator[torch.Tensor]:
+    """``rho_i = W_i - W0 @ P_i`` in expert order (``rho_i = tau_i`` where the target is the
+    base: ``P_i = I``); one expert's rotation, basis and full weight are alive at a time."""
+    pending, solved = feed
+    for i in range(count):
+        f = full(i)
+        if target == "global":
+            t = f
+        else:
+            t, _ = conflict_target(f, base, mean, stats)
+        if torch.equal(t, base):
+            del t
+            rho = f - base
+        else:
+            pending.append(t)
+            del t  # iter_procrustes drops it before yielding
+            rot, info = next(solved)
+            stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
+            rho = rot.rotate_base(base)
+            del rot
+            stats.orth_part_norms[i] = diff_norm(rho, base)
+            rho.neg_().add_(f)  # W_i - W0 @ P_i, in place (the same rounding as f - rotated)
+        del f
+        stats.residual_norms.append(float(torch.linalg.matrix_norm(rho)))
+        yield rho
+        del rho
+
+
+def _rotated_base(base: torch.Tensor, skew: SkewSum, c: float) -> torch.Tensor:
+    """``W0 @ cayley(c S)``: dense ``S``, or ``(W0 F) cayley(c S_F) F^T`` with ``S_F`` in frame coordinates."""
+    if skew.frame is None:
+        return cayley_apply(base, skew.skew, c)
+    rotated = cayley_apply_leading(skew.base_coords, skew.skew, c)
+    skew.skew = skew.base_coords = None
+    return skew.frame.right_t(rotated)
+
+
+def decouple_merge(
+    w0: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    target: str | None = "global",
+    residual: str = "ta",
+    residual_kwargs: Mapping[str, Any] | None = None,
+    solver: str = "auto",
+    *,
+    generator: torch.Generator | None = None,
+    name: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    rtol: float = RANK_RTOL,
+) -> tuple[torch.Tensor, DecoupleStats]:
+    """Merge the expert weights ``experts`` (full weights ``W_i``, torch layout) of one 2-D tensor.
+
+    ``weights`` must be normalised (sum 1). Returns ``(merged weight in dtype, stats)``. An expert
+    equal to the base (zero task vector, e.g. a module an adapter does not touch) contributes
+    ``P_i = I``, ``Q_i = 0``, ``rho_i = 0``. See the package docstring for the formulas.
+
+    Memory: ``experts`` may stay in their storage dtype; each is converted to ``dtype`` when its
+    turn comes and dropped after. The residuals are produced one at a time and handed to the
+    Euclidean method through `registry.merge_iter`: a linear method (``ta``, ``dare_ta``) keeps a
+    running sum, so only the base, the accumulator and one expert's temporaries are alive in
+    ``dtype``; any other method gets the residuals as a list.
+    """
+    _check_inputs(w0, experts, weights, target, solver, name)
+    # task arithmetic on a weight with 2 out >= in goes through the Gram path
+    if target is not None and residual == "ta" and 2 * w0.shape[0] >= w0.shape[1]:
+        return decouple_merge_ta_rows(
+            w0, experts, weights, target, residual_kwargs, solver, name=name, dtype=dtype, rtol=rtol
+        )
+    merge_fn = get_euclidean(residual)
+    kwargs = dict(residual_kwargs or {})
+    weights = list(weights)
+    base = w0.to(dtype)
+    count = len(experts)
+
+    def full(i: int) -> torch.Tensor:
+        return experts[i].to(device=base.device, dtype=dtype)
+
+    # task arithmetic in the reduced basis never forms a residual (`merge_ta_reduced`)
+    fast_ta = target is not None and residual == "ta" and 2 * base.shape[0] < base.shape[1] and set(kwargs) <= {"lam"}
+    if fast_ta:
+        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
+    stats, mean = _first_pass(base, full, count, weights, target, name)
+    if fast_ta:
+        return merge_ta_reduced(base, full, weights, coeffs, target, mean, stats, solver, rtol, name)
+
+    def merge(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
+        return merge_iter(merge_fn, vectors, weights, base=base, generator=generator, **kwargs)
+
+    if target is None:
+        merged_tau = merge(full(i) - base for i in range(count))
+        stats.residual_norms = list(stats.task_vector_norms)
+        stats.solver = "none"
+        return base + merged_tau.to(dtype), stats
+    feed, skew = solver_feed(base, solver, rtol), SkewSum()
+    stats.skew_norms, stats.orth_part_norms = [0.0] * count, [0.0] * count
+    residuals = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name)
+    del mean  # the residual stream holds it while it runs
+    return _merge_rotated(base, residuals, feed, skew, stats, merge, dtype), stats
+
+
+def _merge_rotated(
+    base: torch.Tensor,
+    residuals: Iterator[torch.Tensor],
+    feed: tuple[list[torch.Tensor], Iterator],
+    skew: SkewSum,
+    stats: DecoupleStats,
+    merge: Callable[[Iterable[torch.Tensor]], torch.Tensor],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``W0 @ P + merge(rho_i)``: Procrustes solves one target at a time (``feed``), when the
+    residual stream ``residuals`` (`_residuals`) handed to ``merge`` asks for it."""
+    rho = merge(residuals).to(dtype)
+    feed[1].close()  # drops the shared QR of W0^T
+    del residuals, feed
+    c = merged_stats(stats, skew)
+    if c is None:
+        return base + rho
+    return _rotated_base(base, skew, c).add_(rho)

@@ -1,0 +1,174 @@
+"""Procrustes rotations of one base weight against many targets (the reduced basis when ``2 out < in``).
+
+Conventions: torch layout, ``W`` is ``(out, in)``; ``P_i`` (``in x in``, in SO(in)) acts on the
+input side and minimises ``||T_i - W0 @ P_i||_F`` (the paper's ``R = P^T``), closest to the identity
+among the optimal ones (`closest_polar`). Reduced basis: ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)``
+with the frame ``F`` of one complete QR of ``W0^T`` shared by all targets (`frame.Frame`), and
+``P_i = I + B_i (C_i - I) B_i^T`` (`frame.Rotation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ...errors import IncompatibleInputsError
+from ..closest_polar import (
+    RANK_RTOL,
+    closest_polar_svd,
+    complement_projector,
+    reduced_closest_polar_svd,
+    thin_closest_polar_svd,
+)
+from ..frame import Frame, Rotation
+from ..procrustes import PolarResult, check_solver, default_tol, newton_schulz, resolve_solver
+
+
+def _reduced_target(rot: Rotation, frame: Frame, r0: torch.Tensor, target: torch.Tensor, out: int) -> torch.Tensor:
+    """Fills ``rot``'s basis for ``target`` in the frame; returns ``b_i^T`` ``(2 out, out)`` with ``T_i = b_i B_i^T``."""
+    # G_i from a QR inside the complement of Q0, so Q_i stays orthogonal to Q0 even where
+    # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
+    tf = frame.right(target)  # T_i F = [T_i Q0, T_i Q0c], one product
+    # Q0c^T T_i^T (n - out, out) is a column-major view, as LAPACK wants it;
+    # Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
+    g, ri = torch.linalg.qr(tf[:, out:].T)
+    bt = torch.cat([tf[:, :out].T, ri], dim=0)  # b_i^T, (2 out, out)
+    del ri, tf
+    rot.frame, rot.coeff, rot.base_coords, rot.target_coords = frame, g, r0.T, bt
+    return bt
+
+
+def _padded_base(r0: torch.Tensor, out: int, w0: torch.Tensor) -> torch.Tensor:
+    """``a = [R0^T, 0]`` (``(out, 2 out)``): ``W0 = a B_i^T`` in the reduced basis."""
+    return torch.cat([r0.T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+
+
+def _newton_schulz_core(
+    a: torch.Tensor, bt: torch.Tensor, info: PolarResult, tol: float | None, max_iter: int
+) -> torch.Tensor | None:
+    """The core ``C`` by Newton-Schulz on ``M = a^T b`` (plus ``c`` times the complement projectors
+    when ``M`` is rank-deficient, which selects the closest-to-identity completion); ``None`` (and
+    ``info.fallback = 1``) unless certified with ``det C > 0``."""
+    out, size = a.shape[0], bt.shape[0]
+    m = a.T @ bt.T
+    amat = m
+    if out < size:
+        scale = torch.linalg.matrix_norm(m) / min(out, size) ** 0.5
+        amat = m + scale * (complement_projector(a.T) @ complement_projector(bt))
+    x, err, info.iterations = newton_schulz(amat, tol=tol, max_iter=max_iter)
+    del amat
+    limit = default_tol(m.dtype, size) if tol is None else tol
+    if float(err) <= limit and float(torch.linalg.det(x)) > 0:
+        return x
+    info.fallback = 1
+    return None
+
+
+def iter_procrustes(
+    w0: torch.Tensor,
+    targets: Iterable[torch.Tensor],
+    *,
+    solver: str = "auto",
+    rtol: float = RANK_RTOL,
+    tol: float | None = None,
+    max_iter: int = 60,
+) -> Iterator[tuple[Rotation, PolarResult]]:
+    """Closest-to-identity ``P_i`` in SO(in) minimising ``||T_i - W0 @ P_i||_F``, one target at a time.
+
+    ``w0`` and each target are ``(out, in)`` in the same dtype (use fp64). Work shared by all
+    targets (the QR of ``W0^T``) is done once; only one target's basis is alive at a time. No
+    shortcut for ``T_i = W0``: the formula itself returns ``P = I`` there (to rounding).
+    Yields ``(rotation, info)``; ``info.factor`` is ``None`` (the rotation is the factor).
+    """
+    solver = resolve_solver(check_solver(solver), w0.device)
+    out, n = w0.shape
+    reduced = 2 * out < n
+    if reduced:
+        # B_i = [Q0, Q_i] = F blockdiag(I, G_i) with the frame F = [Q0, Q0c] (one complete QR of
+        # W0^T shared by all tasks): Q0 spans the rows of W0, Q_i the part of the rows of T_i
+        # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
+        frame, r0 = Frame.of(w0)
+    for target in targets:
+        rot = Rotation(n)
+        if reduced:
+            bt = _reduced_target(rot, frame, r0, target, out)
+            a = None
+        else:
+            a, bt = w0, target.T
+        del target  # not held across the yield (bt may still view it)
+        size = bt.shape[0]
+        info = PolarResult(solver, 0.0)
+        if solver != "svd":
+            a = _padded_base(r0, out, w0) if a is None else a
+            rot.core = _newton_schulz_core(a, bt, info, tol, max_iter)
+        if rot.core is None and reduced:
+            rot.factors = reduced_closest_polar_svd(r0, bt, rtol)
+        if rot.core is None and rot.factors is None:
+            a = _padded_base(r0, out, w0) if a is None else a
+            rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
+            if rot.core is None:
+                rot.core = closest_polar_svd(a.T @ bt.T, rtol)
+        info.orthogonality_error = rot.orthogonality_bound()
+        del bt, a
+        yield rot, info
+
+
+def procrustes_batch(
+    w0: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor], **kwargs: Any
+) -> tuple[list[Rotation], PolarResult]:
+    """All of `iter_procrustes` at once; the info aggregates (max error, total fallbacks)."""
+    rotations, total = [], None
+    for rot, info in iter_procrustes(w0, targets, **kwargs):
+        rotations.append(rot)
+        total = info if total is None else _combine(total, info)
+    return rotations, total or PolarResult(resolve_solver(kwargs.get("solver", "auto"), w0.device), 0.0)
+
+
+def _combine(a: PolarResult, b: PolarResult) -> PolarResult:
+    return PolarResult(
+        a.solver,
+        max(a.orthogonality_error, b.orthogonality_error),
+        max(a.iterations, b.iterations),
+        a.fallback + b.fallback,
+    )
+
+
+def procrustes_rotation(
+    w0: torch.Tensor, w_target: torch.Tensor, *, solver: str = "auto", rtol: float = RANK_RTOL
+) -> torch.Tensor:
+    """Dense orthogonal ``P`` (``in x in``, det +1) minimising ``||w_target - w0 @ P||_F``, closest to I.
+
+    Computed in float64; ``w_target == w0`` gives exactly the identity.
+    """
+    check_pair(w0, w_target)
+    w0d = w0.to(torch.float64)
+    wt = w_target.to(device=w0.device, dtype=torch.float64)
+    if torch.equal(w0d, wt):
+        return torch.eye(w0.shape[1], dtype=torch.float64, device=w0.device)
+    rots, _ = procrustes_batch(w0d, wt[None], solver=solver, rtol=rtol)
+    return rots[0].dense()
+
+
+def check_pair(w0: torch.Tensor, w: torch.Tensor, name: str | None = None) -> None:
+    """`IncompatibleInputsError` unless ``w0`` is 2-D and ``w`` has its shape."""
+    if w0.dim() != 2 or tuple(w.shape) != tuple(w0.shape):
+        raise IncompatibleInputsError(
+            f"shape mismatch: base {tuple(w0.shape)} vs expert {tuple(w.shape)}; decoupling needs equal 2-D shapes",
+            tensor=name,
+        )
+
+
+def solver_feed(
+    base: torch.Tensor, solver: str, rtol: float
+) -> tuple[list[torch.Tensor], Iterator[tuple[Rotation, PolarResult]]]:
+    """`iter_procrustes` fed on demand: append one target to the list, then ``next()`` the iterator
+    for its rotation (only that target is alive; the shared QR of ``W0^T`` is made once)."""
+    pending: list[torch.Tensor] = []
+
+    def next_target() -> Iterator[torch.Tensor]:
+        while pending:
+            yield pending.pop()
+
+    return pending, iter_procrustes(base, next_target(), solver=solver, rtol=rtol)

@@ -10,7 +10,7 @@ Matrices (the kind decoupling solves: cross-Gram matrices ``X^T Y``):
   certify within its step budget and must fall back to the SVD);
 - the completion block of the reduced decoupling path (``down_proj`` shaped, out 1024, in 2816;
   quick: 256, 704): ``Y[out:, out:]`` of the complete QR of ``b^T`` for an expert 5% away from the
-  base, a block of an orthogonal matrix; ours there is ``ops.decouple._polar_near_orthogonal`` as
+  base, a block of an orthogonal matrix; ours there is ``ops.closest_polar.polar_near_orthogonal`` as
   `decouple_merge` runs it (float32: unscaled certified Newton-Schulz; float64: the Gram eigh
   route; SVD added to the time if it declines).
 

@@ -1,4 +1,4 @@
-"""The row-block (Gram) path of decoupled task arithmetic, `ops.decouple_rows`.
+"""The row-block (Gram) path of decoupled task arithmetic, `ops.decouple.rows`.
 
 Checked against the independent dense float64 reference of `test_decouple_ops` (explicit SVDs,
 inverses and residuals), against the library's own explicit-residual path for the statistics,

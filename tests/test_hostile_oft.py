@@ -302,12 +302,15 @@ def test_lora_given_to_the_oft_path(lab, out):
         merge_oft_adapters(build_tiny_llama(), [lab["lora"]])
 
 
-def test_different_block_sizes(lab, out):
+def test_different_block_sizes(lab, out, tmp_path, tiny_base_dir):
+    """Block sizes 8 and 4 merge at 8 (issue 13); a block_share adapter of another block size is refused."""
+    merge_oft_checkpoints([lab["n1"], lab["b4"]], out)
+    shared = make_oft(tiny_base_dir, tmp_path / "shared4", seed=9, block_size=4, block_share=True)
     with pytest.raises(IncompatibleInputsError) as info:
-        merge_oft_checkpoints([lab["n1"], lab["b4"]], out)
-    assert_names(info.value, "block size")
-    assert str(lab["b4"]) in str(info.value) or str(lab["n1"]) in str(info.value)
-    assert_nothing_written(out)
+        merge_oft_checkpoints([lab["n1"], shared], tmp_path / "refused")
+    assert_names(info.value, "block size", "block_share")
+    assert str(shared) in str(info.value)
+    assert_nothing_written(tmp_path / "refused")
 
 
 def test_different_bases(lab, out):

@@ -60,8 +60,8 @@ def _make_bad(kind, root, a, tmp):
     if kind == "other-base":
         other = make_oft_adapter(tmp / "other", seed=3, model=build_tiny_llama(hidden_size=32, intermediate_size=64))
         return [a, other], {}, IncompatibleInputsError, "shapes differ"
-    if kind == "block-size":
-        other = make_oft_adapter(tmp / "bs8", seed=3, oft_block_size=8)
+    if kind == "block-size":  # different block sizes merge (issue 13), except with a block_share adapter
+        other = make_oft_adapter(tmp / "bs8", seed=3, oft_block_size=8, block_share=True)
         return [a, other], {}, IncompatibleInputsError, "block size"
     if kind == "fold-other-base":
         build_tiny_llama(hidden_size=32, intermediate_size=64).save_pretrained(tmp / "small")

@@ -114,12 +114,12 @@ def test_in_memory_api_base_model_and_loaded_adapters(oft, tmp_path):
     expected = logits_with_state(folded_state(base_state, _rotations(ref)), ids)
 
     merged = merge_oft_adapters(build_tiny_llama(), [str(dirs["A"]), str(dirs["C"])], [1, 3])
-    assert isinstance(merged, PeftModel) and merged.active_adapters == ["merged"]
+    assert isinstance(merged, PeftModel) and merged.active_adapters == ["default"]
     assert merged.orthomerge_report.weights == pytest.approx([0.25, 0.75])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
     merged.save_pretrained(tmp_path / "saved")
-    saved = tmp_path / "saved" / "merged"
+    saved = tmp_path / "saved"  # the default adapter: no subfolder
     torch.testing.assert_close(_reloaded_logits(saved, ids), expected, rtol=1e-4, atol=1e-5)
 
     holder = PeftModel.from_pretrained(build_tiny_llama(), dirs["A"], adapter_name="a")

@@ -3,11 +3,12 @@
 Built from the base checkpoint's header alone (no tensor data is read), the same on every rank
 of a multi-process merge, so each rank can take its share of the `TensorTask` list.
 
-Routes (how a tensor reaches the math):
+Each task records its decoupling driver (`ops.decouple.decoupling_path`, where that choice is
+made) and its route (how a tensor reaches the math):
 
 - ``"rows"``: task arithmetic straight from the files by blocks of rows, never a whole tensor in
   memory (`merge.tensor.merge_rows`): every TA tensor that is not decoupled, and decoupled weights
-  with ``2 * out >= in`` in torch layout;
+  on the row-block path stored in torch layout;
 - ``"tensor"``: the base tensor in memory and the experts read one at a time
   (`merge.tensor.merge_tensor`): everything else that is floating point;
 - ``"copy"``: non-floating tensors, copied from the base.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..ops.decouple import decoupling_path
 from ..sources.layout import conv1d_weight_names
 from ..sources.tensors import TensorReader
 from .options import DecoupleOptions
@@ -60,28 +62,35 @@ def estimate_cost(shape: Sequence[int], *, decoupled: bool = True) -> float:
 @dataclass(frozen=True)
 class TensorTask:
     """One checkpoint tensor: its name, shape for the math (``(out, in)``: a ``Conv1D`` weight,
-    stored ``(in, out)``, has ``transposed`` set), whether it is decoupled, its route and cost."""
+    stored ``(in, out)``, has ``transposed`` set), whether it is decoupled, the decoupling driver
+    (`ops.decouple.decoupling_path`; ``"euclidean"`` for a tensor merged without rotation,
+    ``"copy"`` for a non-floating one), how it is read (``route``) and its estimated cost."""
 
     name: str
     shape: tuple[int, ...]
     decoupled: bool
     transposed: bool
+    path: str
     route: str
     cost: float
 
 
-def _route(
-    reader: TensorReader,
-    name: str,
-    shape: tuple[int, ...],
-    options: DecoupleOptions,
-    decoupled: bool,
-    transposed: bool,
-) -> str:
-    if not reader.dtype(name).is_floating_point:
+def _path(floating: bool, decoupled: bool, shape: tuple[int, ...], options: DecoupleOptions) -> str:
+    if not floating:
         return "copy"
-    rows = options.residual == "ta" and bool(shape)
-    if rows and (not decoupled or (not transposed and 2 * shape[0] >= shape[1])):
+    if not decoupled:
+        return "euclidean"
+    return decoupling_path(shape, options.target, options.residual, options.method_kwargs)
+
+
+def _route(path: str, transposed: bool, options: DecoupleOptions, shape: tuple[int, ...]) -> str:
+    """``rows`` where task arithmetic can read the files by blocks of rows: every TA tensor merged
+    without rotation, and the row-block decoupling path on a weight stored in torch layout."""
+    if path == "copy":
+        return "copy"
+    if path == "rows" and not transposed:
+        return "rows"
+    if path == "euclidean" and options.residual == "ta" and shape:
         return "rows"
     return "tensor"
 
@@ -114,6 +123,8 @@ def plan_checkpoint(
             and (not include or any(p.search(name) for p in include))
             and not any(p.search(name) for p in exclude)
         )
-        route = _route(base, name, shape, options, decoupled, transposed)
-        tasks.append(TensorTask(name, shape, decoupled, transposed, route, estimate_cost(shape, decoupled=decoupled)))
+        path = _path(base.dtype(name).is_floating_point, decoupled, shape, options)
+        route = _route(path, transposed, options, shape)
+        cost = estimate_cost(shape, decoupled=decoupled)
+        tasks.append(TensorTask(name, shape, decoupled, transposed, path, route, cost))
     return tasks

@@ -21,6 +21,7 @@ from ..closest_polar import RANK_RTOL
 from ..euclidean import ta_coefficients
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
+from .paths import decoupling_path
 from .reduced import merge_ta_reduced
 from .rows import decouple_merge_ta_rows
 from .solve import check_pair, solver_feed
@@ -139,8 +140,8 @@ def decouple_merge(
     ``dtype``; any other method gets the residuals as a list.
     """
     _check_inputs(w0, experts, weights, target, solver, name)
-    # task arithmetic on a weight with 2 out >= in goes through the Gram path
-    if target is not None and residual == "ta" and 2 * w0.shape[0] >= w0.shape[1]:
+    path = decoupling_path(w0.shape, target, residual, residual_kwargs)
+    if path == "rows":
         return decouple_merge_ta_rows(
             w0, experts, weights, target, residual_kwargs, solver, name=name, dtype=dtype, rtol=rtol
         )
@@ -154,7 +155,7 @@ def decouple_merge(
         return experts[i].to(device=base.device, dtype=dtype)
 
     # task arithmetic in the reduced basis never forms a residual (`merge_ta_reduced`)
-    fast_ta = target is not None and residual == "ta" and 2 * base.shape[0] < base.shape[1] and set(kwargs) <= {"lam"}
+    fast_ta = path == "reduced"
     if fast_ta:
         coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
     stats, mean = _first_pass(base, full, count, weights, target, name)

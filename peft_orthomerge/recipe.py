@@ -206,10 +206,9 @@ class OftRecipe(_RecipeBase):
     def _check(self) -> OftRecipe:
         if self.output.format == "folded" and not self.base_model:
             raise ValueError("output format 'folded' needs base_model (the model to fold the merged adapter into)")
-        from .ops.so_merge import SO_METHODS
+        from .ops.registry import get_method
 
-        spec = SO_METHODS.get(self.method.name)
-        if (spec is None or not spec.orthogonal) and self.output.format != "folded":
+        if not get_method(self.method.name).orthogonal and self.output.format != "folded":
             raise ValueError(
                 f"method {self.method.name!r} does not give a rotation and can only be exported folded (output.format: folded)"
             )

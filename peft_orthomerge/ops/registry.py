@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,7 +79,8 @@ class Range:
         return f"{left}{low}, {high}{right}"
 
     def contains(self, value: float) -> bool:
-        if math.isnan(value):
+        """Whether the number ``value`` (int or float, compared exactly) lies in the interval."""
+        if value != value:  # NaN
             return self.low is None and self.high is None
         if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
             return False
@@ -125,7 +125,7 @@ class Param:
                 f"parameter {self.name!r} of method {method!r} must be {describe_type(self.annotation)}, got {value!r}"
             )
         for rng in (*self.ranges, *ranges) if value is not None else ():
-            if not rng.contains(float(value)):
+            if not rng.contains(value):
                 raise ConfigError(f"parameter {self.name!r} of method {method!r} must be in {rng}, got {value!r}")
         return value
 

@@ -18,7 +18,8 @@ Computed when the inputs / base model recorded with the merge are reachable:
   input side (``W0 @ R^T`` with orthogonal ``R``) leaves both unchanged, so an exact-Cayley OFT
   merge shows zero up to rounding, the Neumann series its truncation error.
 
-Plots need matplotlib (``pip install 'peft-orthomerge[plots]'``); the Agg backend is used.
+Plots need matplotlib (``pip install 'peft-orthomerge[plots]'``); they are drawn on plain figures
+(Agg), without pyplot, so the process's matplotlib backend is left alone.
 """
 
 from __future__ import annotations
@@ -284,18 +285,32 @@ def compute_diagnostics(output_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-def _require_matplotlib():
+class _Figures:
+    """The two pyplot calls the plots use, on plain `matplotlib.figure.Figure` objects: no pyplot
+    state and no backend switch (PNG files are rendered by Agg), so the caller's matplotlib
+    settings (e.g. a notebook's backend) stay as they were."""
+
+    def __init__(self, figure_class: type) -> None:
+        self._figure = figure_class
+
+    def subplots(self, *args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any):
+        fig = self._figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    def close(self, fig: Any) -> None:
+        fig.clear()
+
+
+def _require_matplotlib() -> _Figures:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401 (the check: matplotlib itself, not only a submodule already loaded)
+        from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError(
             "plots need matplotlib, which is not installed",
             hint="pip install 'peft-orthomerge[plots]', or run with --no-plots for report.json only.",
         ) from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures(Figure)
 
 
 def run_diagnostics(

@@ -112,9 +112,13 @@ class Param:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def type_text(self) -> str:
+        """The declared type and ranges in words, e.g. ``float in (0, 1]``."""
+        return describe_type(self.annotation) + "".join(f" in {r}" for r in self.ranges)
+
     def __str__(self) -> str:
-        text = f"{self.name}: {describe_type(self.annotation)}"
-        text += "".join(f" in {r}" for r in self.ranges)
+        text = f"{self.name}: {self.type_text}"
         return text if self.required else f"{text} = {self.default!r}"
 
     def check(self, value: Any, method: str) -> Any:

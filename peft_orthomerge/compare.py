@@ -175,38 +175,54 @@ def compare_methods(
     was_training = getattr(base_model, "training", False)
     base_model.eval()
     rows: list[dict[str, Any]] = []
-
-    def add(name: str, build: Callable[[], Any]) -> None:
-        t0 = time.perf_counter()
-        try:
-            model = build()
-        except OrthoMergeError as exc:
-            rows.append({"method": name, "seconds": time.perf_counter() - t0, "error": str(exc)})
-            return
-        seconds = time.perf_counter() - t0
-        model.eval()
-        scores = {k: float(v) for k, v in evaluate(model).items()}
-        rows.append(
-            {"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None}
-        )
-
-    with tempfile.TemporaryDirectory(prefix="orthomerge-compare-") as tmp:
-        workdir = Path(tmp)
-        if include_base:
-            add("base", lambda: base_model)
-        if include_individual:
-            for adapter in adapters:
-                add(f"single:{adapter}", lambda a=adapter: _load_single(base_model, str(a)))
-        for method in methods:
-            kwargs = dict(method_kwargs.get(method, {}))
-            if kind == "oft":
-                add(method, lambda m=method, k=kwargs: _merge_oft(base_model, adapters, m, weights, workdir, k))
-            else:
-                add(method, lambda m=method, k=kwargs: _merge_lora(base_model, adapters, m, weights, k))
-    base_model.train(was_training)
+    try:  # the base model's train / eval mode is restored even when a merge or evaluation raises
+        with tempfile.TemporaryDirectory(prefix="orthomerge-compare-") as tmp:
+            workdir = Path(tmp)
+            for name, build in _builds(
+                base_model,
+                adapters,
+                kind,
+                methods,
+                weights,
+                method_kwargs,
+                workdir,
+                include_base=include_base,
+                include_individual=include_individual,
+            ):
+                rows.append(_row(name, build, evaluate, average_over))
+    finally:
+        base_model.train(was_training)
     if verbose:
         print(format_table(rows))
     return rows
+
+
+def _builds(base_model, adapters, kind, methods, weights, method_kwargs, workdir, *, include_base, include_individual):
+    """``(row name, zero-argument function building the model)`` for every row, in table order."""
+    if include_base:
+        yield "base", lambda: base_model
+    if include_individual:
+        for adapter in adapters:
+            yield f"single:{adapter}", lambda a=adapter: _load_single(base_model, str(a))
+    for method in methods:
+        kwargs = dict(method_kwargs.get(method, {}))
+        if kind == "oft":
+            yield method, lambda m=method, k=kwargs: _merge_oft(base_model, adapters, m, weights, workdir, k)
+        else:
+            yield method, lambda m=method, k=kwargs: _merge_lora(base_model, adapters, m, weights, k)
+
+
+def _row(name: str, build: Callable[[], Any], evaluate: Evaluate, average_over: Sequence[str] | None) -> dict:
+    """Build one model and evaluate it; a build failing with an `OrthoMergeError` gives an error row."""
+    t0 = time.perf_counter()
+    try:
+        model = build()
+    except OrthoMergeError as exc:
+        return {"method": name, "seconds": time.perf_counter() - t0, "error": str(exc)}
+    seconds = time.perf_counter() - t0
+    model.eval()
+    scores = {k: float(v) for k, v in evaluate(model).items()}
+    return {"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None}
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:

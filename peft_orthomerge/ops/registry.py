@@ -233,7 +233,11 @@ _METHODS: dict[str, MergeMethod] = {}
 def register_method(
     name: str, *, family: Family, space: Space, orthogonal: bool | None = None, linear: bool = False
 ) -> Callable[[Callable], Callable]:
-    """Register ``fn`` under ``name``. ``orthogonal`` defaults to ``family == "rotation"``."""
+    """Register ``fn`` under ``name`` (a name belongs to one function; re-importing its module is fine).
+
+    ``space``: ``"tensor"`` (Euclidean), ``"skew"`` or ``"rotation"`` (see `so_merge.merge_module`).
+    ``orthogonal`` (default ``family == "rotation"``): the result is a rotation. ``linear``: the
+    method streams an iterable of task vectors (module docstring)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
@@ -242,6 +246,11 @@ def register_method(
             user = arg.kind is inspect.Parameter.KEYWORD_ONLY and arg.name not in CONTEXT_ARGS
             if user and arg.annotation is inspect.Parameter.empty:
                 raise TypeError(f"merge method {name!r}: parameter {arg.name!r} needs a type annotation")
+        known = _METHODS.get(name)
+        if known is not None and (known.fn.__module__, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(
+                f"merge method {name!r} is already registered ({known.fn.__module__}.{known.fn.__qualname__})"
+            )
         fn.linear = linear
         ortho = family == "rotation" if orthogonal is None else orthogonal
         _METHODS[name] = MergeMethod(name, family, fn, ortho, linear, space)

@@ -228,6 +228,7 @@ class MergeMethod:
 
 # -- registration and lookup ----------------------------------------------------------------------
 _METHODS: dict[str, MergeMethod] = {}
+_ORDER: dict[str, int] = {}  # registration sequence number per name
 
 
 def register_method(
@@ -254,6 +255,7 @@ def register_method(
         fn.linear = linear
         ortho = family == "rotation" if orthogonal is None else orthogonal
         _METHODS[name] = MergeMethod(name, family, fn, ortho, linear, space)
+        _ORDER.setdefault(name, len(_ORDER))
         return fn
 
     return decorator
@@ -274,11 +276,20 @@ def _load_providers() -> None:
 
 
 def method_names(family: Family | None = None) -> list[str]:
-    """Names of the registered methods (of one ``family``), in the order they are listed (registration)."""
+    """Names of the registered methods (of one ``family``) in listing order: rotation methods first,
+    then Euclidean ones, each in the order their modules define them (see `_listing_order`)."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"unknown method family {family!r}; valid: {', '.join(FAMILIES)}")
     _load_providers()
-    return [name for name, m in _METHODS.items() if family is None or m.family == family]
+    return [name for name in sorted(_METHODS, key=_listing_order) if family is None or _METHODS[name].family == family]
+
+
+def _listing_order(name: str) -> tuple[int, int, int]:
+    """Family, then providing module (`PROVIDERS` order), then registration within the module: the
+    same order whichever module happened to be imported first."""
+    fn = _METHODS[name].fn
+    module = PROVIDERS.index(fn.__module__) if fn.__module__ in PROVIDERS else len(PROVIDERS)
+    return FAMILIES.index(_METHODS[name].family), module, _ORDER[name]
 
 
 def get_method(name: str, family: Family | None = None, *, what: str = "merge") -> MergeMethod:

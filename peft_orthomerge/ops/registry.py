@@ -227,8 +227,20 @@ class MergeMethod:
 
 
 # -- registration and lookup ----------------------------------------------------------------------
-_METHODS: dict[str, MergeMethod] = {}
+# name -> method function (as before the registry held both families); the declarations of the
+# functions registered with `register_method` are in _SPECS. A function placed in _METHODS by hand
+# (a test's probe) counts as a Euclidean method, ``linear`` read from its attribute.
+_METHODS: dict[str, Callable] = {}
+_SPECS: dict[str, MergeMethod] = {}
 _ORDER: dict[str, int] = {}  # registration sequence number per name
+
+
+def _spec(name: str) -> MergeMethod:
+    fn = _METHODS[name]
+    spec = _SPECS.get(name)
+    if spec is not None and spec.fn is fn:
+        return spec
+    return MergeMethod(name, "euclidean", fn, orthogonal=False, linear=is_linear(fn), space="tensor")
 
 
 def register_method(
@@ -248,13 +260,12 @@ def register_method(
             if user and arg.annotation is inspect.Parameter.empty:
                 raise TypeError(f"merge method {name!r}: parameter {arg.name!r} needs a type annotation")
         known = _METHODS.get(name)
-        if known is not None and (known.fn.__module__, known.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ValueError(
-                f"merge method {name!r} is already registered ({known.fn.__module__}.{known.fn.__qualname__})"
-            )
+        if known is not None and (known.__module__, known.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"merge method {name!r} is already registered ({known.__module__}.{known.__qualname__})")
         fn.linear = linear
         ortho = family == "rotation" if orthogonal is None else orthogonal
-        _METHODS[name] = MergeMethod(name, family, fn, ortho, linear, space)
+        _SPECS[name] = MergeMethod(name, family, fn, ortho, linear, space)
+        _METHODS[name] = fn
         _ORDER.setdefault(name, len(_ORDER))
         return fn
 
@@ -281,15 +292,16 @@ def method_names(family: Family | None = None) -> list[str]:
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"unknown method family {family!r}; valid: {', '.join(FAMILIES)}")
     _load_providers()
-    return [name for name in sorted(_METHODS, key=_listing_order) if family is None or _METHODS[name].family == family]
+    return [name for name in sorted(_METHODS, key=_listing_order) if family is None or _spec(name).family == family]
 
 
 def _listing_order(name: str) -> tuple[int, int, int]:
     """Family, then providing module (`PROVIDERS` order), then registration within the module: the
     same order whichever module happened to be imported first."""
-    fn = _METHODS[name].fn
-    module = PROVIDERS.index(fn.__module__) if fn.__module__ in PROVIDERS else len(PROVIDERS)
-    return FAMILIES.index(_METHODS[name].family), module, _ORDER[name]
+    spec = _spec(name)
+    module = spec.fn.__module__
+    where = PROVIDERS.index(module) if module in PROVIDERS else len(PROVIDERS)
+    return FAMILIES.index(spec.family), where, _ORDER.get(name, len(_ORDER))
 
 
 def get_method(name: str, family: Family | None = None, *, what: str = "merge") -> MergeMethod:
@@ -297,7 +309,7 @@ def get_method(name: str, family: Family | None = None, *, what: str = "merge") 
     valid = method_names(family)
     if name not in valid:
         raise ConfigError(f"unknown {what} method {name!r}; valid: {', '.join(sorted(valid))}")
-    return _METHODS[name]
+    return _spec(name)
 
 
 def check_params(method: str, params: Mapping[str, Any] | None, *, extra: Sequence[Param] = ()) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Command line interface: ``peft-orthomerge`` (also ``python -m peft_orthomerge``).
 
-Commands: ``merge RECIPE.yaml``, ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``demo``.
+Commands: ``merge RECIPE.yaml``, ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``methods``
+(the merge methods of the registry and their parameters), ``demo``.
 Every error exits with code 2 and one line on stderr (``error: ...``); ``--debug`` shows the
 traceback instead.
 """
@@ -15,8 +16,6 @@ import click
 
 from .errors import ConfigError, OrthoMergeError
 
-_DEBUG = False
-
 
 class _Group(click.Group):
     """A click group whose errors are one line on stderr and exit code 2."""
@@ -29,9 +28,8 @@ class _Group(click.Group):
             raise
 
     def _main(self, args, prog_name, complete_var, **extra) -> None:
-        global _DEBUG
         argv = list(sys.argv[1:] if args is None else args)
-        _DEBUG = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
+        debug = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
         try:
             super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
@@ -43,22 +41,22 @@ class _Group(click.Group):
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(f"{exc.format_message()}{hint}")
         except click.Abort as exc:  # click turns Ctrl-C into Abort (standalone_mode=False)
-            if _DEBUG:
+            if debug:
                 raise
             interrupted = isinstance(exc.__context__, KeyboardInterrupt)
             _fail("interrupted; nothing was written" if interrupted else "aborted", code=130)
         except click.ClickException as exc:
             _fail(exc.format_message())
         except OrthoMergeError as exc:
-            if _DEBUG:
+            if debug:
                 raise
             _fail(str(exc), agreed=hasattr(exc, "rank"))
         except KeyboardInterrupt:
-            if _DEBUG:
+            if debug:
                 raise
             _fail("interrupted; nothing was written", code=130)
         except Exception as exc:  # an unexpected bug: still one line, traceback with --debug
-            if _DEBUG:
+            if debug:
                 raise
             text = " ".join(str(exc).split())
             _fail(
@@ -126,6 +124,9 @@ def merge(
 ) -> None:
     """Run the merge described by RECIPE.yaml.
 
+    The method names a recipe accepts (method.name, method.residual) and the parameters of each
+    (method.residual_kwargs) are listed by ``peft-orthomerge methods``.
+
     Several processes (one node or many) split a full-model merge between them when started by
     a launcher: ``torchrun --nproc_per_node N -m peft_orthomerge merge RECIPE.yaml`` or
     ``accelerate launch --num_processes N -m peft_orthomerge merge RECIPE.yaml``. Only rank 0
@@ -184,6 +185,32 @@ def report(output_dir: str, to: str | None, no_plots: bool, overwrite: bool) -> 
     written = run_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
     for path in written:
         click.echo(str(path))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods(as_json: bool) -> None:
+    """List the merge methods (OFT method.name, residual) and the parameters each one declares."""
+    from .ops.registry import get_method, method_names
+
+    specs = [get_method(name) for name in method_names()]
+    if as_json:
+        rows = [
+            {
+                "name": m.name,
+                "family": m.family,
+                "orthogonal": m.orthogonal,
+                "linear": m.linear,
+                "params": [{"name": p.name, "type": p.type_text, "default": repr(p.default)} for p in m.params],
+            }
+            for m in specs
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for m in specs:
+        traits = [m.family, "orthogonal" if m.orthogonal else "not orthogonal"] + ["streams"] * m.linear
+        params = ", ".join(str(p) for p in m.params) or "no parameters"
+        click.echo(f"{m.name:<12} {', '.join(traits):<36} {params}")
 
 
 @main.command()

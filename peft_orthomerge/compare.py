@@ -11,16 +11,16 @@ choose a method on your data rather than on the paper's benchmarks::
 
     rows = compare_methods(base, ["oft-math", "oft-code"], evaluate, kind="oft")
 
-Method names
+Method names (read from the method registry, `peft_orthomerge.ops.registry.method_names`)
     ``kind="oft"`` (OFT adapters; see `merge_oft_adapters` / `merge_oft_checkpoints`):
 
-    - ``"orthomerge"`` (module granularity) and ``"orthomerge/block"``: merged in so(b), loaded as
-      an OFT adapter on a copy of the base;
-    - ``"mean_q"``, ``"product_r"``, ``"karcher"``: the other adapter-space methods;
-    - ``"mean_r"`` and every Euclidean method (``"ta"``, ``"ties"``, ``"dare_ta"``, ``"dare_ties"``,
-      ``"tsvm"``, ``"fisher_rao"``): folded into the base weights first (``W_i = W0 @ blockdiag(R_i)^T``)
-      and merged as weights, written with ``merge_oft_checkpoints(..., fold_into=base)`` to a
-      temporary directory and loaded with the base model's class.
+    - the rotation methods whose result is a rotation (``orthomerge``, ``mean_q``, ...) are merged
+      in so(b) and loaded as an OFT adapter on a copy of the base; ``"<method>/<granularity>"``
+      (``"orthomerge/block"``) picks a granularity other than the default;
+    - the other rotation methods (``mean_r``) and every Euclidean method (``ta``, ``ties``, ...) are
+      folded into the base weights first (``W_i = W0 @ blockdiag(R_i)^T``) and merged as weights,
+      written with ``merge_oft_checkpoints(..., fold_into=base)`` to a temporary directory and
+      loaded with the base model's class.
 
     ``kind="lora"`` (LoRA adapters; see `merge_lora_adapters`): ``"<residual>"`` is the plain
     Euclidean merge of the folded LoRA deltas (``target=None``); ``"<residual>+G"`` and
@@ -39,42 +39,45 @@ import copy
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, OrthoMergeError
+from .ops.registry import get_method, method_names
 
 if TYPE_CHECKING:
     import torch
 
 Evaluate = Callable[[Any], Mapping[str, float]]
 
-OFT_ADAPTER_SPACE = ("orthomerge", "orthomerge/block", "mean_q", "product_r", "karcher")
-OFT_FOLDED = ("mean_r",)
-RESIDUALS = ("ta", "ties", "dare_ta", "dare_ties", "tsvm")
 LORA_TARGETS = {"": None, "+G": "global", "+C": "conflict"}
+
+
+def _adapter_space() -> list[str]:
+    """Rotation methods that give a rotation, each followed by its non-default granularities."""
+    names = []
+    for name in method_names("rotation"):
+        spec = get_method(name)
+        if not spec.orthogonal:
+            continue
+        names.append(name)
+        for param in spec.params:
+            if param.name == "granularity":
+                names += [f"{name}/{g}" for g in typing.get_args(param.annotation) if g != param.default]
+    return names
 
 
 def available_methods(kind: str = "oft") -> list[str]:
     """The method names `compare_methods` runs by default for ``kind`` in this installation."""
-    from .ops.registry import euclidean_methods
-
-    euclid = [m for m in RESIDUALS if m in euclidean_methods()] + [
-        m for m in euclidean_methods() if m not in RESIDUALS
-    ]
+    euclid = method_names("euclidean")
     if kind == "oft":
-        adapter_space = [m for m in OFT_ADAPTER_SPACE if m != "karcher" or _has_karcher()]
-        return adapter_space + list(OFT_FOLDED) + euclid
+        folded = [m for m in method_names("rotation") if not get_method(m).orthogonal]
+        return _adapter_space() + folded + euclid
     if kind == "lora":
         return [f"{r}{suffix}" for r in euclid for suffix in LORA_TARGETS]
     raise ConfigError(f"unknown kind {kind!r}; valid: 'oft', 'lora'")
-
-
-def _has_karcher() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("peft_orthomerge.ops.karcher") is not None
 
 
 def _average(scores: Mapping[str, float], keys: Sequence[str] | None) -> float:
@@ -92,7 +95,7 @@ def _base_dir(base_model: Any, workdir: Path) -> Path:
 def _merge_oft(base_model: Any, adapters: Sequence[str], method: str, weights, workdir: Path, kwargs: dict):
     from .api.oft import merge_oft_adapters, merge_oft_checkpoints
 
-    if method in OFT_ADAPTER_SPACE:
+    if method in _adapter_space():
         name, _, granularity = method.partition("/")
         return merge_oft_adapters(
             copy.deepcopy(base_model),
@@ -172,38 +175,54 @@ def compare_methods(
     was_training = getattr(base_model, "training", False)
     base_model.eval()
     rows: list[dict[str, Any]] = []
-
-    def add(name: str, build: Callable[[], Any]) -> None:
-        t0 = time.perf_counter()
-        try:
-            model = build()
-        except OrthoMergeError as exc:
-            rows.append({"method": name, "seconds": time.perf_counter() - t0, "error": str(exc)})
-            return
-        seconds = time.perf_counter() - t0
-        model.eval()
-        scores = {k: float(v) for k, v in evaluate(model).items()}
-        rows.append(
-            {"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None}
-        )
-
-    with tempfile.TemporaryDirectory(prefix="orthomerge-compare-") as tmp:
-        workdir = Path(tmp)
-        if include_base:
-            add("base", lambda: base_model)
-        if include_individual:
-            for adapter in adapters:
-                add(f"single:{adapter}", lambda a=adapter: _load_single(base_model, str(a)))
-        for method in methods:
-            kwargs = dict(method_kwargs.get(method, {}))
-            if kind == "oft":
-                add(method, lambda m=method, k=kwargs: _merge_oft(base_model, adapters, m, weights, workdir, k))
-            else:
-                add(method, lambda m=method, k=kwargs: _merge_lora(base_model, adapters, m, weights, k))
-    base_model.train(was_training)
+    try:  # the base model's train / eval mode is restored even when a merge or evaluation raises
+        with tempfile.TemporaryDirectory(prefix="orthomerge-compare-") as tmp:
+            workdir = Path(tmp)
+            for name, build in _builds(
+                base_model,
+                adapters,
+                kind,
+                methods,
+                weights,
+                method_kwargs,
+                workdir,
+                include_base=include_base,
+                include_individual=include_individual,
+            ):
+                rows.append(_row(name, build, evaluate, average_over))
+    finally:
+        base_model.train(was_training)
     if verbose:
         print(format_table(rows))
     return rows
+
+
+def _builds(base_model, adapters, kind, methods, weights, method_kwargs, workdir, *, include_base, include_individual):
+    """``(row name, zero-argument function building the model)`` for every row, in table order."""
+    if include_base:
+        yield "base", lambda: base_model
+    if include_individual:
+        for adapter in adapters:
+            yield f"single:{adapter}", lambda a=adapter: _load_single(base_model, str(a))
+    for method in methods:
+        kwargs = dict(method_kwargs.get(method, {}))
+        if kind == "oft":
+            yield method, lambda m=method, k=kwargs: _merge_oft(base_model, adapters, m, weights, workdir, k)
+        else:
+            yield method, lambda m=method, k=kwargs: _merge_lora(base_model, adapters, m, weights, k)
+
+
+def _row(name: str, build: Callable[[], Any], evaluate: Evaluate, average_over: Sequence[str] | None) -> dict:
+    """Build one model and evaluate it; a build failing with an `OrthoMergeError` gives an error row."""
+    t0 = time.perf_counter()
+    try:
+        model = build()
+    except OrthoMergeError as exc:
+        return {"method": name, "seconds": time.perf_counter() - t0, "error": str(exc)}
+    seconds = time.perf_counter() - t0
+    model.eval()
+    scores = {k: float(v) for k, v in evaluate(model).items()}
+    return {"method": name, "seconds": seconds, **scores, "average": _average(scores, average_over), "error": None}
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:

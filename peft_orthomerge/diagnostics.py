@@ -18,7 +18,8 @@ Computed when the inputs / base model recorded with the merge are reachable:
   input side (``W0 @ R^T`` with orthogonal ``R``) leaves both unchanged, so an exact-Cayley OFT
   merge shows zero up to rounding, the Neumann series its truncation error.
 
-Plots need matplotlib (``pip install 'peft-orthomerge[plots]'``); the Agg backend is used.
+Plots (`peft_orthomerge.diagnostic_plots`) need matplotlib (``pip install 'peft-orthomerge[plots]'``);
+they are drawn on plain figures (Agg), without pyplot, so the process's matplotlib backend is left alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, InputError, OrthoMergeError
+from .errors import InputError, OrthoMergeError
 from .progress import progress
 from .report import REPORT_FILE, MergeReport, ModuleStats
 from .sinks.output import atomic_output_dir
@@ -284,25 +285,13 @@ def compute_diagnostics(output_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-def _require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError(
-            "plots need matplotlib, which is not installed",
-            hint="pip install 'peft-orthomerge[plots]', or run with --no-plots for report.json only.",
-        ) from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def run_diagnostics(
     output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False
 ) -> list[Path]:
     """Write ``report.json`` and PNG plots (default: ``OUTPUT_DIR/diagnostics``, replaced on rerun)."""
-    plt = _require_matplotlib() if plots else None
+    from .diagnostic_plots import require_matplotlib, write_plots
+
+    plt = require_matplotlib() if plots else None
     output_dir = Path(output_dir).expanduser()
     data = compute_diagnostics(output_dir)
     target = Path(out).expanduser() if out else output_dir / DIAGNOSTICS_DIR
@@ -312,117 +301,3 @@ def run_diagnostics(
         (tmp / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     target = target.resolve()
     return [target / "report.json", *(target / n for n in names)]
-
-
-# -- plots ----------------------------------------------------------------------------------------
-def _short(ref: str, width: int = 18) -> str:
-    name = Path(ref).name or ref
-    return name if len(name) <= width else name[: width - 1] + "~"
-
-
-def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
-    """Write the PNG plots whose data is present; return their file names."""
-    written: list[str] = []
-
-    from matplotlib.ticker import MaxNLocator
-
-    def save(fig: Any, name: str) -> None:
-        for ax in fig.axes:
-            if ax.get_xlabel() in ("layer", "module index"):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        fig.savefig(directory / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-    per_layer = data["per_layer"]
-    xlabel = per_layer["axis"]
-    if per_layer["magnitude_factor"]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for mtype, values in per_layer["magnitude_factor"].items():
-            xs = [int(k) for k in values]
-            ax.plot(xs, list(values.values()), marker="o", label=mtype)
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(title="Magnitude factor c per layer", xlabel=xlabel, ylabel="c = sum w_i |Q_i| / |sum w_i Q_i|")
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(alpha=0.3)
-        save(fig, "magnitude_factor.png")
-    if per_layer["layers"]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for ref, norms in zip(data["inputs"], per_layer["input_norms"]):
-            ax.plot(per_layer["layers"], norms, marker=".", alpha=0.8, label=f"input {_short(ref)}")
-        ax.plot(
-            per_layer["layers"], per_layer["merged_norm"], color="black", linewidth=2.2, marker="o", label="merged"
-        )
-        ax.set(
-            title="Input norms vs merged norm per layer",
-            xlabel=xlabel,
-            ylabel="Frobenius norm (all modules of the layer)",
-        )
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "norms_per_layer.png")
-    if data.get("cosine"):
-        cos = data["cosine"]
-        n = len(cos)
-        labels = [f"[{i}] {_short(r)}" for i, r in enumerate(data["inputs"])]
-        fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.1 * n + 2))
-        im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    f"{cos[i][j]:.2f}",
-                    ha="center",
-                    va="center",
-                    color="white" if abs(cos[i][j]) > 0.6 else "black",
-                )
-        ax.set_xticks(range(n), labels, rotation=30, ha="right")
-        ax.set_yticks(range(n), labels)
-        ax.set(title="Task-by-task cosine similarity", xlabel="task", ylabel="task")
-        fig.colorbar(im, ax=ax, label="cosine")
-        save(fig, "task_cosine.png")
-    if data.get("decoupled"):
-        types = list(data["decoupled"])
-        labels = list(DECOUPLED_KEYS)
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(types) + 2), 4))
-        width = 0.8 / len(labels)
-        for k, label in enumerate(labels):
-            xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(types))]
-            ax.bar(xs, [data["decoupled"][t][label] for t in types], width=width, label=label)
-        ax.set_xticks(range(len(types)), types, rotation=20, ha="right")
-        ax.set(
-            title="Decoupled task vectors: orthogonal part vs residual",
-            xlabel="module type",
-            ylabel="mean Frobenius norm",
-        )
-        ax.legend()
-        ax.grid(alpha=0.3, axis="y")
-        save(fig, "decoupled_norms.png")
-    if data.get("drift"):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        indexed = any(row["layer"] is not None for row in data["drift"])
-        for i, row in enumerate(data["drift"]):
-            if row["layer"] is None and indexed:
-                continue  # not part of a layer; listed in report.json
-            by_type[row["type"]].append({**row, "x": i if row["layer"] is None else row["layer"]})
-        for mtype, rows in by_type.items():
-            xs = [r["x"] for r in rows]
-            axes[0].plot(xs, [r["spectral_norm_rel_change"] for r in rows], marker="o", label=mtype)
-            axes[1].plot(xs, [r["he_rel_change"] for r in rows], marker="o", label=mtype)
-        axes[0].set(
-            title="Spectral norm: change from base", xlabel="layer", ylabel="relative change (s1(W) - s1(W0)) / s1(W0)"
-        )
-        axes[1].set(title="Hyperspherical energy: change from base", xlabel="layer", ylabel="relative change of HE")
-        for ax in axes:
-            ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-            ax.grid(alpha=0.3)
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        axes[0].legend(fontsize=8, ncol=2)
-        fig.suptitle(
-            "How far the merged weights moved from the base (orthogonal merges: 0 up to rounding)", fontsize=10
-        )
-        save(fig, "drift_from_base.png")
-    return written

@@ -62,52 +62,9 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
         config = read_json_object(directory / "adapter_config.json", what="adapter config")
         peft_type = _peft_type(config)
         if peft_type == "OFT":
-            from .sources.oft import read_adapter_dir
-
-            adapter = read_adapter_dir(ref, directory)
-            mods = list(adapter.modules.values())
-            info.update(
-                type="oft",
-                modules=len(mods),
-                targets=_target_names([m.name for m in mods]),
-                block_sizes=sorted({m.b for m in mods}),
-                blocks_per_module=sorted({m.r for m in mods}),
-                flags={
-                    "use_cayley_neumann": adapter.use_cayley_neumann,
-                    "num_cayley_neumann_terms": adapter.terms,
-                    "block_share": adapter.block_share,
-                    "coft": bool(config.get("coft", False)),
-                    "legacy_format": adapter.legacy,
-                    "bias": config.get("bias", "none"),
-                    "modules_to_save": config.get("modules_to_save"),
-                },
-                passthrough_tensors=len(adapter.passthrough),
-                **_summary_of_tensors(adapter.tensors),
-            )
-            return info, adapter
+            return _describe_oft(info, ref, directory, config)
         if peft_type == "LORA":
-            from .sources.lora import read_adapter_dir as read_lora_dir
-
-            adapter = read_lora_dir(ref, directory)
-            lora = LoraTasks(adapter, base)
-            reader = adapter.source
-            info.update(
-                type="lora",
-                modules=len(lora.modules),
-                targets=_target_names(list(lora.modules)),
-                ranks=sorted(set(lora.ranks.values())),
-                flags={
-                    "lora_alpha": config.get("lora_alpha"),
-                    "use_rslora": bool(config.get("use_rslora", False)),
-                    "use_dora": bool(config.get("use_dora", False)),
-                    "fan_in_fan_out": lora.fan_in_fan_out,
-                    "rank_pattern": bool(config.get("rank_pattern")),
-                    "alpha_pattern": bool(config.get("alpha_pattern")),
-                    "bias": config.get("bias", "none"),
-                },
-                **_summary_of_tensors(reader),
-            )
-            return info, lora
+            return _describe_lora(info, ref, directory, config, base)
         raise IncompatibleInputsError(f"unsupported adapter type {config.get('peft_type')!r}", path=directory)
     if (directory / "config.json").is_file():
         config = read_json_object(directory / "config.json", what="model config")
@@ -122,6 +79,58 @@ def describe_source(ref: str, base: TensorReader | None = None) -> tuple[dict[st
     raise InputError(
         "neither a PEFT adapter (adapter_config.json) nor a model checkpoint (config.json)", path=directory
     )
+
+
+def _describe_oft(info: dict[str, Any], ref: str, directory, config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    from .sources.oft import read_adapter_dir
+
+    adapter = read_adapter_dir(ref, directory)
+    mods = list(adapter.modules.values())
+    info.update(
+        type="oft",
+        modules=len(mods),
+        targets=_target_names([m.name for m in mods]),
+        block_sizes=sorted({m.b for m in mods}),
+        blocks_per_module=sorted({m.r for m in mods}),
+        flags={
+            "use_cayley_neumann": adapter.use_cayley_neumann,
+            "num_cayley_neumann_terms": adapter.terms,
+            "block_share": adapter.block_share,
+            "coft": bool(config.get("coft", False)),
+            "legacy_format": adapter.legacy,
+            "bias": config.get("bias", "none"),
+            "modules_to_save": config.get("modules_to_save"),
+        },
+        passthrough_tensors=len(adapter.passthrough),
+        **_summary_of_tensors(adapter.tensors),
+    )
+    return info, adapter
+
+
+def _describe_lora(
+    info: dict[str, Any], ref: str, directory, config: dict[str, Any], base: TensorReader | None
+) -> tuple[dict[str, Any], Any]:
+    from .sources.lora import read_adapter_dir as read_lora_dir
+
+    adapter = read_lora_dir(ref, directory)
+    lora = LoraTasks(adapter, base)
+    info.update(
+        type="lora",
+        modules=len(lora.modules),
+        targets=_target_names(list(lora.modules)),
+        ranks=sorted(set(lora.ranks.values())),
+        flags={
+            "lora_alpha": config.get("lora_alpha"),
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "use_dora": bool(config.get("use_dora", False)),
+            "fan_in_fan_out": lora.fan_in_fan_out,
+            "rank_pattern": bool(config.get("rank_pattern")),
+            "alpha_pattern": bool(config.get("alpha_pattern")),
+            "bias": config.get("bias", "none"),
+        },
+        **_summary_of_tensors(adapter.source),
+    )
+    return info, lora
 
 
 class LoraTasks:

@@ -3,11 +3,16 @@
 Library code wraps its long loops with `progress(iterable, desc=..., total=...)`; the bar goes
 to stderr, is hidden when the loop is short or stderr is not a terminal-like stream, and is
 disabled entirely by `set_quiet(True)` or the environment variable ``PEFT_ORTHOMERGE_QUIET=1``.
+
+The progress bars of huggingface_hub and transformers are process-wide switches of those
+libraries; `library_progress_bars_off` turns them off for a block and restores them after.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -36,6 +41,30 @@ def quiet(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_quiet(previous)
+
+
+@contextmanager
+def library_progress_bars_off(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (if ``enabled``), huggingface_hub's and transformers' progress bars are off;
+    on exit each library's switch (for the hub, also its per-group states) is what it was before."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (its name is shadowed)
+    hub_states = dict(hub_tqdm.progress_bar_states)
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # also switches the hub's bars off
+    hub_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS overrides a switch
+            warnings.simplefilter("ignore")
+            (hf_logging.enable_progress_bar if transformers_on else hf_logging.disable_progress_bar)()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(hub_states)
 
 
 def progress(

@@ -1,6 +1,7 @@
 """Euclidean merges of task vectors (or decoupled residuals): TA, TIES, DARE, TSV-M.
 
-Every method has the registry signature (see `registry`)::
+Every method has the registry signature (see `registry`); its parameters are the keyword-only
+arguments after ``base`` and ``generator``, value ranges declared in the annotations::
 
     fn(task_vectors, weights, *, base=None, generator=None, **kwargs) -> merged task vector
 
@@ -36,12 +37,17 @@ and disjoint mean follow PEFT's helpers, written task by task (`_sign_elect_mean
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Annotated
 
 import torch
 from peft.utils.merge_utils import magnitude_based_pruning
 
 from ..errors import ConfigError
-from .registry import register_euclidean
+from .procrustes import polar_svd
+from .registry import Fraction, register_euclidean
+
+DENSITY = Fraction(low_open=True)  # TIES: the kept fraction, (0, 1]
+DROP = Fraction(high_open=True)  # DARE: the drop probability, [0, 1)
 
 
 def _relative(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -54,14 +60,6 @@ def _stack(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     if not task_vectors or len(task_vectors) != len(weights):
         raise ConfigError(f"got {len(weights)} weights for {len(task_vectors)} task vectors")
     return torch.stack(list(task_vectors))
-
-
-def _check_fraction(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
-    value = float(value)
-    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        raise ConfigError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value}")
-    return value
 
 
 def _generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
@@ -130,9 +128,17 @@ def task_arithmetic(task_vectors, weights, *, base=None, generator=None, lam: fl
 
 
 @register_euclidean("ties")
-def ties(task_vectors, weights, *, base=None, generator=None, density: float = 0.2, lam: float = 1.0):
+def ties(
+    task_vectors,
+    weights,
+    *,
+    base=None,
+    generator=None,
+    density: Annotated[float, DENSITY] = 0.2,
+    lam: float = 1.0,
+):
     """TIES, per tensor: top-``density`` magnitude trim per task (0.2), sign election, disjoint mean, ``lam`` (1.0)."""
-    density = _check_fraction("density", density, low_open=True, high_open=False)
+    density = DENSITY.check("density", density)
     stack = _stack(task_vectors, weights)
     if density < 1:
         for i in range(stack.shape[0]):  # in place, one task at a time
@@ -148,7 +154,7 @@ def _drop(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
 
 def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None, seed: int) -> torch.Tensor:
     """DARE on each task of ``stack`` (overwritten), masks drawn task by task as in `dare_ta`."""
-    p = _check_fraction("p", p, low_open=False, high_open=True)
+    p = DROP.check("p", p)
     if p == 0:
         return stack
     gen = _generator(generator, seed, stack.device)
@@ -159,14 +165,21 @@ def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None,
 
 @register_euclidean("dare_ta", linear=True)
 def dare_ta(
-    task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float | None = None, seed: int = 0
+    task_vectors,
+    weights,
+    *,
+    base=None,
+    generator=None,
+    p: Annotated[float, DROP] = 0.5,
+    lam: float | None = None,
+    seed: int = 0,
 ):
     """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N).
 
     Linear: the masks are drawn task by task from one generator (on the CPU the same numbers as
     one draw for the stacked tasks, which `dare_ties` makes), so ``task_vectors`` may be any
     iterable, consumed one at a time."""
-    p = _check_fraction("p", p, low_open=False, high_open=True)
+    p = DROP.check("p", p)
     lam = _ta_lam(len(weights), lam)
     gen: list[torch.Generator] = []  # created on the first task vector's device
 
@@ -181,15 +194,19 @@ def dare_ta(
 
 
 @register_euclidean("dare_ties")
-def dare_ties(task_vectors, weights, *, base=None, generator=None, p: float = 0.5, lam: float = 1.0, seed: int = 0):
+def dare_ties(
+    task_vectors,
+    weights,
+    *,
+    base=None,
+    generator=None,
+    p: Annotated[float, DROP] = 0.5,
+    lam: float = 1.0,
+    seed: int = 0,
+):
     """DARE + TIES, per tensor: drop ``p`` (0.5) and rescale, sign election, disjoint mean, ``lam`` (1.0)."""
     stack = _dare_drop(_stack(task_vectors, weights), p, generator, seed)
     return float(lam) * _sign_elect_mean(stack, weights)
-
-
-def _polar_thin(x: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
-    return u @ vh
 
 
 @register_euclidean("tsvm")
@@ -208,4 +225,4 @@ def tsvm(task_vectors, weights, *, base=None, generator=None, lam: float = 1.0):
     u_cat = torch.cat(list(u[:, :, :k].unbind(0)), dim=1)  # (m, N k)
     v_cat = torch.cat(list(vh[:, :k, :].transpose(-2, -1).unbind(0)), dim=1)  # (n, N k)
     s_cat = (s[:, :k] * rel).reshape(-1)
-    return float(lam) * (_polar_thin(u_cat) * s_cat) @ _polar_thin(v_cat).T
+    return float(lam) * (polar_svd(u_cat) * s_cat) @ polar_svd(v_cat).T

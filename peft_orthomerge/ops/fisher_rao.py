@@ -56,15 +56,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
 from .karcher import angle_over_sin
-from .registry import register_euclidean
+from .registry import Range, register_euclidean
 from .weights import normalize_weights
 
 _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+POSITIVE = Range(low=0.0, low_open=True)
 
 
 def _log_coefficients(m: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,10 +223,10 @@ def fisher_rao(
     *,
     base: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    on: str = "weights",
-    tol: float | None = None,
-    max_iter: int = 500,
-    antipodal_tol: float = 1e-6,
+    on: Literal["weights", "task_vectors"] = "weights",
+    tol: Annotated[float, POSITIVE] | None = None,
+    max_iter: Annotated[int, Range(low=1)] = 500,
+    antipodal_tol: Annotated[float, Range(low=0.0)] = 1e-6,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Euclidean-registry entry ``"fisher_rao"``: returns the merged task vector.

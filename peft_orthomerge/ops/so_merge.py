@@ -10,7 +10,7 @@ inputs, float64 if any input is float64): the weighted sum of a few dozen float3
 accumulated in float32 (error a few float32 ulps, the precision the result is stored in), norms
 are per-block float32 norms combined in float64. Rotation-space methods compute in float64.
 
-Methods (registry `SO_METHODS`, name -> `SoMethod`):
+Methods (family ``"rotation"`` of the method registry, `peft_orthomerge.ops.registry`):
 
 - ``"orthomerge"`` (paper Eq. 7-8, magnitude correction): ``S = sum_i w_i Q_i``,
   ``Q = (sum_i w_i ||Q_i||_F) * S / ||S||_F``. Granularity ``"module"`` takes the norms over all
@@ -25,9 +25,13 @@ Methods (registry `SO_METHODS`, name -> `SoMethod`):
 - ``"karcher"``: the weighted Karcher mean of the rotations ``Cayley(Q_i)`` on SO(b), per block,
   back to so(b) by the inverse Cayley map.
 
-Rotation-space methods receive exact Cayley rotations of the canonical blocks, shape
-``(r, b, b)``, and return ``(r, b, b)``. A new one is added with one line, e.g.
-``SO_METHODS["name"] = SoMethod(fn, space="rotation", orthogonal=True)``.
+Skew-space methods (``space="skew"``) are called ``fn(vecs, weights, *, norms, **params) -> (vec,
+stats)`` with ``norms`` the inputs' per-block norms (`block_norms`, float64 ``(r,)`` each) and
+``vec`` a new tensor in the inputs' dtype; their parameters (``orthomerge``: ``granularity``) are
+their keyword-only arguments. Rotation-space methods (``space="rotation"``) receive exact Cayley
+rotations of the canonical blocks, shape ``(r, b, b)``, and return ``(r, b, b)``. A new one is
+added by decorating it, e.g. ``@register_method("name", family="rotation", space="rotation")``
+(``orthogonal=False`` when the result is not a rotation).
 
 ``scale`` multiplies the merged Q (for ``mean_r``, which has no Q, only ``scale=1`` is allowed).
 Statistics: input norms ``||Q_i||_F`` over the module; merged norm ``||Q||_F`` (``mean_r``:
@@ -47,22 +51,11 @@ import torch
 
 from ..errors import ConfigError
 from .cayley import cayley, inverse_cayley
+from .registry import MergeMethod, get_method, method_names, register_method
 from .skew import block_norms, block_size_from_n, skew_to_vec, vec_to_skew
 
 Granularity = Literal["module", "block"]
 ZERO_RTOL = 1e-12  # ||S|| below this fraction of sum w_i ||Q_i|| counts as an exact cancellation
-
-
-@dataclass
-class SoMethod:
-    """A registered method. ``space="skew"``: ``fn(vecs, weights, granularity, norms) -> (vec, stats)``
-    with ``norms`` the inputs' per-block norms (`block_norms`, float64 ``(r,)`` each) and ``vec`` a
-    new tensor in the inputs' dtype; ``space="rotation"``: ``fn(rotations, weights) -> rotation``.
-    ``orthogonal``: the result is a rotation and can be stored as an OFT adapter."""
-
-    fn: Callable
-    space: Literal["skew", "rotation"]
-    orthogonal: bool = True
 
 
 @dataclass
@@ -99,9 +92,11 @@ def _norm(block_norms_: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(block_norms_))
 
 
+@register_method("orthomerge", family="rotation", space="skew")
 def orthomerge(
     vecs: Sequence[torch.Tensor],
     weights: Sequence[float],
+    *,
     granularity: Granularity = "module",
     norms: Sequence[torch.Tensor] | None = None,
 ):
@@ -133,21 +128,19 @@ def orthomerge(
     raise ConfigError(f"unknown granularity {granularity!r}; valid: 'module', 'block'")
 
 
-def mean_q(
-    vecs: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    granularity: Granularity = "module",
-    norms: Sequence[torch.Tensor] | None = None,
-):
+@register_method("mean_q", family="rotation", space="skew")
+def mean_q(vecs: Sequence[torch.Tensor], weights: Sequence[float], *, norms: Sequence[torch.Tensor] | None = None):
     """Plain weighted mean in so(b)."""
     return _weighted_sum(vecs, weights), {}
 
 
+@register_method("mean_r", family="rotation", space="rotation", orthogonal=False)
 def mean_r(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Euclidean weighted mean of the rotation blocks (not orthogonal in general)."""
     return _weighted_sum(rotations, weights)
 
 
+@register_method("product_r", family="rotation", space="rotation")
 def product_r(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``R_1 @ ... @ R_N``; the caller passes ``R_i = Cayley(N w_i Q_i)`` (see `merge_module`)."""
     out = rotations[0]
@@ -156,6 +149,7 @@ def product_r(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return out
 
 
+@register_method("karcher", family="rotation", space="rotation")
 def karcher(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted Karcher (Frechet) mean of the rotation blocks on SO(b) (`peft_orthomerge.ops.karcher`)."""
     from .karcher import karcher_mean
@@ -163,24 +157,13 @@ def karcher(rotations: Sequence[torch.Tensor], weights: Sequence[float]) -> torc
     return karcher_mean(torch.stack(list(rotations)), list(weights))
 
 
-SO_METHODS: dict[str, SoMethod] = {
-    "orthomerge": SoMethod(orthomerge, space="skew"),
-    "mean_q": SoMethod(mean_q, space="skew"),
-    "mean_r": SoMethod(mean_r, space="rotation", orthogonal=False),
-    "product_r": SoMethod(product_r, space="rotation"),
-    "karcher": SoMethod(karcher, space="rotation"),
-}
-
-
 def so_methods() -> list[str]:
-    return sorted(SO_METHODS)
+    return sorted(method_names("rotation"))
 
 
-def get_so_method(name: str) -> SoMethod:
-    try:
-        return SO_METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown OFT merge method {name!r}; valid: {', '.join(sorted(SO_METHODS))}") from None
+def get_so_method(name: str) -> MergeMethod:
+    """The registered rotation method ``name`` (`registry.MergeMethod`: ``fn``, ``space``, ``orthogonal``)."""
+    return get_method(name, "rotation", what="OFT merge")
 
 
 def merge_module(
@@ -206,7 +189,8 @@ def merge_module(
     norms = [block_norms(v) for v in vecs] if norms is None else list(norms)
     input_norms = [_norm(n) for n in norms]
     if spec.space == "skew":
-        vec, stats = spec.fn(vecs, weights, granularity, norms)
+        options = {"granularity": granularity} if "granularity" in spec.param_names() else {}
+        vec, stats = spec.fn(vecs, weights, norms=norms, **options)
         if scale != 1.0:
             vec = vec.mul_(scale)
         extra = {k: v for k, v in stats.items() if k != "c"}
@@ -235,16 +219,10 @@ def merge_module(
     return ModuleMerge(vec, None, input_norms, _norm(merged), block_norms=merged)
 
 
-def is_orthogonal_method(name: str) -> bool:
-    return get_so_method(name).orthogonal
-
-
 __all__ = [
-    "SO_METHODS",
+    "ZERO_RTOL",
     "ModuleMerge",
-    "SoMethod",
     "get_so_method",
-    "is_orthogonal_method",
     "merge_module",
     "so_methods",
 ]

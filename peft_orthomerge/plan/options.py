@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from ..device import resolve_device
-from ..errors import ConfigError, OrthoMergeError
+from ..errors import ConfigError
 from ..ops.decouple import TARGETS
 from ..ops.procrustes import check_solver
-from ..ops.registry import euclidean_methods, get_euclidean
+from ..ops.registry import SEED, check_params, euclidean_methods, get_method
 from ..ops.so_merge import get_so_method, so_methods
 
 CAYLEY_CHOICES = ("auto", "exact", "neumann")
@@ -101,21 +101,6 @@ class OftOptions:
         object.__setattr__(self, "device", str(resolve_device(self.device)))  # "auto" -> cuda:N or cpu
 
 
-def _check_residual_kwargs(residual: str, kwargs: Mapping[str, Any]) -> None:
-    """Unknown or invalid parameters of the residual method fail here, before any work."""
-    fn = get_euclidean(residual)
-    probe = {k: v for k, v in kwargs.items() if k != "seed"}
-    probe_tensor = torch.ones(2, 2, dtype=torch.float64)
-    try:  # dry run on a tiny input
-        fn([probe_tensor], [1.0], base=probe_tensor, **probe)
-    except TypeError as exc:
-        raise ConfigError(f"invalid residual_kwargs for {residual!r}: {exc}") from None
-    except OrthoMergeError:
-        raise
-    except Exception:
-        pass
-
-
 @dataclass(frozen=True)
 class DecoupleOptions:
     """How orthogonal-residual decoupling merges one set of experts.
@@ -137,10 +122,11 @@ class DecoupleOptions:
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; valid: 'global', 'conflict', None")
         check_solver(self.solver)
+        get_method(self.residual, "euclidean", what="Euclidean")  # a residual method, not a rotation method
         if self.residual_kwargs is not None and not isinstance(self.residual_kwargs, Mapping):
             raise ConfigError(f"residual_kwargs must be a mapping, got {type(self.residual_kwargs).__name__}")
-        object.__setattr__(self, "residual_kwargs", dict(self.residual_kwargs or {}))
-        _check_residual_kwargs(self.residual, self.residual_kwargs)
+        kwargs = check_params(self.residual, self.residual_kwargs, extra=(SEED,))  # from the declarations
+        object.__setattr__(self, "residual_kwargs", kwargs)
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; valid: 'float64', 'float32'")
 

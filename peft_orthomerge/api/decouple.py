@@ -32,8 +32,8 @@ from ..sinks.model import write_into_model
 from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
 from ..sources.checkpoint import open_checkpoint, validate_checkpoints
+from ..sources.in_memory import check_plain_base
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
-from ..sources.models import check_plain_base
 from ..sources.resolve import resolve_source
 
 Ref = str | os.PathLike

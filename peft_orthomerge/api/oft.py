@@ -22,8 +22,7 @@ from ..sinks.oft_adapter import new_report, write_adapter
 from ..sinks.output import atomic_output_dir, check_output_dir
 from ..sinks.parallel import process_context
 from ..sources.checkpoint import open_checkpoint
-from ..sources.in_memory import ParameterShapes
-from ..sources.models import check_plain_base
+from ..sources.in_memory import ParameterShapes, check_plain_base
 from ..sources.oft import OftAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
 

@@ -1,4 +1,5 @@
-"""In-memory inputs seen like files: a state dict as a tensor source, a model's parameter shapes.
+"""In-memory inputs: a state dict as a tensor source, a model's parameter shapes, and the check
+that a model given as a plain base carries no PEFT layers.
 
 Every reader of the package (`TensorReader` for files, `DictSource` for adapters already loaded
 in a model) offers the `TensorSource` protocol, so adapter parsers and merges never ask where
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from ..errors import IncompatibleInputsError
 from .validation import ensure_finite
 
 
@@ -74,3 +76,29 @@ class ParameterShapes:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
+
+
+def tuner_layer_names(model: Any) -> list[str]:
+    """Names of the PEFT tuner layers (LoRA, OFT, ...) injected into ``model``'s modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def check_plain_base(model: Any, function: str) -> None:
+    """Refuse a model that is not a `PeftModel` but carries PEFT tuner layers.
+
+    PEFT injects its layers in place: after ``merge_oft_adapters(base, ...)`` the ``base`` object
+    itself holds OFT layers, and merging again from it would silently start from the adapted
+    model. A `PeftModel` is fine (its base weights are known)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return
+    layers = tuner_layer_names(model)
+    if layers:
+        raise IncompatibleInputsError(
+            f"the model passed to {function} is not a plain base: PEFT adapter layers were injected into it "
+            f"({len(layers)} modules, e.g. {layers[0]}; merge_oft_adapters and get_peft_model modify the model they get)",
+            hint="Load a fresh base model, or pass the PeftModel that holds those layers.",
+        )

@@ -20,10 +20,10 @@ import torch
 
 from ..errors import ConfigError
 from ..merge.checkpoint import CheckpointMerge
-from ..merge.lora import merge_lora_modules
+from ..merge.lora import merge_full_tensors, merge_lora_modules
 from ..ops.weights import normalize_weights
 from ..plan.checkpoint import compile_patterns, plan_checkpoint
-from ..plan.lora import plan_lora
+from ..plan.lora import plan_full_tensors, plan_lora
 from ..plan.options import DecoupleOptions
 from ..report import MergeReport
 from ..sinks.checkpoint import write_checkpoint
@@ -129,14 +129,22 @@ def merge_lora_adapters(
     sources = _lora_sources(model, refs)
     base = model.unload() if isinstance(model, PeftModel) else model
     plan = plan_lora(base, sources)
+    full = plan_full_tensors(base, sources, plan)
+    if full and export == "lora":
+        raise ConfigError(
+            "the adapters save full tensors (modules_to_save or biases), which a LoRA export cannot hold",
+            tensor=next(iter(full)),
+            hint="Use export='model'.",
+        )
     params = {**options.params(), "export": export, "rank": rank, "precision": precision}
     report = MergeReport(
         kind="lora", method=options.method_name, inputs=[str(r) for r in refs], weights=weights_n, params=params
     )
     with torch.no_grad():
         merged = merge_lora_modules(plan, sources, weights_n, options, report, export)
+        merged_full = merge_full_tensors(full, sources, weights_n, options, report)
         if export == "model":
-            write_into_model(plan, merged)
+            write_into_model(plan, merged, full, merged_full)
             base.orthomerge_report = report
             return base
         result = export_lora(base, plan, merged, rank, report)

@@ -14,11 +14,49 @@ import torch
 
 from ..errors import ConfigError, IncompatibleInputsError
 from ..ops.registry import get_euclidean
-from ..plan.lora import LoraTarget
+from ..plan.lora import FullTarget, LoraTarget
 from ..plan.options import DecoupleOptions
 from ..report import MergeReport
 from ..sources.lora import LoraAdapter
 from .tensor import decoupled_stats, finite_output, merge_tensor
+
+
+def _expert_weight(
+    source: LoraAdapter, key: str, w0: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """One adapter's full weight of module ``key``: its LoRA fold, its saved weight, or ``W0``."""
+    if key in source.modules:
+        return source.expert_weight(key, w0, fan_in_fan_out=fan_in_fan_out, dtype=dtype)
+    if f"{key}.weight" in source.full:
+        return source.full_tensor(f"{key}.weight").to(w0.dtype)
+    return w0
+
+
+def merge_full_tensors(
+    plan: dict[str, FullTarget],
+    sources: Sequence[LoraAdapter],
+    weights: Sequence[float],
+    options: DecoupleOptions,
+    report: MergeReport,
+) -> dict[str, torch.Tensor]:
+    """Every full tensor (``modules_to_save``, trained biases) merged like a full fine-tune's: 2-D
+    ones decoupled (the rotation on the input side; ``Conv1D`` weights transposed for the math),
+    the others by the residual method; adapters without the tensor contribute the base value.
+    Returns name -> merged tensor (stored layout, compute dtype)."""
+    merged: dict[str, torch.Tensor] = {}
+    for name, target in plan.items():
+        w0 = target.param.detach()
+        experts = [s.full_tensor(name).to(w0.dtype) if name in s.full else w0 for s in sources]
+        if target.transposed:
+            w0, experts = w0.T, [e.T for e in experts]
+        decoupled = options.target is not None and w0.dim() == 2
+        out, stats = merge_tensor(name, w0, experts, weights, options, decoupled=decoupled, device=w0.device)
+        if decoupled:
+            report.modules.append(decoupled_stats(name, stats, float(torch.linalg.matrix_norm(torch.sub(out, w0)))))
+        else:
+            report.passthrough.append(name)
+        merged[name] = out.T if target.transposed else out
+    return merged
 
 
 def merge_lora_weight(
@@ -28,10 +66,7 @@ def merge_lora_weight(
     layout, and the merge statistics."""
     key, fan_in_fan_out = target.key, target.fan_in_fan_out
     w0 = target.module.weight.detach()
-    experts = [
-        s.expert_weight(key, w0, fan_in_fan_out=fan_in_fan_out, dtype=options.dtype) if key in s.modules else w0
-        for s in sources
-    ]
+    experts = [_expert_weight(s, key, w0, fan_in_fan_out, options.dtype) for s in sources]
     if fan_in_fan_out:
         w0, experts = w0.T, [e.T for e in experts]
     out, stats = merge_tensor(

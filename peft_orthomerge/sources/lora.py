@@ -4,6 +4,12 @@ An adapter is its ``adapter_config.json`` (validated: a plain, foldable LoRA) an
 Tensor keys are PEFT's saved keys (``base_model.model.<module>.lora_A.weight``, ...); the
 ``<module>`` part is the module name in the base model, so ``<module>.weight`` is the base tensor.
 Folding follows `peft_orthomerge.ops.lora_fold`. Nothing here merges.
+
+Full tensors: ``modules_to_save`` copies (``base_model.model.lm_head.weight``) and biases trained
+with ``bias="lora_only"`` / ``"all"`` (``...q_proj.base_layer.bias``, ``...o_proj.bias``) are
+whole replacement values of a base tensor; `LoraAdapter.full` maps the base tensor's name
+(``lm_head.weight``, ``...q_proj.bias``) to the saved key. A merge treats them like the tensors
+of a full fine-tune.
 """
 
 from __future__ import annotations
@@ -60,11 +66,15 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
+    """A validated LoRA adapter: ``modules`` (module key -> its LoRA tensors) and ``full`` (base
+    tensor name -> saved key of a whole replacement value: ``modules_to_save``, trained biases)."""
+
     ref: str
     label: str  # file or adapter name, for messages
     config: dict[str, Any]
     source: TensorSource
     modules: dict[str, LoraModule]
+    full: dict[str, str] = field(default_factory=dict)
 
     @property
     def use_dora(self) -> bool:
@@ -123,6 +133,10 @@ class LoraAdapter:
             return dora_weight(w0.to(dtype), delta, mag, fan_in_fan_out=fan_in_fan_out)
         return w0.to(dtype) + delta
 
+    def full_tensor(self, name: str) -> torch.Tensor:
+        """The saved replacement value of base tensor ``name`` (a key of `full`)."""
+        return self.source.get(self.full[name])
+
     def bias_delta(self, module_key: str) -> torch.Tensor | None:
         mod = self.modules[module_key]
         if "bias" not in mod.parts:
@@ -155,10 +169,6 @@ def validate_config(config: Mapping[str, Any], label: str) -> None:
             raise IncompatibleInputsError(
                 f"LoRA option {key}={config[key]!r} cannot be folded into the weights", path=label
             )
-    if config.get("modules_to_save"):
-        raise IncompatibleInputsError(
-            f"modules_to_save={config['modules_to_save']!r} is not supported by the decoupled LoRA merge", path=label
-        )
     for key in ("r", "lora_alpha"):
         _check_positive_number(config.get(key, 8), key, label)
     for key in ("rank_pattern", "alpha_pattern"):
@@ -178,33 +188,45 @@ def _check_positive_number(value: Any, key: str, label: str) -> None:
         )
 
 
-def index_modules(keys: list[str], label: str) -> dict[str, LoraModule]:
-    """Group adapter tensor keys by module; unknown tensors are an error."""
+def _lora_part(name: str) -> tuple[str, str, str] | None:
+    """``(module key, part, suffix)`` of a LoRA tensor name, or ``None``."""
+    for suffix, part in SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], part, suffix
+    return None
+
+
+def index_tensors(keys: list[str], label: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Group adapter tensor keys by module, and map full tensors (``modules_to_save``, trained
+    biases: names ending in ``.weight`` / ``.bias``) to the base tensor they replace; any other
+    tensor is an error."""
     modules: dict[str, LoraModule] = {}
+    full: dict[str, str] = {}
     for key in keys:
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        for suffix, part in SUFFIXES.items():
-            if name.endswith(suffix):
-                module_key = name[: -len(suffix)]
-                mod = modules.setdefault(module_key, LoraModule(module_key, "linear"))
-                if "embedding" in suffix:
-                    mod.kind = "embedding"
-                mod.parts[part] = key
-                break
+        found = _lora_part(name)
+        if found is not None:
+            module_key, part, suffix = found
+            mod = modules.setdefault(module_key, LoraModule(module_key, "linear"))
+            if "embedding" in suffix:
+                mod.kind = "embedding"
+            mod.parts[part] = key
+        elif name.endswith((".weight", ".bias")):
+            full[name.replace(".base_layer.", ".")] = key
         else:
             raise IncompatibleInputsError(
-                "tensor is not a LoRA weight (A, B, bias or DoRA magnitude)",
+                "tensor is neither a LoRA weight (A, B, bias or DoRA magnitude) nor a full weight or bias",
                 path=label,
                 tensor=key,
-                hint="Adapters with modules_to_save or trainable tokens are not supported.",
+                hint="Adapters with trainable tokens are not supported.",
             )
     for mod in modules.values():
         missing = [p for p in ("A", "B") if p not in mod.parts]
         if missing:
             raise IncompatibleInputsError(f"LoRA module lacks lora_{missing[0]}", path=label, tensor=mod.key)
-    if not modules:
+    if not modules and not full:
         raise InputError("adapter holds no LoRA weights", path=label)
-    return modules
+    return modules, full
 
 
 def read_adapter_dir(ref: str, directory: Path) -> LoraAdapter:
@@ -215,7 +237,7 @@ def read_adapter_dir(ref: str, directory: Path) -> LoraAdapter:
     validate_config(config, str(config_path))
     reader = TensorReader.from_dir(directory, "adapter_model")
     label = str(reader.files[0]) if reader.files else str(directory)
-    return LoraAdapter(ref, label, config, reader, index_modules(reader.keys(), label))
+    return LoraAdapter(ref, label, config, reader, *index_tensors(reader.keys(), label))
 
 
 def read_loaded_adapter(model: Any, name: str) -> LoraAdapter:
@@ -226,4 +248,4 @@ def read_loaded_adapter(model: Any, name: str) -> LoraAdapter:
     label = f"loaded adapter {name!r}"
     validate_config(config, label)
     state = get_peft_model_state_dict(model, adapter_name=name)
-    return LoraAdapter(name, label, config, DictSource(state, label), index_modules(list(state), label))
+    return LoraAdapter(name, label, config, DictSource(state, label), *index_tensors(list(state), label))

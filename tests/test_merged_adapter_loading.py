@@ -95,3 +95,27 @@ def test_the_report_notes_how_the_output_differs_in_form(tmp_path):
     assert "## Notes" in (tmp_path / "out" / "README.md").read_text()
     plain = merge_oft_checkpoints(dirs[1:], tmp_path / "plain")
     assert plain.notes == []
+
+
+def test_a_recipe_records_its_base_model_in_the_merged_adapter(tmp_path):
+    import yaml
+
+    from peft_orthomerge.recipe import load_recipe, run_recipe
+
+    build_tiny_llama().save_pretrained(tmp_path / "base")
+    for i in range(2):
+        make_oft_adapter(tmp_path / f"a{i}", seed=110 + i)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "oft",
+                "base_model": "./base",
+                "inputs": [{"path": "./a0"}, {"path": "./a1"}],
+                "output": {"path": "./merged", "format": "adapter"},
+            }
+        )
+    )
+    run_recipe(load_recipe(recipe))
+    written = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str((tmp_path / "base").resolve())

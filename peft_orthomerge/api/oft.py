@@ -125,6 +125,7 @@ def merge_oft_checkpoints(
     cayley: str = "auto",
     scale: float = 1.0,
     fold_into: Ref | None = None,
+    base_model: Ref | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str = "cpu",
@@ -140,6 +141,8 @@ def merge_oft_checkpoints(
     Euclidean baselines of `peft_orthomerge.ops.registry` (e.g. ``"ta"``, ``"ties"``), which
     merge the task vectors ``W_i - W0`` of the folded adapters.
 
+    ``base_model``: the base the merged adapter is for (its ``base_model_name_or_path``; default:
+    the inputs' common value; a local directory is written as an absolute path).
     Other arguments as in `merge_oft_adapters`; ``overwrite`` replaces a non-empty
     ``output_dir``; ``allow_pickle`` lets ``adapter_model.bin`` / ``model.bin`` load with
     ``torch.load(weights_only=True)``. Returns the `MergeReport`.
@@ -154,7 +157,7 @@ def merge_oft_checkpoints(
         out = check_output_dir(output_dir, inputs=dirs, overwrite=overwrite)
         report = new_report(plan, [str(r) for r in refs], str(out))
         with atomic_output_dir(out, inputs=dirs, overwrite=overwrite) as tmp:
-            write_adapter(plan, tmp, report)
+            write_adapter(plan, tmp, report, base_model=None if base_model is None else str(base_model))
         return report
     ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
     options = OftOptions(method, granularity, cayley, scale, "folded", str(ctx.device), orthogonality_blocks)

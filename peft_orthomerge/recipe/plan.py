@@ -104,6 +104,8 @@ def _plan_oft(recipe, inputs, base, output_dir, *, weights, overwrite, device) -
     }
     if recipe.output.format == "folded":
         kwargs["fold_into"] = base
+    elif base is not None:
+        kwargs["base_model"] = base  # the merged adapter's base_model_name_or_path
     kwargs.update(overwrite=overwrite, device=device)
     return MergePlan(recipe, "merge_oft_checkpoints", [inputs, output_dir], kwargs, output_dir, inputs, base, device)
 

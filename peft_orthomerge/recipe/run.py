@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import InputError, OrthoMergeError
 from ..progress import is_quiet, library_progress_bars_off
 from ..progress import quiet as quiet_progress
-from ..report import REPORT_FILE, MergeReport
+from ..report import MergeReport
 from ..sources.resolve import resolve_source
 from .load import recipe_to_yaml
 from .plan import MergePlan, plan_recipe
@@ -67,6 +67,7 @@ def _reproducible(plan: MergePlan):
 def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     """Run the plan into an atomic output directory (shared by all ranks under a launcher)."""
     from .. import __version__
+    from ..sinks.card import write_report_json
     from ..sinks.parallel import distributed_output, process_context
 
     reproducible = _reproducible(plan)
@@ -88,7 +89,7 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     def finalize(tmp: Path, reports: list[MergeReport | None]) -> MergeReport:
         report = reports[0]
         report.output_path = str(plan.output_dir)
-        report.to_json(tmp / REPORT_FILE)
+        write_report_json(tmp, report)
         (tmp / RECIPE_FILE).write_text(recipe_to_yaml(reproducible, header=header))
         return report
 

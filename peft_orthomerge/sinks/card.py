@@ -142,5 +142,13 @@ def write_report_files(
     directory: str | Path, report: MergeReport, *, base_model: str | None = None, library_name: str | None = None
 ) -> None:
     """Write an output's ``orthomerge_report.json`` and ``README.md`` model card: the one place both are written."""
-    report.to_json(Path(directory) / REPORT_FILE)
+    write_report_json(directory, report)
     write_model_card(directory, report, base_model=base_model, library_name=library_name)
+
+
+def write_report_json(directory: str | Path, report: MergeReport) -> Path:
+    """Write ``orthomerge_report.json`` into ``directory`` (also by a recipe run, whose own atomic
+    directory records the final output path); return its path."""
+    path = Path(directory) / REPORT_FILE
+    report.to_json(path)
+    return path

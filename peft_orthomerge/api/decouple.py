@@ -31,7 +31,7 @@ from ..sinks.lora_adapter import export_lora
 from ..sinks.model import write_into_model
 from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
-from ..sources.checkpoint import open_checkpoint, validate_checkpoints
+from ..sources.checkpoint import open_checkpoint, open_expert, validate_checkpoints
 from ..sources.in_memory import check_plain_base
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
@@ -197,7 +197,10 @@ def merge_models(
 
     Args:
         base: base model directory or Hub id.
-        finetuned: fine-tuned checkpoints (directories or Hub ids) of the same architecture.
+        finetuned: fine-tuned checkpoints (directories or Hub ids) of the same architecture, and/or
+            LoRA adapters of ``base`` (detected from their ``adapter_config.json``), each read as
+            the checkpoint it makes of the base (PEFT's exact fold, in float64; `sources.lora_checkpoint`).
+            OFT adapters are refused here: merge them with `merge_oft_checkpoints`.
         output_dir: where to write (must not exist or be empty unless ``overwrite``).
         weights, target, residual, residual_kwargs, solver, precision: as in `merge_lora_adapters`
             (``precision="float32"`` also halves the memory of the math).
@@ -226,7 +229,7 @@ def merge_models(
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
     base_dir, base_reader = open_checkpoint(base, allow_pickle)
-    opened = [open_checkpoint(r, allow_pickle) for r in refs]
+    opened = [open_expert(r, base_reader, base_dir, allow_pickle) for r in refs]
     readers = [r for _, r in opened]
     inputs = [base_dir, *[d for d, _ in opened]]
     check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)

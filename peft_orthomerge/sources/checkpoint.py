@@ -1,5 +1,6 @@
-"""Full checkpoints as merge inputs: opening (safetensors, or opted-in pickle), checking that a set
-of fine-tunes matches its base (headers only), and lazy per-tensor and per-row-block views."""
+"""Full checkpoints as merge inputs: opening (safetensors, or opted-in pickle; a LoRA adapter as the
+checkpoint it makes of the base), checking that a set of fine-tunes matches its base (headers
+only), and lazy per-tensor and per-row-block views."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 import torch
 
 from ..errors import IncompatibleInputsError
+from .jsonfile import read_json_object
+from .layout import conv1d_weight_names
+from .lora import read_adapter_dir as read_lora_dir
+from .lora_checkpoint import LoraCheckpoint
 from .resolve import resolve_source
 from .tensors import TensorReader
 
@@ -78,3 +83,33 @@ class FileRows:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.reader.get_rows(self.name, start, stop)
+
+
+def input_kind(directory: Path) -> str:
+    """``"lora"``, ``"oft"`` (a PEFT adapter, by its config's ``peft_type``) or ``"full"`` (a checkpoint)."""
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        return "full"
+    peft_type = str(read_json_object(config, what="adapter config").get("peft_type", "")).upper()
+    return {"LORA": "lora", "OFT": "oft"}.get(peft_type, peft_type.lower() or "unknown adapter")
+
+
+def open_expert(
+    ref: str | os.PathLike, base: TensorReader, base_dir: Path, allow_pickle: bool
+) -> tuple[Path, TensorReader | LoraCheckpoint]:
+    """A fine-tuned expert of ``base`` as a checkpoint: a full checkpoint as it is, a LoRA adapter
+    as the checkpoint it makes of the base (`LoraCheckpoint`). Other adapters are refused."""
+    directory = resolve_source(ref, kind="config")
+    kind = input_kind(directory)
+    if kind == "full":
+        return open_checkpoint(ref, allow_pickle)
+    if kind != "lora":
+        raise IncompatibleInputsError(
+            f"this is a{'n' if kind[0] in 'aeiou' else ''} {kind.upper()} adapter; merge_models takes full checkpoints "
+            "and LoRA adapters",
+            path=directory,
+            hint="Merge OFT adapters with merge_oft_checkpoints (fold_into=<base> for a full model).",
+        )
+    directory = resolve_source(ref, kind="adapter")
+    adapter = read_lora_dir(str(ref), directory)
+    return directory, LoraCheckpoint(base, adapter, conv1d_weight_names(base_dir, base.keys()))

@@ -203,8 +203,11 @@ def inspect(sources: tuple[str, ...], base: str | None, as_json: bool) -> None:
     """Describe adapters or checkpoints and, for several, how they relate."""
     from .inspection import format_inspection, inspect_sources
 
-    result = inspect_sources(list(sources), base=base)
+    with library_output_quiet():
+        result = inspect_sources(list(sources), base=base)
     click.echo(json.dumps(result, indent=2, allow_nan=False) if as_json else format_inspection(result))
+    if "not_related" in result:  # every input was described; the set cannot be compared
+        raise click.ClickException(result["not_related"])
 
 
 @main.command()
@@ -214,11 +217,16 @@ def inspect(sources: tuple[str, ...], base: str | None, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing diagnostics directory.")
 def report(output_dir: str, to: str | None, no_plots: bool, overwrite: bool) -> None:
     """Diagnostics of a finished merge: report.json and PNG plots."""
-    from .diagnostics import run_diagnostics
+    from .diagnostics import format_summary, write_diagnostics
 
-    written = run_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
+    with library_output_quiet():
+        written, data = write_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
+    click.echo(format_summary(data))
+    if no_plots:
+        click.echo("  plots: none (--no-plots)")
+    click.echo("written:")
     for path in written:
-        click.echo(str(path))
+        click.echo(f"  {path}")
 
 
 @main.command()
@@ -257,8 +265,10 @@ def new(kind: str) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option("--keep", metavar="DIR", help="Keep the demo's inputs and output in DIR (new or empty).")
+def demo(keep: str | None) -> None:
     """Build a tiny model and three OFT adapters locally, merge them, reload and compare."""
     from .demo import run_demo
 
-    run_demo()
+    with library_output_quiet():
+        run_demo(keep)

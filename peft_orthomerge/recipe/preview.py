@@ -54,10 +54,10 @@ def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input")
     name = KIND_NAMES.get(kind, f"a {kind} directory" if kind != "unknown" else "neither adapter nor checkpoint")
     article = "an" if name[0] in "aeiouAEIOU" else "a"
     described = name if kind == "unknown" else f"{article} {name}"
-    hint = f"use kind: {kind}" if kind in KIND_NAMES and what == "input" else None
-    raise IncompatibleInputsError(
-        f"{what} {ref} is {described}, but the recipe has kind: {expected}" + (f"; {hint}" if hint else "")
-    )
+    if what != "input":
+        raise IncompatibleInputsError(f"{what} {ref} is {described}; it must be a full model checkpoint")
+    hint = f"; use kind: {kind}" if kind in KIND_NAMES else ""
+    raise IncompatibleInputsError(f"{what} {ref} is {described}, but the recipe has kind: {expected}{hint}")
 
 
 def module_type(name: str) -> str:

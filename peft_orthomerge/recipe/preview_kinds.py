@@ -30,9 +30,8 @@ def _base(plan: MergePlan) -> tuple[Path, TensorReader] | None:
     """The base checkpoint opened (headers only), or ``None`` for a Hub id (not downloaded by a dry run)."""
     if not is_local(plan.base_model):
         return None
-    directory, reader = open_checkpoint(plan.base_model, False)
-    check_kind(plan.base_model, directory, "full", what="base_model")
-    return directory, reader
+    check_kind(plan.base_model, Path(plan.base_model), "full", what="base_model")
+    return open_checkpoint(plan.base_model, False)
 
 
 def _shard_bytes(checkpoint_bytes: int) -> int:

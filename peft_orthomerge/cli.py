@@ -1,7 +1,10 @@
 """Command line interface: ``peft-orthomerge`` (also ``python -m peft_orthomerge``).
 
-Commands: ``merge RECIPE.yaml``, ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``methods``
-(the merge methods of the registry and their parameters), ``demo``.
+Commands: ``merge RECIPE.yaml`` (``--dry-run``: every header-level check and the plan, see
+`recipe.preview`), ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``methods`` (the merge methods
+of the registry and their parameters), ``new KIND`` (a commented recipe template), ``demo``.
+Transformers' and PEFT's progress bars and warnings are off while a command runs unless
+``merge --verbose`` (`progress.library_output_quiet`, restored on exit).
 Every error exits with code 2 and one line on stderr (``error: ...``); ``--debug`` shows the
 traceback instead.
 """

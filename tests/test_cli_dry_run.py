@@ -162,3 +162,22 @@ def test_oft_adapter_dry_run_text(tmp_path, inputs):
 def test_json_needs_dry_run(tmp_path, inputs):
     recipe = _write(tmp_path, "oft", [inputs["oft0"]], None)
     _one_line_error(_run("merge", recipe, "--json"), "--json only applies with --dry-run")
+
+
+def test_lora_dry_run_refuses_tied_embeddings(tmp_path):
+    from conftest import build_tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "tied"
+    build_tiny_llama(tie_word_embeddings=True).save_pretrained(base)
+    model = get_peft_model(
+        build_tiny_llama(tie_word_embeddings=True), LoraConfig(r=2, target_modules=["embed_tokens"])
+    )
+    model.save_pretrained(tmp_path / "lora")
+    recipe = _write(tmp_path, "lora", [tmp_path / "lora"], base)
+    _one_line_error(_run("merge", recipe, "--dry-run"), "tie_word_embeddings")
+    from peft_orthomerge import merge_lora_adapters
+    from peft_orthomerge.errors import IncompatibleInputsError
+
+    with pytest.raises(IncompatibleInputsError, match="tied"):  # the real run refuses it as well
+        merge_lora_adapters(build_tiny_llama(tie_word_embeddings=True), [str(tmp_path / "lora")])

@@ -14,7 +14,7 @@ from ..errors import IncompatibleInputsError
 from ..sources.checkpoint import open_checkpoint, validate_checkpoints
 from ..sources.tensors import TensorReader
 from .plan import MergePlan
-from .preview import check_kind, group_paths, human_bytes, polar_factors
+from .preview import check_kind, group_paths, human_bytes, module_type, polar_factors
 
 COMPUTE_BYTES = {"float64": 8, "float32": 4}
 
@@ -186,6 +186,17 @@ def _lora_math_shape(adapter, mod, base: TensorReader, label: str) -> tuple[int,
     return tuple(stored[::-1]) if fan and mod.kind != "embedding" else tuple(stored)
 
 
+TIED_TYPES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+def _tied_embeddings(base_dir: Path) -> bool:
+    """Whether the base's config ties input embeddings and output head (only when the config says so)."""
+    from ..sources.jsonfile import read_json_object
+
+    config = read_json_object(base_dir / "config.json", what="model config")
+    return config.get("tie_word_embeddings") is True
+
+
 def preview_lora(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
     """LoRA: the adapters read by the real reader; every module and saved tensor checked against the base header."""
     from ..ops.decouple import decoupling_path
@@ -200,8 +211,17 @@ def preview_lora(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
     base = opened[1]
     shapes: dict[str, tuple[int, int]] = {}
     full: dict[str, tuple[int, ...]] = {}
+    tied = _tied_embeddings(Path(plan.base_model))
     for adapter in adapters:
         for key, mod in adapter.modules.items():
+            if tied and module_type(f"{key}.weight") in TIED_TYPES:
+                raise IncompatibleInputsError(
+                    "the base ties its input embeddings and lm_head (tie_word_embeddings); merging into one "
+                    "would change both",
+                    path=adapter.label,
+                    tensor=mod.parts["A"],
+                    hint="Untie the weights (config.tie_word_embeddings=False) or drop the module from the adapters.",
+                )
             shapes.setdefault(key, _lora_math_shape(adapter, mod, base, adapter.label))
         for name, saved in adapter.full.items():
             target = _base_key(base, name)

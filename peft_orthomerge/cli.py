@@ -1,7 +1,10 @@
 """Command line interface: ``peft-orthomerge`` (also ``python -m peft_orthomerge``).
 
-Commands: ``merge RECIPE.yaml``, ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``methods``
-(the merge methods of the registry and their parameters), ``demo``.
+Commands: ``merge RECIPE.yaml`` (``--dry-run``: every header-level check and the plan, see
+`recipe.preview`), ``inspect PATH_OR_ID...``, ``report OUTPUT_DIR``, ``methods`` (the merge methods
+of the registry and their parameters), ``new KIND`` (a commented recipe template), ``demo``.
+Transformers' and PEFT's progress bars and warnings are off while a command runs unless
+``merge --verbose`` (`progress.library_output_quiet`, restored on exit).
 Every error exits with code 2 and one line on stderr (``error: ...``); ``--debug`` shows the
 traceback instead.
 """
@@ -15,6 +18,7 @@ import sys
 import click
 
 from .errors import ConfigError, OrthoMergeError
+from .progress import library_output_quiet
 
 
 class _Group(click.Group):
@@ -95,7 +99,17 @@ def main(debug: bool) -> None:
     """Merge OFT adapters, LoRA adapters and full fine-tunes on the orthogonal group."""
 
 
-@main.command()
+class _MergeCommand(click.Command):
+    """``merge``: its help lists the registry's methods (read when the help is shown)."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .ops.registry import method_names
+
+        self.help = (self.help or "").replace("{methods}", ", ".join(method_names()))
+        super().format_help_text(ctx, formatter)
+
+
+@main.command(cls=_MergeCommand)
 @click.argument("recipe", metavar="RECIPE.yaml")
 @click.option("--out", "out", metavar="DIR", help="Output directory (overrides output.path of the recipe).")
 @click.option(
@@ -112,6 +126,8 @@ def main(debug: bool) -> None:
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the output path.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Keep transformers' and PEFT's progress bars and warnings.")
 def merge(
     recipe: str,
     out: str | None,
@@ -121,11 +137,20 @@ def merge(
     push_repo: str | None,
     private: bool,
     quiet: bool,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Run the merge described by RECIPE.yaml.
 
+    \b
+    Kinds (the recipe's `kind:`): oft (OFT adapters), lora (LoRA adapters), full (full fine-tunes).
+    Methods: {methods}.
+    Recipe reference: README.md, section "Recipe reference"; examples in examples/recipes/;
+    a commented template of each kind: `peft-orthomerge new oft|lora|full`.
+
     The method names a recipe accepts (method.name, method.residual) and the parameters of each
-    (method.residual_kwargs) are listed by ``peft-orthomerge methods``.
+    (method.residual_kwargs) are listed by ``peft-orthomerge methods``. `--dry-run` checks the
+    inputs against the recipe's kind and the base (headers only) and prints what will happen.
 
     Several processes (one node or many) split a full-model merge between them when started by
     a launcher: ``torchrun --nproc_per_node N -m peft_orthomerge merge RECIPE.yaml`` or
@@ -139,19 +164,17 @@ def merge(
         raise click.UsageError("--private only applies with --push-to-hub")
     if push_repo and not looks_like_repo_id(push_repo):
         raise ConfigError(f"invalid Hub repo id {push_repo!r} for --push-to-hub; expected 'namespace/name'")
+    if as_json and not dry_run:
+        raise click.UsageError("--json only applies with --dry-run")
     parsed = load_recipe(recipe)
     main_process = _is_main_process()
-    result = run_recipe(
-        parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet or not main_process
-    )
-    if not main_process:
-        return
-    if dry_run:
-        click.echo(f"dry run: {parsed.kind} merge of {len(parsed.inputs)} inputs -> {result.output_dir}")
-        click.echo(result.describe())
-        if push_repo:
-            click.echo(f"then push_to_hub({str(result.output_dir)!r}, {push_repo!r}, private={private})")
-        click.echo("nothing was written")
+    with library_output_quiet(not verbose):
+        result = run_recipe(
+            parsed, out, overwrite=overwrite, device=device, dry_run=dry_run, quiet=quiet or not main_process
+        )
+        if dry_run and main_process:
+            _print_dry_run(result, push_repo, private, as_json)
+    if not main_process or dry_run:
         return
     click.echo(result.output_path if quiet else str(result))
     if push_repo:
@@ -159,6 +182,20 @@ def merge(
 
         url = push_to_hub(result.output_path, push_repo, private=private)
         click.echo(f"pushed to {url}")
+
+
+def _print_dry_run(plan, push_repo: str | None, private: bool, as_json: bool) -> None:
+    """The deep checks of a dry run (`recipe.preview.preview_plan`) and their summary, as text or JSON."""
+    from .recipe.preview import format_preview, preview_plan
+
+    summary = preview_plan(plan)
+    if push_repo:
+        summary["notes"].append(f"then push_to_hub({str(plan.output_dir)!r}, {push_repo!r}, private={private})")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, allow_nan=False))
+        return
+    click.echo(format_preview(summary))
+    click.echo("nothing was written")
 
 
 @main.command()
@@ -169,8 +206,11 @@ def inspect(sources: tuple[str, ...], base: str | None, as_json: bool) -> None:
     """Describe adapters or checkpoints and, for several, how they relate."""
     from .inspection import format_inspection, inspect_sources
 
-    result = inspect_sources(list(sources), base=base)
+    with library_output_quiet():
+        result = inspect_sources(list(sources), base=base)
     click.echo(json.dumps(result, indent=2, allow_nan=False) if as_json else format_inspection(result))
+    if "not_related" in result:  # every input was described; the set cannot be compared
+        raise click.ClickException(result["not_related"])
 
 
 @main.command()
@@ -180,11 +220,16 @@ def inspect(sources: tuple[str, ...], base: str | None, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing diagnostics directory.")
 def report(output_dir: str, to: str | None, no_plots: bool, overwrite: bool) -> None:
     """Diagnostics of a finished merge: report.json and PNG plots."""
-    from .diagnostics import run_diagnostics
+    from .diagnostics import format_summary, write_diagnostics
 
-    written = run_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
+    with library_output_quiet():
+        written, data = write_diagnostics(output_dir, out=to, plots=not no_plots, overwrite=overwrite)
+    click.echo(format_summary(data))
+    if no_plots:
+        click.echo("  plots: none (--no-plots)")
+    click.echo("written:")
     for path in written:
-        click.echo(str(path))
+        click.echo(f"  {path}")
 
 
 @main.command()
@@ -214,8 +259,19 @@ def methods(as_json: bool) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.argument("kind", type=click.Choice(["oft", "lora", "full"]))
+def new(kind: str) -> None:
+    """Print a commented recipe template of KIND (valid as printed; edit the paths)."""
+    from .recipe.templates import recipe_template
+
+    click.echo(recipe_template(kind), nl=False)
+
+
+@main.command()
+@click.option("--keep", metavar="DIR", help="Keep the demo's inputs and output in DIR (new or empty).")
+def demo(keep: str | None) -> None:
     """Build a tiny model and three OFT adapters locally, merge them, reload and compare."""
     from .demo import run_demo
 
-    run_demo()
+    with library_output_quiet():
+        run_demo(keep)

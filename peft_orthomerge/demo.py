@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -64,15 +65,31 @@ def _dense_fold(base, adapter_dir: Path):
     return base
 
 
-def run_demo() -> float:
-    """Run the demo, print the report and the logit difference; return the max |difference|."""
+def _work_dir(keep: str | Path | None):
+    """A temporary directory (removed after), or ``keep`` (created; must be new or empty), left in place."""
+    if keep is None:
+        return tempfile.TemporaryDirectory(prefix="orthomerge-demo-")
+    from .errors import ConfigError
+
+    directory = Path(keep).expanduser().resolve()
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError("the demo's --keep directory must be new or empty", path=directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return nullcontext(str(directory))
+
+
+def run_demo(keep: str | Path | None = None) -> float:
+    """Run the demo, print the report and the logit difference; return the max |difference|.
+
+    ``keep``: a new or empty directory that keeps the demo's inputs (``base``: the tiny Llama,
+    ``oft-task-a/b/c``) and output (``merged``); by default everything lives in a temporary directory."""
     from peft import PeftModel
 
     from .api.oft import merge_oft_adapters
     from .progress import quiet
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    with tempfile.TemporaryDirectory(prefix="orthomerge-demo-") as tmp, quiet(), warnings.catch_warnings():
+    with _work_dir(keep) as tmp, quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notices from transformers internals
         tmp = Path(tmp)
         print("Building a tiny Llama (hidden 64, GQA) and three OFT adapters (block size 16) ...")
@@ -94,4 +111,7 @@ def run_demo() -> float:
         diff = float((ours - reference).abs().max())
         print(f"\nReloaded merged adapter vs independently folded weights: max |logit difference| = {diff:.3e}")
         print(f"(for scale: max |logit change| caused by the merged adapter = {float((ours - base).abs().max()):.3e})")
+        if keep is not None:
+            _tiny_llama().save_pretrained(tmp / "base")
+            print(f"\nkept in {tmp}: base (tiny Llama), oft-task-a, oft-task-b, oft-task-c (inputs), merged (output)")
         return diff

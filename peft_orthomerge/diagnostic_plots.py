@@ -155,6 +155,20 @@ PLOTS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
 }
 
 
+SKIP_REASONS = {
+    "magnitude_factor.png": "no magnitude factors in the report (OFT merges with magnitude correction record them)",
+    "norms_per_layer.png": "no per-layer norms in the report (no merged module statistics)",
+    "task_cosine.png": "no cosine matrix (needs two or more reachable inputs; full merges also the base)",
+    "decoupled_norms.png": "not a decoupled merge (no orthogonal part / residual norms recorded)",
+    "drift_from_base.png": "no drift from the base (needs the base model, recorded and reachable)",
+}
+
+
+def skipped_plots(data: dict[str, Any], written: list[str]) -> dict[str, str]:
+    """Plot file name -> why it was not drawn, for every plot not in ``written``."""
+    return {name: SKIP_REASONS[name] for name in PLOTS if name not in written}
+
+
 def write_plots(plt: Any, data: dict[str, Any], directory: Path) -> list[str]:
     """Write the PNG plots whose data is present; return their file names."""
     from matplotlib.ticker import MaxNLocator

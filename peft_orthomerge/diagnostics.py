@@ -289,7 +289,15 @@ def run_diagnostics(
     output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False
 ) -> list[Path]:
     """Write ``report.json`` and PNG plots (default: ``OUTPUT_DIR/diagnostics``, replaced on rerun)."""
-    from .diagnostic_plots import require_matplotlib, write_plots
+    return write_diagnostics(output_dir, out=out, plots=plots, overwrite=overwrite)[0]
+
+
+def write_diagnostics(
+    output_dir: str | Path, *, out: str | Path | None = None, plots: bool = True, overwrite: bool = False
+) -> tuple[list[Path], dict[str, Any]]:
+    """`run_diagnostics`, also returning the data written to ``report.json`` (with ``plots_skipped``:
+    plot file name -> why it was not drawn)."""
+    from .diagnostic_plots import require_matplotlib, skipped_plots, write_plots
 
     plt = require_matplotlib() if plots else None
     output_dir = Path(output_dir).expanduser()
@@ -299,5 +307,30 @@ def run_diagnostics(
         names = write_plots(plt, data, tmp) if plt is not None else []
         data["plots"] = names
         (tmp / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    data["plots_skipped"] = skipped_plots(data, names) if plots else {}
     target = target.resolve()
-    return [target / "report.json", *(target / n for n in names)]
+    return [target / "report.json", *(target / n for n in names)], data
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """A short console summary of `compute_diagnostics`' data: method, inputs, statistics, notes, skipped plots."""
+    lines = [f"{data['kind']} merge, {data['method']}, {len(data['inputs'])} inputs:"]
+    lines += [f"  {w:6.3f}  {ref}" for ref, w in zip(data["inputs"], data["weights"])]
+    stats = data["summary"]
+    lines.append(f"  modules merged: {int(stats.get('modules', 0))}")
+    if "c_mean" in stats:
+        lines.append(
+            f"  magnitude factor c: mean {stats['c_mean']:.4f} (min {stats['c_min']:.4f}, max {stats['c_max']:.4f})"
+        )
+    if "orthogonality_error_max" in stats:
+        lines.append(f"  max orthogonality error: {stats['orthogonality_error_max']:.3e}")
+    if data.get("cosine"):
+        n = len(data["cosine"])
+        off = [data["cosine"][i][j] for i in range(n) for j in range(n) if i < j]
+        lines.append(f"  task cosine between inputs: mean {sum(off) / len(off):.4f}, min {min(off):.4f}")
+    if data.get("drift"):
+        worst = max(abs(r["spectral_norm_rel_change"]) for r in data["drift"])
+        lines.append(f"  largest relative spectral-norm change from the base: {worst:.3e}")
+    lines += [f"  note: {n}" for n in data["notes"]]
+    lines += [f"  plot skipped: {name}: {why}" for name, why in data.get("plots_skipped", {}).items()]
+    return "\n".join(lines)

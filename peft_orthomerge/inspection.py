@@ -251,20 +251,50 @@ def relate(kind: str, handles: list[Any], *, base: TensorReader | None = None) -
 
 
 def inspect_sources(refs: list[str], *, base: str | None = None) -> dict[str, Any]:
-    """Describe every input; relate them when there are several of one type."""
+    """Describe every input; relate them when there are several of one type.
+
+    When several inputs cannot be related (different types, OFT block layouts that differ, full
+    checkpoints without ``base``), every input is still described and ``not_related`` says why
+    (``hint``: what would make a comparison possible)."""
     base_reader = None
     if base is not None:
         base_reader = TensorReader.from_dir(resolve_source(base, kind="model"), "model")
     described = [describe_source(ref, base_reader) for ref in refs]
     result: dict[str, Any] = {"inputs": [info for info, _ in described]}
-    if len(refs) > 1:
-        kinds = {info["type"] for info, _ in described}
-        if len(kinds) != 1:
-            raise IncompatibleInputsError(
-                f"inputs are of different types ({', '.join(sorted(kinds))}); compare one type at a time"
-            )
-        result["relations"] = relate(kinds.pop(), [h for _, h in described], base=base_reader)
+    if len(refs) < 2:
+        if described[0][0]["type"] == "full" and base is None:
+            result["hint"] = "to see this checkpoint's task vector, inspect it with a fine-tune and --base BASE"
+        return result
+    kinds = {info["type"] for info, _ in described}
+    if len(kinds) != 1:
+        result["not_related"] = (
+            f"inputs are of different types ({', '.join(sorted(kinds))}); compare one type at a time"
+        )
+        return result
+    kind = kinds.pop()
+    if kind == "full" and base_reader is None:
+        result["hint"] = "comparing full checkpoints needs the base model: pass --base PATH_OR_ID"
+        return result
+    try:
+        result["relations"] = relate(kind, [h for _, h in described], base=base_reader)
+    except IncompatibleInputsError as exc:
+        result["not_related"] = _why_unrelated(kind, result["inputs"], exc)
     return result
+
+
+def _why_unrelated(kind: str, infos: list[dict[str, Any]], exc: Exception) -> str:
+    """Why inputs of one type cannot be compared: for OFT, their block layouts differ."""
+    if kind == "oft":
+        layouts = [
+            f"[{i}] block sizes {d['block_sizes']}, blocks per module {d['blocks_per_module']}, "
+            f"block_share={d['flags']['block_share']}"
+            for i, d in enumerate(infos)
+        ]
+        return (
+            f"the OFT adapters cannot be related ({exc}): their skew generators Q have different block "
+            f"layouts ({'; '.join(layouts)}), so they live in different spaces"
+        )
+    return f"the inputs cannot be related: {exc}"
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -293,6 +323,8 @@ def format_inspection(result: dict[str, Any]) -> str:
         lines.append(
             f"    {info['tensors']} tensors, {info['parameters']:,} parameters, {_human_bytes(info['bytes'])}, dtypes {', '.join(info['dtypes'])}"
         )
+    if "hint" in result:
+        lines.append(f"hint: {result['hint']}")
     rel = result.get("relations")
     if rel:
         n = len(result["inputs"])
@@ -305,7 +337,8 @@ def format_inspection(result: dict[str, Any]) -> str:
             "  conflicting rows (cosine with the mean < 0): "
             + ", ".join(f"[{i}] {s:.1%}" for i, s in enumerate(rel["conflicting_row_share"]))
         )
-        lines.append("  per-module norms:")
+        lines.append("  per-module norms (Frobenius norm of each input's task quantity):")
+        lines.append(f"    {'module':<48} " + " ".join(f"{f'[{j}]':>10}" for j in range(n)))
         items = list(rel["module_norms"].items())
         shown = items if len(items) <= MAX_TEXT_ROWS else items[: MAX_TEXT_ROWS // 2] + items[-MAX_TEXT_ROWS // 2 :]
         for k, (name, values) in enumerate(shown):

@@ -79,3 +79,28 @@ def progress(
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, delay=0.5, leave=False, dynamic_ncols=True)
+
+
+LIBRARY_MODULES = r"(transformers|peft|huggingface_hub|accelerate|torch)(\..*)?$"
+
+
+@contextmanager
+def library_output_quiet(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (if ``enabled``): the progress bars of huggingface_hub and transformers are
+    off, transformers' logging shows errors only, and warnings raised by transformers, PEFT, the hub,
+    accelerate or torch are ignored (ours stay). On exit everything is as it was (the CLI's default;
+    ``--verbose`` keeps them)."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_error()
+        with library_progress_bars_off(True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)

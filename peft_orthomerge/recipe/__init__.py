@@ -35,7 +35,9 @@ recipe received from someone else cannot write, or with ``--overwrite`` replace,
 elsewhere; the command line's ``--out`` (typed by the user) is not restricted.
 
 Modules: `schema` (pydantic models), `errors` (a pydantic error as one line), `load` (parse, load,
-write YAML), `plan` (`plan_recipe`: checks and the API call), `run` (`run_recipe`: execution).
+write YAML), `plan` (`plan_recipe`: checks and the API call), `run` (`run_recipe`: execution),
+`preview` / `preview_kinds` (`preview_plan`: the header-level checks and summary of ``--dry-run``),
+`templates` (`recipe_template`: ``peft-orthomerge new KIND``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,167 @@
+"""The deep checks and the summary of ``merge --dry-run``: what the real run would refuse, and what it will do.
+
+`preview_plan` takes a `MergePlan` (from `plan_recipe`) and, reading headers only, runs the same
+readers and plan builders as the real merge: each input's kind against the recipe's kind, the OFT
+plan (`plan.oft.build_plan`, and `check_fold_targets` against the base for folded output), the full
+checkpoints' headers (`validate_checkpoints`) and per-tensor plan (`plan.checkpoint.plan_checkpoint`),
+and the LoRA adapters' modules against the base checkpoint's tensor shapes. It returns a JSON-able
+summary: inputs and kinds, per module type how many tensors take which path, the output layout, and
+an estimate of the work (polar factors) and of peak memory. No tensor data is read, nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import IncompatibleInputsError
+from ..sources.jsonfile import read_json_object
+from ..sources.resolve import resolve_source
+from .plan import MergePlan
+
+KIND_NAMES = {"oft": "OFT adapter", "lora": "LoRA adapter", "full": "full checkpoint"}
+OUTPUT_LAYOUTS = {
+    ("oft", "adapter"): "PEFT OFT adapter (adapter_config.json, adapter_model.safetensors)",
+    (
+        "oft",
+        "folded",
+    ): "full model, merged rotation folded in (safetensors shards in the base dtype, config, tokenizer)",
+    ("lora", "model"): "full model saved by transformers' save_pretrained (base dtype)",
+    ("lora", "lora"): "PEFT LoRA adapter 'default' (truncated SVD of each merged delta)",
+    ("full", "model"): "full model (safetensors shards in the base dtype, config, tokenizer)",
+}
+OUTPUT_EXTRAS = "README.md (model card), orthomerge_report.json, orthomerge_recipe.yaml"
+
+
+def input_kind(directory: Path) -> str:
+    """``oft``, ``lora``, ``full`` or the adapter's own type (lower case) for a local input directory."""
+    config = directory / "adapter_config.json"
+    if config.is_file():
+        peft_type = read_json_object(config, what="adapter config").get("peft_type", "")
+        peft_type = str(getattr(peft_type, "value", peft_type)).lower()
+        return "lora" if peft_type == "dora" else (peft_type or "unknown adapter")
+    if (directory / "config.json").is_file():
+        return "full"
+    return "unknown"
+
+
+def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input") -> str:
+    """The input's kind; `IncompatibleInputsError` naming it and the recipe kind to use when it differs."""
+    kind = input_kind(directory)
+    if kind == expected:
+        return kind
+    name = KIND_NAMES.get(kind, f"a {kind} directory" if kind != "unknown" else "neither adapter nor checkpoint")
+    article = "an" if name[0] in "aeiouAEIOU" else "a"
+    described = name if kind == "unknown" else f"{article} {name}"
+    if what != "input":
+        raise IncompatibleInputsError(f"{what} {ref} is {described}; it must be a full model checkpoint")
+    hint = f"; use kind: {kind}" if kind in KIND_NAMES else ""
+    raise IncompatibleInputsError(f"{what} {ref} is {described}, but the recipe has kind: {expected}{hint}")
+
+
+def module_type(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``; a bias keeps its suffix (``q_proj.bias``)."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return name
+    if parts[-1] == "weight":
+        return parts[-2]
+    return f"{parts[-2]}.{parts[-1]}"
+
+
+def group_paths(items: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``[(tensor name, path)]`` -> module type -> path -> count, in first-seen order."""
+    groups: dict[str, Counter] = {}
+    for name, path in items:
+        groups.setdefault(module_type(name), Counter())[path] += 1
+    return {k: dict(v) for k, v in groups.items()}
+
+
+def polar_factors(sizes: list[int], experts: int) -> dict[str, Any]:
+    """Polar factors of a decoupled merge: one ``in x in`` factor per decoupled weight per expert."""
+    counts = Counter(sizes)
+    return {
+        "count": len(sizes) * experts,
+        "sizes": [{"size": s, "weights": c, "count": c * experts} for s, c in sorted(counts.items())],
+    }
+
+
+def preview_plan(plan: MergePlan) -> dict[str, Any]:
+    """Run every header-level check of the real merge and summarise it (see the module docstring)."""
+    from .preview_kinds import preview_full, preview_lora, preview_oft
+
+    recipe = plan.recipe
+    what = "adapter" if recipe.kind != "full" else "config"  # a dry run downloads no checkpoint
+    dirs = [resolve_source(ref, kind=what) for ref in plan.inputs]
+    kinds = [check_kind(ref, d, recipe.kind) for ref, d in zip(plan.inputs, dirs)]
+    total = sum(s.weight for s in recipe.inputs)
+    summary: dict[str, Any] = {
+        "kind": recipe.kind,
+        "call": plan.describe(),
+        "inputs": [
+            {"ref": ref, "path": str(d), "kind": k, "weight": s.weight / total}
+            for ref, d, k, s in zip(plan.inputs, dirs, kinds, recipe.inputs)
+        ],
+        "base_model": plan.base_model,
+        "output": {
+            "path": str(plan.output_dir),
+            "format": recipe.output.format,
+            "layout": OUTPUT_LAYOUTS[(recipe.kind, recipe.output.format)],
+            "files": OUTPUT_EXTRAS,
+        },
+        "notes": [],
+    }
+    build = {"oft": preview_oft, "lora": preview_lora, "full": preview_full}[recipe.kind]
+    summary.update(build(plan, dirs))
+    return summary
+
+
+PATH_ORDER = ("oft", "folded", "rows", "reduced", "dense", "euclidean", "copy")
+PATH_TITLES = {"oft": "OFT adapter space", "folded": "OFT, folded into the base"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(groups: dict[str, dict[str, int]]) -> list[str]:
+    used = [p for p in PATH_ORDER if any(p in g for g in groups.values())]
+    used += sorted({p for g in groups.values() for p in g} - set(used))
+    width = max([len("module type"), *(len(k) for k in groups)])
+    lines = ["  " + f"{'module type':<{width}}" + "".join(f"{p:>11}" for p in used) + f"{'total':>8}"]
+    for name, counts in groups.items():
+        cells = "".join(f"{counts.get(p, 0) or '-':>11}" for p in used)
+        lines.append(f"  {name:<{width}}{cells}{sum(counts.values()):>8}")
+    totals = {p: sum(g.get(p, 0) for g in groups.values()) for p in used}
+    lines.append(f"  {'all':<{width}}" + "".join(f"{totals[p]:>11}" for p in used) + f"{sum(totals.values()):>8}")
+    titles = [f"{p}: {PATH_TITLES[p]}" for p in used if p in PATH_TITLES]
+    return lines + ([f"  ({'; '.join(titles)})"] if titles else [])
+
+
+def format_preview(summary: dict[str, Any]) -> str:
+    """The text of `preview_plan`'s summary (what ``merge --dry-run`` prints)."""
+    lines = [f"dry run: {summary['kind']} merge of {len(summary['inputs'])} inputs -> {summary['output']['path']}"]
+    lines.append("inputs:")
+    for i, info in enumerate(summary["inputs"]):
+        lines.append(
+            f"  [{i}] {info['ref']}  ({KIND_NAMES.get(info['kind'], info['kind'])}, weight {info['weight']:.4g})"
+        )
+    if summary["base_model"]:
+        lines.append(f"base model: {summary['base_model']}")
+    lines.append("call: " + summary["call"].replace("\n", "\n  "))
+    if summary["groups"]:
+        lines.append("tensors per module type and path:")
+        lines.extend(_table(summary["groups"]))
+    out = summary["output"]
+    lines.append(f"output: {out['path']} ({out['format']}): {out['layout']}; with {out['files']}")
+    lines.append(f"work: {summary['work']['text']}")
+    memory = summary["memory"]
+    peak = f"about {human_bytes(memory['peak_bytes'])}: " if "peak_bytes" in memory else ""
+    lines.append(f"peak memory (estimate): {peak}{memory['text']}")
+    lines.extend(f"note: {n}" for n in summary["notes"])
+    return "\n".join(lines)

@@ -143,10 +143,11 @@ def merge(
     """Run the merge described by RECIPE.yaml.
 
     \b
-    Kinds (the recipe's `kind:`): oft (OFT adapters), lora (LoRA adapters), full (full fine-tunes).
+    Kinds (the recipe's `kind:`): oft (OFT adapters), lora (LoRA adapters), full (full fine-tunes),
+    mixed (full fine-tunes and LoRA adapters of one base).
     Methods: {methods}.
     Recipe reference: README.md, section "Recipe reference"; examples in examples/recipes/;
-    a commented template of each kind: `peft-orthomerge new oft|lora|full`.
+    a commented template of each kind: `peft-orthomerge new oft|lora|full|mixed`.
 
     The method names a recipe accepts (method.name, method.residual) and the parameters of each
     (method.residual_kwargs) are listed by ``peft-orthomerge methods``. `--dry-run` checks the
@@ -259,7 +260,7 @@ def methods(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["oft", "lora", "full"]))
+@click.argument("kind", type=click.Choice(["oft", "lora", "full", "mixed"]))
 def new(kind: str) -> None:
     """Print a commented recipe template of KIND (valid as printed; edit the paths)."""
     from .recipe.templates import recipe_template

@@ -2,7 +2,7 @@
 
 A recipe describes one merge::
 
-    kind: oft                  # oft | lora | full
+    kind: oft                  # oft | lora | full | mixed
     base_model: path-or-hub-id # required for lora, full, and folded oft output
     inputs:
       - path: ./oft-math

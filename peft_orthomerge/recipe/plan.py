@@ -121,7 +121,7 @@ def _plan_decoupled(recipe, inputs, base, output_dir, *, weights, overwrite, dev
     }
     if m.precision != "float64":  # the API's default; plans of recipes without the key stay as they were
         common["precision"] = m.precision
-    if recipe.kind == "full":
+    if recipe.kind in ("full", "mixed"):
         kwargs = dict(common, include=m.include, exclude=m.exclude, device=device, overwrite=overwrite)
         return MergePlan(recipe, "merge_models", [base, inputs, output_dir], kwargs, output_dir, inputs, base, device)
     kwargs = dict(common, export=recipe.output.format)

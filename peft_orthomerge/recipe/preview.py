@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleInputsError
-from ..sources.jsonfile import read_json_object
+from ..sources.checkpoint import input_kind
 from ..sources.resolve import resolve_source
 from .plan import MergePlan
 
@@ -30,26 +30,20 @@ OUTPUT_LAYOUTS = {
     ("lora", "model"): "full model saved by transformers' save_pretrained (base dtype)",
     ("lora", "lora"): "PEFT LoRA adapter 'default' (truncated SVD of each merged delta)",
     ("full", "model"): "full model (safetensors shards in the base dtype, config, tokenizer)",
+    ("mixed", "model"): "full model (safetensors shards in the base dtype, config, tokenizer)",
 }
 OUTPUT_EXTRAS = "README.md (model card), orthomerge_report.json, orthomerge_recipe.yaml"
 
 
-def input_kind(directory: Path) -> str:
-    """``oft``, ``lora``, ``full`` or the adapter's own type (lower case) for a local input directory."""
-    config = directory / "adapter_config.json"
-    if config.is_file():
-        peft_type = read_json_object(config, what="adapter config").get("peft_type", "")
-        peft_type = str(getattr(peft_type, "value", peft_type)).lower()
-        return "lora" if peft_type == "dora" else (peft_type or "unknown adapter")
-    if (directory / "config.json").is_file():
-        return "full"
-    return "unknown"
+# the input kinds each recipe kind accepts
+ACCEPTED = {"oft": ("oft",), "lora": ("lora",), "full": ("full",), "mixed": ("full", "lora")}
 
 
 def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input") -> str:
-    """The input's kind; `IncompatibleInputsError` naming it and the recipe kind to use when it differs."""
+    """The input's kind; `IncompatibleInputsError` naming it and the recipe kind to use when the
+    recipe kind ``expected`` does not accept it."""
     kind = input_kind(directory)
-    if kind == expected:
+    if kind in ACCEPTED.get(expected, (expected,)):
         return kind
     name = KIND_NAMES.get(kind, f"a {kind} directory" if kind != "unknown" else "neither adapter nor checkpoint")
     article = "an" if name[0] in "aeiouAEIOU" else "a"
@@ -57,6 +51,8 @@ def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input")
     if what != "input":
         raise IncompatibleInputsError(f"{what} {ref} is {described}; it must be a full model checkpoint")
     hint = f"; use kind: {kind}" if kind in KIND_NAMES else ""
+    if expected == "full" and kind == "lora":
+        hint += " (or kind: mixed, for full checkpoints and LoRA adapters in one merge)"
     raise IncompatibleInputsError(f"{what} {ref} is {described}, but the recipe has kind: {expected}{hint}")
 
 
@@ -92,7 +88,7 @@ def preview_plan(plan: MergePlan) -> dict[str, Any]:
     from .preview_kinds import preview_full, preview_lora, preview_oft
 
     recipe = plan.recipe
-    what = "adapter" if recipe.kind != "full" else "config"  # a dry run downloads no checkpoint
+    what = "adapter" if recipe.kind in ("oft", "lora") else "config"  # a dry run downloads no checkpoint
     dirs = [resolve_source(ref, kind=what) for ref in plan.inputs]
     kinds = [check_kind(ref, d, recipe.kind) for ref, d in zip(plan.inputs, dirs)]
     total = sum(s.weight for s in recipe.inputs)
@@ -112,7 +108,7 @@ def preview_plan(plan: MergePlan) -> dict[str, Any]:
         },
         "notes": [],
     }
-    build = {"oft": preview_oft, "lora": preview_lora, "full": preview_full}[recipe.kind]
+    build = {"oft": preview_oft, "lora": preview_lora, "full": preview_full, "mixed": preview_full}[recipe.kind]
     summary.update(build(plan, dirs))
     return summary
 

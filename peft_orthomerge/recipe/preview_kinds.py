@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleInputsError
-from ..sources.checkpoint import open_checkpoint, validate_checkpoints
+from ..sources.checkpoint import open_checkpoint, open_expert, validate_checkpoints
 from ..sources.tensors import TensorReader
 from .plan import MergePlan
 from .preview import check_kind, group_paths, human_bytes, module_type, polar_factors
@@ -110,7 +110,7 @@ def preview_full(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
         return {"groups": {}, "work": {"text": "unknown"}, "memory": {"text": "unknown"},
                 "notes": [SKIPPED.format(what="an input or the base_model")]}  # fmt: skip
     base_dir, base = _base(plan)
-    readers = [open_checkpoint(d, False)[1] for d in dirs]
+    readers = [open_expert(d, base, base_dir, False)[1] for d in dirs]  # kind: mixed: LoRA inputs too
     validate_checkpoints(base, readers)
     tasks = plan_checkpoint(base, base_dir, options, include=inc, exclude=exc)
     n = len(readers)

@@ -1,4 +1,4 @@
-"""The recipe schema: pydantic models, one per kind (``oft``, ``lora``, ``full``).
+"""The recipe schema: pydantic models, one per kind (``oft``, ``lora``, ``full``, ``mixed``).
 
 Method names are read from the method registry (`peft_orthomerge.ops.registry`), and the
 ``residual_kwargs`` of the decoupled kinds are validated by its `check_params` (plus ``seed``, the
@@ -28,7 +28,7 @@ from pydantic import (
 from ..errors import ConfigError
 from ..ops.registry import SEED, check_params, get_method, method_names
 
-KINDS = ("oft", "lora", "full")
+KINDS = ("oft", "lora", "full", "mixed")
 
 
 class Strict(BaseModel):
@@ -214,10 +214,16 @@ class FullRecipe(RecipeBase):
     @model_validator(mode="after")
     def _check(self) -> FullRecipe:
         if not self.base_model:
-            raise ValueError("kind 'full' needs base_model (the model the checkpoints were fine-tuned from)")
+            raise ValueError(f"kind '{self.kind}' needs base_model (the model the inputs were fine-tuned from)")
         return self
 
 
-Recipe = Annotated[OftRecipe | LoraRecipe | FullRecipe, Field(discriminator="kind")]
+class MixedRecipe(FullRecipe):
+    """Full checkpoints and LoRA adapters of one base in one `merge_models` run (method keys as ``full``)."""
+
+    kind: Literal["mixed"]
+
+
+Recipe = Annotated[OftRecipe | LoraRecipe | FullRecipe | MixedRecipe, Field(discriminator="kind")]
 RECIPE_ADAPTER = TypeAdapter(Recipe)
-MODELS: dict[str, type[RecipeBase]] = {"oft": OftRecipe, "lora": LoraRecipe, "full": FullRecipe}
+MODELS: dict[str, type[RecipeBase]] = {"oft": OftRecipe, "lora": LoraRecipe, "full": FullRecipe, "mixed": MixedRecipe}

@@ -71,11 +71,23 @@ output:
   format: model
 """
 
-TEMPLATES = {"oft": OFT, "lora": LORA, "full": FULL}
+MIXED = (
+    FULL.replace(
+        "# Full fine-tunes of one base merged by orthogonal-residual decoupling, streamed tensor by tensor.",
+        "# Full fine-tunes and LoRA adapters of one base merged by orthogonal-residual decoupling, streamed;\n"
+        "# each LoRA adapter is read as the checkpoint PEFT makes of the base (its exact fold).",
+    )
+    .replace("kind: full", "kind: mixed")
+    .replace(
+        "  - path: ./finetune-b", "  - path: ./lora-b         # a LoRA adapter directory (or Hub id) of the same base"
+    )
+)
+
+TEMPLATES = {"oft": OFT, "lora": LORA, "full": FULL, "mixed": MIXED}
 
 
 def recipe_template(kind: str) -> str:
-    """The commented template of ``kind`` (``oft``, ``lora`` or ``full``), method names from the registry."""
+    """The commented template of ``kind`` (``oft``, ``lora``, ``full`` or ``mixed``), method names from the registry."""
     from ..ops.registry import method_names
 
     names = {family: " | ".join(method_names(family)) for family in ("rotation", "euclidean")}

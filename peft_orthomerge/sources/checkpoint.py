@@ -86,12 +86,15 @@ class FileRows:
 
 
 def input_kind(directory: Path) -> str:
-    """``"lora"``, ``"oft"`` (a PEFT adapter, by its config's ``peft_type``) or ``"full"`` (a checkpoint)."""
+    """What a local input directory holds: ``"lora"`` or ``"oft"`` (a PEFT adapter, by its
+    config's ``peft_type``; another adapter type gives that type in lower case), ``"full"`` (a
+    model checkpoint: ``config.json``) or ``"unknown"``."""
     config = directory / "adapter_config.json"
-    if not config.is_file():
-        return "full"
-    peft_type = str(read_json_object(config, what="adapter config").get("peft_type", "")).upper()
-    return {"LORA": "lora", "OFT": "oft"}.get(peft_type, peft_type.lower() or "unknown adapter")
+    if config.is_file():
+        peft_type = read_json_object(config, what="adapter config").get("peft_type", "")
+        peft_type = str(getattr(peft_type, "value", peft_type)).lower()
+        return peft_type or "unknown adapter"
+    return "full" if (directory / "config.json").is_file() else "unknown"
 
 
 def open_expert(
@@ -101,7 +104,7 @@ def open_expert(
     as the checkpoint it makes of the base (`LoraCheckpoint`). Other adapters are refused."""
     directory = resolve_source(ref, kind="config")
     kind = input_kind(directory)
-    if kind == "full":
+    if kind in ("full", "unknown"):  # a checkpoint, or nothing: open_checkpoint says what is missing
         return open_checkpoint(ref, allow_pickle)
     if kind != "lora":
         raise IncompatibleInputsError(

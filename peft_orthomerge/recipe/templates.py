@@ -26,6 +26,15 @@ output:
   format: adapter           # adapter (a PEFT OFT adapter) | folded (a full model, needs base_model)
 """
 
+DECOUPLE_METHOD = """\
+  name: orthomerge          # orthomerge | euclidean (no rotation: the plain baseline)
+  target: global            # global | conflict
+  residual: ta              # {euclidean}
+  residual_kwargs: {{}}       # the residual method's parameters (peft-orthomerge methods), plus seed
+  solver: auto              # auto | svd | newton_schulz
+  precision: float64        # float64 (the reference) | float32 (faster, half the memory)
+"""
+
 LORA = """\
 # LoRA adapters merged by orthogonal-residual decoupling (peft-orthomerge merge THIS.yaml).
 # Relative paths resolve against this file's directory; check with --dry-run before a long merge.
@@ -36,13 +45,7 @@ inputs:
     weight: 1.0             # optional, default 1; weights are normalised to sum to 1
   - path: ./lora-task-b
 method:
-  name: orthomerge          # orthomerge | euclidean (no rotation: the plain baseline)
-  target: global            # global | conflict
-  residual: ta              # {euclidean}
-  residual_kwargs: {{}}       # the residual method's parameters (peft-orthomerge methods), plus seed
-  solver: auto              # auto | svd | newton_schulz
-  precision: float64        # float64 (the reference) | float32 (faster, half the memory)
-  # rank: 16                # required for format: lora
+{decouple_method}  # rank: 16                # required for format: lora
 output:
   path: ./merged-lora       # must stay inside this file's directory (or pass --out)
   format: model             # model (merged weights, transformers) | lora (a LoRA adapter; set method.rank)
@@ -58,13 +61,7 @@ inputs:
     weight: 1.0             # optional, default 1; weights are normalised to sum to 1
   - path: ./finetune-b
 method:
-  name: orthomerge          # orthomerge | euclidean (no rotation: the plain baseline)
-  target: global            # global | conflict
-  residual: ta              # {euclidean}
-  residual_kwargs: {{}}       # the residual method's parameters (peft-orthomerge methods), plus seed
-  solver: auto              # auto | svd | newton_schulz
-  precision: float64        # float64 (the reference) | float32 (faster, half the memory)
-  # include: "layers"       # regexes over tensor names: which 2-D tensors are decoupled
+{decouple_method}  # include: "layers"       # regexes over tensor names: which 2-D tensors are decoupled
   # exclude: "lm_head"
 output:
   path: ./merged-full       # must stay inside this file's directory (or pass --out)
@@ -91,4 +88,5 @@ def recipe_template(kind: str) -> str:
     from ..ops.registry import method_names
 
     names = {family: " | ".join(method_names(family)) for family in ("rotation", "euclidean")}
-    return TEMPLATES[kind].format(**names)
+    method = DECOUPLE_METHOD.format(**names)
+    return TEMPLATES[kind].format(decouple_method=method, **names)

@@ -76,9 +76,10 @@ def trim_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
         return x
     flat = x.reshape(-1)
     k = min(flat.numel(), max(1, int(density * flat.numel())))
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = 1
-    return x * mask.view(x.shape)
+    index = torch.topk(flat.abs(), k=k, largest=True).indices
+    out = torch.zeros_like(flat)
+    out[index] = flat[index]  # = x * mask (but +0.0 where x * 0 gives -0.0), without a mask tensor
+    return out.view(x.shape)
 
 
 def seeded_generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:

@@ -54,6 +54,11 @@ def each_task(tasks: TaskSource, count: int) -> Iterator[tuple[int, torch.Tensor
         raise ConfigError(f"got {count} weights for {seen} task vectors")
 
 
+def _weighted(term: torch.Tensor, tau: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * term``, in place where ``term`` is a new tensor (not the source's ``tau``)."""
+    return torch.mul(term, weight) if term is tau else term.mul_(weight)
+
+
 def _sign_elect_mean(tasks: TaskSource, weights: Sequence[float], transform: Transform) -> torch.Tensor:
     """TIES' sign election and disjoint mean over ``N w_i transform(i, tau_i)`` in two passes.
 
@@ -63,16 +68,16 @@ def _sign_elect_mean(tasks: TaskSource, weights: Sequence[float], transform: Tra
     rel = relative_weights(weights)
     mass: torch.Tensor | None = None
     for i, tau in each_task(tasks, len(rel)):
-        term = torch.mul(transform(i, tau), rel[i])
+        term = _weighted(transform(i, tau), tau, rel[i])
         del tau
         mass = term if mass is None else mass.add_(term)
         del term
     positive = mass >= 0
     del mass
     total: torch.Tensor | None = None
-    count = torch.zeros(positive.shape, dtype=torch.int32, device=positive.device)
+    count = torch.zeros(positive.shape, dtype=torch.uint8 if len(rel) < 256 else torch.int32, device=positive.device)
     for i, tau in each_task(tasks, len(rel)):
-        term = torch.mul(transform(i, tau), rel[i])
+        term = _weighted(transform(i, tau), tau, rel[i])
         del tau
         agree = torch.where(positive, term > 0, term < 0)
         count.add_(agree)

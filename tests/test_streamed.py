@@ -57,6 +57,11 @@ def test_streamed_equals_in_memory(method, shape):
     got = streamed.streamed_method(method)(lambda: iter(taus), weights, base=base, **kwargs)
     assert _rel(got, expected) < 1e-10
     assert all(torch.equal(a, b) for a, b in zip(taus, copies))  # the caller's task vectors untouched
+    fresh = streamed.FreshTasks(lambda: (t.clone() for t in taus))  # new tensors: overwritten in place
+    assert _rel(streamed.streamed_method(method)(fresh, weights, base=base, **kwargs), expected) < 1e-10
+    if len(shape) == 2:  # transposed (non-contiguous) fresh task vectors
+        t_fresh = streamed.FreshTasks(lambda: (t.T.clone().T for t in taus))
+        assert _rel(streamed.streamed_method(method)(t_fresh, weights, base=base, **kwargs), expected) < 1e-10
 
 
 def test_dare_ties_replays_the_in_memory_masks_and_generator_state():
@@ -99,6 +104,8 @@ def test_trim_magnitude_keeps_top_k():
     x = torch.tensor([0.5, -4.0, 1.0, 3.0, -0.1], dtype=F64)
     assert torch.equal(euclidean.trim_magnitude(x, 0.4), torch.tensor([0, -4.0, 0, 3.0, 0], dtype=F64))
     assert euclidean.trim_magnitude(x, 1.0) is x
+    y = x.clone()
+    assert euclidean.trim_magnitude_(y, 0.4) is y and torch.equal(y, euclidean.trim_magnitude(x, 0.4))
 
 
 # -- decoupled, and merge_models ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..device import to_output
 from ..errors import NumericalError
 from ..ops.decouple import DecoupleStats, RowSource, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.registry import get_euclidean, merge_iter
-from ..ops.streamed import streamed_method
+from ..ops.streamed import FreshTasks, streamed_method
 from ..plan.options import DecoupleOptions
 from ..report import ModuleStats
 
@@ -94,7 +94,7 @@ def merge_tensor(
 
     streamed = streamed_method(options.residual)
     if streamed is not None:  # several passes over the experts (re-read), one task vector at a time
-        merged = streamed(task_vectors, list(weights), base=base, generator=gen, **rkw)
+        merged = streamed(FreshTasks(task_vectors), list(weights), base=base, generator=gen, **rkw)
     else:
         fn = get_euclidean(options.residual)
         merged = merge_iter(fn, task_vectors(), list(weights), base=base, generator=gen, **rkw)

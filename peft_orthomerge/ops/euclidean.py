@@ -68,18 +68,22 @@ def relative_weights(weights: Sequence[float]) -> list[float]:
     return [len(weights) * float(x) for x in weights]
 
 
+def trim_magnitude_(x: torch.Tensor, density: float) -> torch.Tensor:
+    """`trim_magnitude` in place: ``x`` with all but its top ``k`` entries by magnitude set to 0."""
+    if density >= 1:
+        return x
+    flat = x.view(-1)
+    k = min(flat.numel(), max(1, int(density * flat.numel())))
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat.abs(), k=k, largest=True).indices] = True
+    return x.masked_fill_(keep.logical_not_().view(x.shape), 0)
+
+
 def trim_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
     """TIES' trim of one task vector: a new tensor keeping its top ``k = max(1, int(density * numel))``
     entries by magnitude (``torch.topk``, as PEFT's ``magnitude_based_pruning``, which keeps none when
-    ``density * numel < 1``), zeros elsewhere; ``x`` itself when ``density >= 1``."""
-    if density >= 1:
-        return x
-    flat = x.reshape(-1)
-    k = min(flat.numel(), max(1, int(density * flat.numel())))
-    index = torch.topk(flat.abs(), k=k, largest=True).indices
-    out = torch.zeros_like(flat)
-    out[index] = flat[index]  # = x * mask (but +0.0 where x * 0 gives -0.0), without a mask tensor
-    return out.view(x.shape)
+    ``density * numel < 1``), zeros (+0.0) elsewhere; ``x`` itself when ``density >= 1``."""
+    return x if density >= 1 else trim_magnitude_(x.clone(memory_format=torch.contiguous_format), density)
 
 
 def seeded_generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:

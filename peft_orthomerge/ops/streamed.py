@@ -12,6 +12,7 @@ with the same signature, except that ``task_vectors`` is a task source; results 
 in-memory methods to rounding (tested to 1e-10 relative):
 
 - ``ties``: pass 1 trims each task (`euclidean.trim_magnitude`: ``torch.topk`` on that task alone)
+  (in place for a `FreshTasks` source)
   and sums the weighted mass ``sum_i N w_i trim(tau_i)``, kept only as its sign; pass 2 trims again
   and accumulates the agreeing weighted entries and their count.
 - ``dare_ties``: the same two passes with the DARE drop instead of the trim; the masks are drawn
@@ -34,11 +35,29 @@ import torch
 
 from ..errors import ConfigError
 from . import streamed_fisher
-from .euclidean import DENSITY, DROP, dare_drop, relative_weights, seeded_generator, trim_magnitude
+from .euclidean import DENSITY, DROP, dare_drop, relative_weights, seeded_generator, trim_magnitude, trim_magnitude_
 from .procrustes import polar_svd
 
 TaskSource = Callable[[], Iterable[torch.Tensor]]
 Transform = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class FreshTasks:
+    """A task source whose every task vector is a new tensor, which the method may overwrite (the
+    callers' recomputed residuals and re-read task vectors): trims and weights then work in place."""
+
+    fresh = True  # read by `streamed_fisher` (which `streamed` imports)
+
+    def __init__(self, tasks: TaskSource) -> None:
+        self.tasks = tasks
+
+    def __call__(self) -> Iterable[torch.Tensor]:
+        return self.tasks()
+
+
+def is_fresh(tasks: TaskSource) -> bool:
+    """Whether ``tasks`` is a `FreshTasks` (its task vectors may be modified in place): its ``fresh`` attribute."""
+    return bool(getattr(tasks, "fresh", False))
 
 
 def each_task(tasks: TaskSource, count: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -54,9 +73,9 @@ def each_task(tasks: TaskSource, count: int) -> Iterator[tuple[int, torch.Tensor
         raise ConfigError(f"got {count} weights for {seen} task vectors")
 
 
-def _weighted(term: torch.Tensor, tau: torch.Tensor, weight: float) -> torch.Tensor:
-    """``weight * term``, in place where ``term`` is a new tensor (not the source's ``tau``)."""
-    return torch.mul(term, weight) if term is tau else term.mul_(weight)
+def _weighted(term: torch.Tensor, tau: torch.Tensor, weight: float, fresh: bool) -> torch.Tensor:
+    """``weight * term``, in place where ``term`` is a new tensor (not the source's ``tau``, unless ``fresh``)."""
+    return torch.mul(term, weight) if term is tau and not fresh else term.mul_(weight)
 
 
 def _sign_elect_mean(tasks: TaskSource, weights: Sequence[float], transform: Transform) -> torch.Tensor:
@@ -66,9 +85,10 @@ def _sign_elect_mean(tasks: TaskSource, weights: Sequence[float], transform: Tra
     entries (sign 0 never agrees) and their count. ``transform`` must give the same tensor on both
     passes and must not be modified in place (it may be the caller's task vector)."""
     rel = relative_weights(weights)
+    fresh = is_fresh(tasks)
     mass: torch.Tensor | None = None
     for i, tau in each_task(tasks, len(rel)):
-        term = _weighted(transform(i, tau), tau, rel[i])
+        term = _weighted(transform(i, tau), tau, rel[i], fresh)
         del tau
         mass = term if mass is None else mass.add_(term)
         del term
@@ -77,7 +97,7 @@ def _sign_elect_mean(tasks: TaskSource, weights: Sequence[float], transform: Tra
     total: torch.Tensor | None = None
     count = torch.zeros(positive.shape, dtype=torch.uint8 if len(rel) < 256 else torch.int32, device=positive.device)
     for i, tau in each_task(tasks, len(rel)):
-        term = _weighted(transform(i, tau), tau, rel[i])
+        term = _weighted(transform(i, tau), tau, rel[i], fresh)
         del tau
         agree = torch.where(positive, term > 0, term < 0)
         count.add_(agree)
@@ -98,7 +118,14 @@ def ties(
 ):
     """`euclidean.ties` on a task source (two passes; module docstring)."""
     density = DENSITY.check("density", density)
-    return _sign_elect_mean(task_vectors, weights, lambda i, tau: trim_magnitude(tau, density)).mul_(float(lam))
+    fresh = is_fresh(task_vectors)
+
+    def trim(i: int, tau: torch.Tensor) -> torch.Tensor:
+        if fresh and tau.is_contiguous():
+            return trim_magnitude_(tau, density)
+        return trim_magnitude(tau, density)
+
+    return _sign_elect_mean(task_vectors, weights, trim).mul_(float(lam))
 
 
 def dare_ties(

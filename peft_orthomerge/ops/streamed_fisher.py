@@ -27,11 +27,15 @@ from .weights import normalize_weights
 ANTIPODAL_HINT = "Change the weights or leave out one of the opposing experts."
 
 
-def _inputs(tasks, count: int, offset, dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(i, tau_i, v_i)`` with ``v_i`` flattened in ``dtype`` (plus ``offset``), one pass over ``tasks``."""
+def _inputs(
+    tasks, count: int, offset, dtype, inplace: bool = False
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(i, tau_i, v_i)`` with ``v_i`` flattened in ``dtype`` (plus ``offset``), one pass over ``tasks``;
+    with ``inplace`` (a `streamed.FreshTasks` source) ``v_i`` may overwrite ``tau_i``."""
     seen = 0
     for tau in tasks():
-        v = tau.reshape(-1).to(dtype, copy=True)
+        own = inplace and tau.dtype == dtype and tau.is_contiguous()
+        v = tau.view(-1) if own else tau.reshape(-1).to(dtype, copy=True)
         if offset is not None:
             v.add_(offset)
         yield seen, tau, v
@@ -67,7 +71,7 @@ def _norms(
 def _points(tasks, w, norms, offset, dtype) -> Iterator[tuple[float, torch.Tensor]]:
     """``(w_i, x_i)`` for the inputs with weight and norm > 0 (weights renormalised among them)."""
     total = sum(wi for wi, n in zip(w, norms) if wi > 0 and n > 0)
-    for i, _, v in _inputs(tasks, len(w), offset, dtype):
+    for i, _, v in _inputs(tasks, len(w), offset, dtype, inplace=getattr(tasks, "fresh", False)):
         if w[i] > 0 and norms[i] > 0:
             yield w[i] / total, v.div_(norms[i])
 

@@ -21,7 +21,7 @@ from ..closest_polar import RANK_RTOL
 from ..euclidean import ta_coefficients
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
-from ..streamed import streamed_method
+from ..streamed import FreshTasks, streamed_method
 from .paths import decoupling_path
 from .reduced import merge_ta_reduced
 from .rows import decouple_merge_ta_rows
@@ -196,7 +196,7 @@ def decouple_merge(
         return merge_iter(merge_fn, vectors(), weights, base=base, generator=generator, **kwargs)
 
     if target is None:
-        merged_tau = merge(lambda: (full(i) - base for i in range(count)))
+        merged_tau = merge(FreshTasks(lambda: (full(i) - base for i in range(count))))
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
@@ -210,7 +210,7 @@ def decouple_merge(
     def residuals() -> Iterator[torch.Tensor]:
         return passes.pop() if passes else _replay(base, full, rots)
 
-    return _merge_rotated(base, residuals, feed, skew, stats, merge, dtype), stats
+    return _merge_rotated(base, FreshTasks(residuals), feed, skew, stats, merge, dtype), stats
 
 
 def _merge_rotated(

@@ -180,12 +180,9 @@ def decouple_merge(
     def full(i: int) -> torch.Tensor:
         return experts[i].to(device=base.device, dtype=dtype)
 
-    # task arithmetic in the reduced basis never forms a residual (`merge_ta_reduced`)
-    fast_ta = path == "reduced"
-    if fast_ta:
-        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
     stats, mean = _first_pass(base, full, count, weights, target, name)
-    if fast_ta:
+    if path == "reduced":  # task arithmetic in the reduced basis never forms a residual
+        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
         return merge_ta_reduced(base, full, weights, coeffs, target, mean, stats, solver, rtol, name)
 
     streamed = streamed_method(residual)
@@ -205,12 +202,19 @@ def decouple_merge(
     rots: list | None = [] if streamed is not None else None  # kept for the later passes
     first = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name, rots)
     del mean  # the residual stream holds it while it runs
+    return _merge_rotated(base, _passes(first, base, full, rots), feed, skew, stats, merge, dtype), stats
+
+
+def _passes(
+    first: Iterator[torch.Tensor], base: torch.Tensor, full: Callable[[int], torch.Tensor], rots
+) -> FreshTasks:
+    """The residual source: ``first`` (`_residuals`, which fills ``rots``) on the first call, `_replay` after."""
     passes = [first]
 
     def residuals() -> Iterator[torch.Tensor]:
         return passes.pop() if passes else _replay(base, full, rots)
 
-    return _merge_rotated(base, FreshTasks(residuals), feed, skew, stats, merge, dtype), stats
+    return FreshTasks(residuals)
 
 
 def _merge_rotated(

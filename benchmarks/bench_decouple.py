@@ -274,10 +274,11 @@ def _child(args: dict) -> dict:
     }
 
 
-def bench_memory(quick: bool, residuals: Sequence[str] | None = None) -> list[dict]:
+def bench_memory(quick: bool, residuals: Sequence[str] | None = None, echo: bool = False) -> list[dict]:
     """Peak RSS of `merge_models` (base + experts, bf16) in a fresh child, above its footprint after imports.
 
-    ``residuals``: the residual methods to measure (default ``ta``, and ``ties`` in the full run)."""
+    ``residuals``: the residual methods to measure (default ``ta``, and ``ties`` in the full run);
+    ``echo``: print each row as soon as it is measured."""
     experts = 2 if quick else 5
     if residuals is None:
         residuals = ("ta",) if quick else ("ta", "ties")
@@ -310,7 +311,16 @@ def bench_memory(quick: bool, residuals: Sequence[str] | None = None) -> list[di
                     f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB, file-backed {res['file_mb']:.0f} MB; {res['seconds']:.1f} s",
                 )
             )
+            if echo:
+                _print_row(rows[-1])
     return rows
+
+
+def _print_row(row: dict) -> None:
+    print(
+        f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}",
+        flush=True,
+    )
 
 
 def run(quick: bool = True) -> list[dict]:
@@ -323,11 +333,8 @@ if __name__ == "__main__":
         print(json.dumps(_child(json.loads(sys.argv[2]))))
         sys.exit(0)
     chosen = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--residuals=")]
-    if "--memory-only" in sys.argv:
-        rows = bench_memory("--quick" in sys.argv, chosen[0] if chosen else None)
+    if "--memory-only" in sys.argv:  # rows printed as they are measured
+        bench_memory("--quick" in sys.argv, chosen[0] if chosen else None, echo=True)
     else:
-        rows = run(quick="--quick" in sys.argv)
-    for row in rows:
-        print(
-            f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}"
-        )
+        for row in run(quick="--quick" in sys.argv):
+            _print_row(row)

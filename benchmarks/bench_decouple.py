@@ -23,7 +23,8 @@ Rows:
   process's peak RSS (``VmHWM``, file pages included) above its RSS after imports (MB),
   ``ratio`` = ours / baseline (goal < 1.5). Notes add the peak anonymous memory and the time.
 
-Run: ``python benchmarks/bench_decouple.py [--quick]`` (one thread).
+Run: ``python benchmarks/bench_decouple.py [--quick] [--memory-only] [--residuals=ta,ties,...]`` (one
+thread); ``--memory-only`` skips the timing rows, ``--residuals`` chooses the methods measured.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -272,14 +274,19 @@ def _child(args: dict) -> dict:
     }
 
 
-def bench_memory(quick: bool) -> list[dict]:
-    """Peak RSS of `merge_models` (base + experts, bf16) in a fresh child, above its footprint after imports."""
+def bench_memory(quick: bool, residuals: Sequence[str] | None = None, echo: bool = False) -> list[dict]:
+    """Peak RSS of `merge_models` (base + experts, bf16) in a fresh child, above its footprint after imports.
+
+    ``residuals``: the residual methods to measure (default ``ta``, and ``ties`` in the full run);
+    ``echo``: print each row as soon as it is measured."""
     experts = 2 if quick else 5
+    if residuals is None:
+        residuals = ("ta",) if quick else ("ta", "ties")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-decouple-") as tmp:
         base, tuned, size = _write_checkpoints(Path(tmp), quick, experts)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        for residual in ("ta",) if quick else ("ta", "ties"):
+        for residual in residuals:
             args = {
                 "base": str(base),
                 "experts": [str(e) for e in tuned],
@@ -304,7 +311,16 @@ def bench_memory(quick: bool) -> list[dict]:
                     f"(file pages included); peak anonymous {res['anon_mb']:.0f} MB, file-backed {res['file_mb']:.0f} MB; {res['seconds']:.1f} s",
                 )
             )
+            if echo:
+                _print_row(rows[-1])
     return rows
+
+
+def _print_row(row: dict) -> None:
+    print(
+        f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}",
+        flush=True,
+    )
 
 
 def run(quick: bool = True) -> list[dict]:
@@ -316,8 +332,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         print(json.dumps(_child(json.loads(sys.argv[2]))))
         sys.exit(0)
-    rows = run(quick="--quick" in sys.argv)
-    for row in rows:
-        print(
-            f"{row['name']:<70} baseline {row['baseline']:10.3f} ours {row['ours']:10.3f} ratio {row['ratio']:7.2f}  {row['notes']}"
-        )
+    chosen = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--residuals=")]
+    if "--memory-only" in sys.argv:  # rows printed as they are measured
+        bench_memory("--quick" in sys.argv, chosen[0] if chosen else None, echo=True)
+    else:
+        for row in run(quick="--quick" in sys.argv):
+            _print_row(row)

@@ -18,6 +18,7 @@ from ..device import to_output
 from ..errors import NumericalError
 from ..ops.decouple import DecoupleStats, RowSource, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
 from ..ops.registry import get_euclidean, merge_iter
+from ..ops.streamed import FreshTasks, streamed_method
 from ..plan.options import DecoupleOptions
 from ..report import ModuleStats
 
@@ -60,7 +61,8 @@ def merge_tensor(
     ``w0`` and ``experts`` stay in their storage dtype until used: each expert is converted when
     its turn comes. Off the decoupled path a linear residual method (`registry.merge_iter`)
     accumulates the task vectors one at a time, so only the base, the accumulator and one task
-    vector are alive in the compute dtype.
+    vector are alive in the compute dtype; a method with a streamed form (`ops.streamed`) makes
+    several passes over ``experts`` (each expert converted again, one at a time).
     """
     dtype = options.dtype if dtype is None else dtype
     gen = options.generator(name, device)
@@ -82,14 +84,20 @@ def merge_tensor(
     stats = DecoupleStats(solver="none")
 
     def task_vectors():
+        record = not stats.task_vector_norms  # the first pass only
         for expert in experts:
             tau = expert.to(device=device, dtype=dtype, copy=True).sub_(base)  # one new tensor per expert
-            stats.task_vector_norms.append(float(torch.linalg.vector_norm(tau)))
+            if record:
+                stats.task_vector_norms.append(float(torch.linalg.vector_norm(tau)))
             yield tau
             del tau
 
-    fn = get_euclidean(options.residual)
-    merged = merge_iter(fn, task_vectors(), list(weights), base=base, generator=gen, **rkw)
+    streamed = streamed_method(options.residual)
+    if streamed is not None:  # several passes over the experts (re-read), one task vector at a time
+        merged = streamed(FreshTasks(task_vectors), list(weights), base=base, generator=gen, **rkw)
+    else:
+        fn = get_euclidean(options.residual)
+        merged = merge_iter(fn, task_vectors(), list(weights), base=base, generator=gen, **rkw)
     return merged.to(dtype).add_(base), stats
 
 

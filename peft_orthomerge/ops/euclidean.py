@@ -15,9 +15,9 @@ Defaults (the paper's setup):
 
 - ``"ta"``: ``lam * sum_i (N w_i) tau_i``; ``lam`` defaults to ``1/N``, i.e. the weighted mean
   ``sum_i w_i tau_i``. With uniform weights ``lam = L`` gives ``L * sum_i tau_i``.
-- ``"ties"``: trim each ``tau_i`` to its top ``density`` (0.2) fraction by magnitude, elect the
-  sign per entry by summed (weighted) mass, average the entries agreeing with it (disjoint mean),
-  times ``lam`` (1.0).
+- ``"ties"``: trim each ``tau_i`` to its top ``density`` (0.2) fraction by magnitude (at least one
+  entry per task), elect the sign per entry by summed (weighted) mass, average the entries
+  agreeing with it (disjoint mean), times ``lam`` (1.0). See `ties` for how weights enter.
 - ``"dare_ta"`` / ``"dare_ties"``: drop each entry with probability ``p`` (0.5), rescale the
   survivors by ``1/(1-p)``, then TA (``lam`` default ``1/N``) or TIES' sign election and disjoint
   mean (no magnitude trim; ``lam`` 1.0). Seeded: ``generator``, else ``torch.Generator`` seeded
@@ -25,13 +25,15 @@ Defaults (the paper's setup):
 - ``"tsvm"`` (TSV-M): per matrix ``(m, n)`` each task keeps its top ``k = max(1, min(m, n) // N)``
   singular triplets (singular values scaled by ``N w_i``); the concatenated ``U`` and ``V`` are
   replaced by their polar factors; merged ``= lam * U diag(S) V^T`` with ``lam`` 1.0. 1-D (and
-  other non-matrix) tensors fall back to the weighted mean.
+  other non-matrix) tensors fall back to ``lam`` times the weighted mean.
 
 ``"ta"`` and ``"dare_ta"`` are registered ``linear``: they accept any iterable of task vectors
 and consume it one at a time (see `registry.merge_iter`); the others stack their inputs.
 
-Magnitude trimming reuses PEFT's `peft.utils.merge_utils.magnitude_based_pruning`; sign election
-and disjoint mean follow PEFT's helpers, written task by task (`_sign_elect_mean`).
+Magnitude trimming (`trim_magnitude`) is PEFT's `peft.utils.merge_utils.magnitude_based_pruning`
+(top-k by ``torch.topk``) except that it keeps at least one entry; sign election and disjoint mean
+follow PEFT's helpers, written task by task (`_sign_elect_mean`). `ops.streamed` has the same
+methods with one task vector alive at a time.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from collections.abc import Iterable, Sequence
 from typing import Annotated
 
 import torch
-from peft.utils.merge_utils import magnitude_based_pruning
 
 from ..errors import ConfigError
 from .procrustes import polar_svd
@@ -62,7 +63,31 @@ def _stack(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return torch.stack(list(task_vectors))
 
 
-def _generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
+def relative_weights(weights: Sequence[float]) -> list[float]:
+    """The relative weights ``N w_i`` (mean 1) as Python floats."""
+    return [len(weights) * float(x) for x in weights]
+
+
+def trim_magnitude_(x: torch.Tensor, density: float) -> torch.Tensor:
+    """`trim_magnitude` in place: ``x`` with all but its top ``k`` entries by magnitude set to 0."""
+    if density >= 1:
+        return x
+    flat = x.view(-1)
+    k = min(flat.numel(), max(1, int(density * flat.numel())))
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat.abs(), k=k, largest=True).indices] = True
+    return x.masked_fill_(keep.logical_not_().view(x.shape), 0)
+
+
+def trim_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim of one task vector: a new tensor keeping its top ``k = max(1, int(density * numel))``
+    entries by magnitude (``torch.topk``, as PEFT's ``magnitude_based_pruning``, which keeps none when
+    ``density * numel < 1``), zeros (+0.0) elsewhere; ``x`` itself when ``density >= 1``."""
+    return x if density >= 1 else trim_magnitude_(x.clone(memory_format=torch.contiguous_format), density)
+
+
+def seeded_generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
+    """``generator``, else a new ``torch.Generator`` on ``device`` seeded with ``seed``."""
     if generator is not None:
         return generator
     return torch.Generator(device=device).manual_seed(int(seed))
@@ -137,16 +162,27 @@ def ties(
     density: Annotated[float, DENSITY] = 0.2,
     lam: float = 1.0,
 ):
-    """TIES, per tensor: top-``density`` magnitude trim per task (0.2), sign election, disjoint mean, ``lam`` (1.0)."""
+    """TIES, per tensor: top-``density`` magnitude trim per task (0.2), sign election, disjoint mean, ``lam`` (1.0).
+
+    Trim: each task keeps its top ``max(1, int(density * numel))`` entries by magnitude
+    (`trim_magnitude`; at least one, also where ``density * numel < 1``). Weights: each trimmed
+    ``tau_i`` is multiplied by its relative weight ``N w_i`` first; the sign per entry is that of
+    ``sum_i N w_i trim(tau_i)`` (ties to +), and the disjoint mean averages the *weighted* entries
+    ``N w_i trim(tau_i)`` whose sign agrees, dividing by their count. Uniform weights give PEFT's
+    and the paper's TIES. Differences: PEFT's ``ties`` elects the sign on the unweighted trimmed
+    tensors and weights only the mean (``sum w_i t_i / count``, not rescaled to mean 1);
+    mergekit's divides the weighted sum of agreeing entries by the sum of their weights
+    (``sum_agree w_i t_i / sum_agree w_i``) instead of their count.
+    """
     density = DENSITY.check("density", density)
     stack = _stack(task_vectors, weights)
     if density < 1:
         for i in range(stack.shape[0]):  # in place, one task at a time
-            stack[i] = magnitude_based_pruning(stack[i], density)
+            stack[i] = trim_magnitude(stack[i], density)
     return float(lam) * _sign_elect_mean(stack, weights)
 
 
-def _drop(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+def dare_drop(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """DARE on one task vector ``x``: keep each entry with probability ``1 - p``, rescale by ``1/(1-p)``."""
     keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float64) >= p
     return x * keep.to(x.dtype) / (1.0 - p)
@@ -157,9 +193,9 @@ def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None,
     p = DROP.check("p", p)
     if p == 0:
         return stack
-    gen = _generator(generator, seed, stack.device)
+    gen = seeded_generator(generator, seed, stack.device)
     for i in range(stack.shape[0]):
-        stack[i] = _drop(stack[i], p, gen)
+        stack[i] = dare_drop(stack[i], p, gen)
     return stack
 
 
@@ -187,8 +223,8 @@ def dare_ta(
         if p == 0:
             return tau
         if not gen:
-            gen.append(_generator(generator, seed, tau.device))
-        return _drop(tau, p, gen[0])
+            gen.append(seeded_generator(generator, seed, tau.device))
+        return dare_drop(tau, p, gen[0])
 
     return _weighted_sum(task_vectors, weights, drop).mul_(lam)
 
@@ -213,11 +249,11 @@ def dare_ties(
 def tsvm(task_vectors, weights, *, base=None, generator=None, lam: float = 1.0):
     """TSV-M, per matrix: top ``min(m,n)//N`` triplets per task, polar-orthogonalised U and V, ``lam`` (1.0).
 
-    Non-matrix tensors: weighted mean.
+    Non-matrix tensors: ``lam`` times the weighted mean.
     """
     stack = _stack(task_vectors, weights)
     if stack.dim() != 3:
-        return (stack * (_relative(weights, stack) / len(weights))).sum(0)
+        return float(lam) * (stack * (_relative(weights, stack) / len(weights))).sum(0)
     count, rows, cols = stack.shape
     k = max(1, min(rows, cols) // count)
     u, s, vh = torch.linalg.svd(stack, full_matrices=False)

@@ -69,7 +69,7 @@ _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 POSITIVE = Range(low=0.0, low_open=True)
 
 
-def _log_coefficients(m: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def log_coefficients(m: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosines ``c_i = <m, x_i>``, angles ``theta_i`` and ``theta_i / sin(theta_i)``.
 
     ``Log_m(x_i) = ratio_i (x_i - c_i m)``. The ratio is flat in ``c`` near ``c = 1`` (its error
@@ -80,7 +80,13 @@ def _log_coefficients(m: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tens
     return cos, torch.acos(cos), angle_over_sin(cos)
 
 
-def _sphere_exp(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def default_tol(dtype: torch.dtype) -> float:
+    """The default ``tol`` of the Karcher iteration: 1e-10 in float64, 1e-5 otherwise."""
+    return _DEFAULT_TOL.get(dtype, 1e-5)
+
+
+def sphere_exp(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``Exp_m(g)`` on the unit sphere (renormalised)."""
     norm = torch.linalg.vector_norm(g)
     out = torch.cos(norm) * m + (torch.sin(norm) / norm) * g
     return out / torch.linalg.vector_norm(out)
@@ -113,7 +119,7 @@ def spherical_karcher_mean(
             no convergence within ``max_iter`` steps.
     """
     if tol is None:
-        tol = _DEFAULT_TOL.get(points.dtype, 1e-5)
+        tol = default_tol(points.dtype)
     if not tol > 0 or max_iter < 1:
         raise ConfigError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     w = torch.as_tensor(weights, dtype=points.dtype, device=points.device)
@@ -129,7 +135,7 @@ def spherical_karcher_mean(
     if points.shape[0] == 1:
         return m
 
-    cos, theta, ratio = _log_coefficients(m, points)
+    cos, theta, ratio = log_coefficients(m, points)
     for _ in range(max_iter):
         if float(theta.max()) > math.pi - antipodal_tol:
             raise NumericalError(
@@ -142,8 +148,8 @@ def spherical_karcher_mean(
         g_norm = float(torch.linalg.vector_norm(g))
         if g_norm < tol:
             return m
-        m = _sphere_exp(m, g)
-        cos, theta, ratio = _log_coefficients(m, points)
+        m = sphere_exp(m, g)
+        cos, theta, ratio = log_coefficients(m, points)
     raise NumericalError(
         f"spherical Karcher mean did not converge in {max_iter} iterations (tangent update norm {g_norm:.3g}, tol {tol:g})",
         hint="Raise max_iter or tol; inputs spread over more than a hemisphere have no unique mean.",

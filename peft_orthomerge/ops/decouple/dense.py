@@ -21,6 +21,7 @@ from ..closest_polar import RANK_RTOL
 from ..euclidean import ta_coefficients
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
+from ..streamed import FreshTasks, streamed_method
 from .paths import decoupling_path
 from .reduced import merge_ta_reduced
 from .rows import decouple_merge_ta_rows
@@ -76,9 +77,11 @@ def _residuals(
     feed: tuple[list[torch.Tensor], Iterator],
     skew: SkewSum,
     name: str | None,
+    rots: list | None = None,
 ) -> Iterator[torch.Tensor]:
     """``rho_i = W_i - W0 @ P_i`` in expert order (``rho_i = tau_i`` where the target is the
-    base: ``P_i = I``); one expert's rotation, basis and full weight are alive at a time."""
+    base: ``P_i = I``); one expert's rotation, basis and full weight are alive at a time. With
+    ``rots`` (a list) each rotation (``None`` for ``P_i = I``) is appended to it, for `_replay`."""
     pending, solved = feed
     for i in range(count):
         f = full(i)
@@ -89,17 +92,36 @@ def _residuals(
         if torch.equal(t, base):
             del t
             rho = f - base
+            if rots is not None:
+                rots.append(None)
         else:
             pending.append(t)
             del t  # iter_procrustes drops it before yielding
             rot, info = next(solved)
             stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
             rho = rot.rotate_base(base)
+            if rots is not None:
+                rots.append(rot)
             del rot
             stats.orth_part_norms[i] = diff_norm(rho, base)
             rho.neg_().add_(f)  # W_i - W0 @ P_i, in place (the same rounding as f - rotated)
         del f
         stats.residual_norms.append(float(torch.linalg.matrix_norm(rho)))
+        yield rho
+        del rho
+
+
+def _replay(base: torch.Tensor, full: Callable[[int], torch.Tensor], rots: list) -> Iterator[torch.Tensor]:
+    """The residuals of `_residuals` again, from its kept rotations ``rots`` (no solve, no
+    statistics): the same operations on the same inputs, so the same values."""
+    for i, rot in enumerate(rots):
+        f = full(i)
+        if rot is None:
+            rho = f - base
+        else:
+            rho = rot.rotate_base(base)
+            rho.neg_().add_(f)
+        del f
         yield rho
         del rho
 
@@ -137,7 +159,11 @@ def decouple_merge(
     turn comes and dropped after. The residuals are produced one at a time and handed to the
     Euclidean method through `registry.merge_iter`: a linear method (``ta``, ``dare_ta``) keeps a
     running sum, so only the base, the accumulator and one expert's temporaries are alive in
-    ``dtype``; any other method gets the residuals as a list.
+    ``dtype``. A method with a streamed form (`ops.streamed`: ``ties``, ``dare_ties``, ``tsvm``,
+    ``fisher_rao``) makes several passes: the first solves and keeps each rotation (``in x in`` or
+    its reduced factors), the later ones recompute ``rho_i = W_i - W0 @ P_i`` from it and the
+    expert (re-read), so besides the base, the rotations and the method's accumulators only one
+    residual is alive. Any other method gets the residuals as a list.
     """
     _check_inputs(w0, experts, weights, target, solver, name)
     path = decoupling_path(w0.shape, target, residual, residual_kwargs)
@@ -154,40 +180,54 @@ def decouple_merge(
     def full(i: int) -> torch.Tensor:
         return experts[i].to(device=base.device, dtype=dtype)
 
-    # task arithmetic in the reduced basis never forms a residual (`merge_ta_reduced`)
-    fast_ta = path == "reduced"
-    if fast_ta:
-        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
     stats, mean = _first_pass(base, full, count, weights, target, name)
-    if fast_ta:
+    if path == "reduced":  # task arithmetic in the reduced basis never forms a residual
+        coeffs = ta_coefficients(weights, kwargs.get("lam"))  # merged residual = sum_i c_i rho_i
         return merge_ta_reduced(base, full, weights, coeffs, target, mean, stats, solver, rtol, name)
 
-    def merge(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
-        return merge_iter(merge_fn, vectors, weights, base=base, generator=generator, **kwargs)
+    streamed = streamed_method(residual)
+
+    def merge(vectors: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
+        if streamed is not None:  # several passes, each recomputing the residuals
+            return streamed(vectors, weights, base=base, generator=generator, **kwargs)
+        return merge_iter(merge_fn, vectors(), weights, base=base, generator=generator, **kwargs)
 
     if target is None:
-        merged_tau = merge(full(i) - base for i in range(count))
+        merged_tau = merge(FreshTasks(lambda: (full(i) - base for i in range(count))))
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
     feed, skew = solver_feed(base, solver, rtol), SkewSum()
     stats.skew_norms, stats.orth_part_norms = [0.0] * count, [0.0] * count
-    residuals = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name)
+    rots: list | None = [] if streamed is not None else None  # kept for the later passes
+    first = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name, rots)
     del mean  # the residual stream holds it while it runs
-    return _merge_rotated(base, residuals, feed, skew, stats, merge, dtype), stats
+    return _merge_rotated(base, _passes(first, base, full, rots), feed, skew, stats, merge, dtype), stats
+
+
+def _passes(
+    first: Iterator[torch.Tensor], base: torch.Tensor, full: Callable[[int], torch.Tensor], rots
+) -> FreshTasks:
+    """The residual source: ``first`` (`_residuals`, which fills ``rots``) on the first call, `_replay` after."""
+    passes = [first]
+
+    def residuals() -> Iterator[torch.Tensor]:
+        return passes.pop() if passes else _replay(base, full, rots)
+
+    return FreshTasks(residuals)
 
 
 def _merge_rotated(
     base: torch.Tensor,
-    residuals: Iterator[torch.Tensor],
+    residuals: Callable[[], Iterator[torch.Tensor]],
     feed: tuple[list[torch.Tensor], Iterator],
     skew: SkewSum,
     stats: DecoupleStats,
-    merge: Callable[[Iterable[torch.Tensor]], torch.Tensor],
+    merge: Callable[[Callable[[], Iterable[torch.Tensor]]], torch.Tensor],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``W0 @ P + merge(rho_i)``: Procrustes solves one target at a time (``feed``), when the
-    residual stream ``residuals`` (`_residuals`) handed to ``merge`` asks for it."""
+    """``W0 @ P + merge(rho_i)``: Procrustes solves one target at a time (``feed``), when the first
+    residual stream of ``residuals`` (`_residuals`, then `_replay`) handed to ``merge`` asks for it."""
     rho = merge(residuals).to(dtype)
     feed[1].close()  # drops the shared QR of W0^T
     del residuals, feed

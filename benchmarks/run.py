@@ -28,7 +28,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))  # the checkout's peft_orthomerge, installed or not
-KNOWN = ("bench_oft", "bench_decouple", "bench_polar", "bench_real_weights", "bench_scale", "bench_reader")
+KNOWN = (
+    "bench_oft",
+    "bench_decouple",
+    "bench_polar",
+    "bench_real_weights",
+    "bench_smollm2",
+    "bench_scale",
+    "bench_reader",
+)
 ROW_KEYS = ("name", "baseline", "ours", "ratio", "notes")
 
 

@@ -68,9 +68,9 @@ def test_runner_reports_failures_by_name(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 1
     assert "FAILED bench_polar: RuntimeError: broken benchmark" in printed
-    assert "not present: bench_decouple, bench_real_weights, bench_scale, bench_reader" in printed
+    assert "not present: bench_decouple, bench_real_weights, bench_smollm2, bench_scale, bench_reader" in printed
     data = json.loads(out.read_text())
-    assert data["missing"] == ["bench_decouple", "bench_real_weights", "bench_scale", "bench_reader"]
+    assert data["missing"] == ["bench_decouple", "bench_real_weights", "bench_smollm2", "bench_scale", "bench_reader"]
 
     (tmp_path / "bench_polar.py").unlink()
     (tmp_path / "bench_zz_nan.py").unlink()
@@ -85,12 +85,24 @@ def test_runner_rejects_malformed_rows():
             run.check_rows("bench_x", bad)
 
 
+def _require_smollm2() -> None:
+    """Build (or find) the cached SmolLM2 base of the quick run; skip only when its wheel cannot be had."""
+    from benchmarks.real_model import RegistryUnavailable, smollm2_dir
+
+    try:
+        smollm2_dir(num_hidden_layers=2)
+    except RegistryUnavailable as exc:
+        pytest.skip(f"SmolLM2 wheel unavailable: {exc}")
+
+
 PRESENT = [p.stem for p in sorted(BENCH.glob("bench_*.py"))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", PRESENT)
 def test_quick_benchmark_runs_and_is_finite(module, tmp_path):
+    if module == "bench_smollm2":
+        _require_smollm2()
     out = tmp_path / "rows.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "2"

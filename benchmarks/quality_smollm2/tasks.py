@@ -51,6 +51,7 @@ WORDS = [
     "mirror",
 ]
 TASKS = ("add", "reverse", "sort", "upper", "count")
+REPLICA_TASKS = ("add", "reverse", "sort", "upper")  # the trained set: `count` is left out (see RESULTS.md)
 SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
 
 

@@ -52,6 +52,11 @@ def _resolve_ref(ref: str, base_dir: Path, *, what: str) -> str:
 def _output_path(recipe, out: str | os.PathLike | None) -> Path:
     if out is not None:
         return Path(out).expanduser().resolve()
+    if recipe.origin == "mergekit":
+        raise ConfigError(
+            "a mergekit config names no output directory",
+            hint="Pass --out DIR (out= in Python), as mergekit-yaml's OUT.",
+        )
     raw = Path(recipe.output.path).expanduser()
     if raw.is_absolute() or ".." in Path(recipe.output.path).parts:
         resolved = (recipe.base_dir / raw).resolve()

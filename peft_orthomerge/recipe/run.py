@@ -75,6 +75,8 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
         f"# Written by peft-orthomerge {__version__}. Inputs are resolved to absolute paths or Hub ids.\n"
         f"# Reproduce with: peft-orthomerge merge {RECIPE_FILE} --out NEW_DIR\n"
     )
+    if plan.recipe.origin == "mergekit":
+        header += "# Translated from a mergekit config (peft_orthomerge.recipe.mergekit).\n"
     sources = [*plan.inputs, *([plan.base_model] if plan.base_model else [])]
     ctx = process_context(plan.device)
     everywhere = runs_on_every_rank(plan)

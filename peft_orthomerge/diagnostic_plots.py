@@ -120,29 +120,55 @@ def _decoupled_norms(plt: Any, data: dict[str, Any]):
 
 
 def _drift_from_base(plt: Any, data: dict[str, Any]):
+    """Spectral-norm and HE drift per layer and, for OFT outputs, the measured orthogonality error
+    of the applied rotations beside them (an exact rotation leaves the drift at 0; PEFT's Neumann
+    series does not: the error says how far from 0 to expect)."""
     if not data.get("drift"):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     indexed = any(row["layer"] is not None for row in data["drift"])
     for i, row in enumerate(data["drift"]):
         if row["layer"] is None and indexed:
             continue  # not part of a layer; listed in report.json
         by_type[row["type"]].append({**row, "x": i if row["layer"] is None else row["layer"]})
+    errors = [r["orthogonality_error"] for r in data["drift"] if r.get("orthogonality_error") is not None]
+    fig, axes = plt.subplots(1, 3 if errors else 2, figsize=(16 if errors else 11, 4))
     for mtype, rows in by_type.items():
         xs = [r["x"] for r in rows]
         axes[0].plot(xs, [r["spectral_norm_rel_change"] for r in rows], marker="o", label=mtype)
         axes[1].plot(xs, [r["he_rel_change"] for r in rows], marker="o", label=mtype)
+        if errors:
+            axes[2].plot(xs, [max(r["orthogonality_error"], 1e-17) for r in rows], marker="o", label=mtype)
     axes[0].set(
         title="Spectral norm: change from base", xlabel="layer", ylabel="relative change (s1(W) - s1(W0)) / s1(W0)"
     )
     axes[1].set(title="Hyperspherical energy: change from base", xlabel="layer", ylabel="relative change of HE")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if errors:
+        axes[2].set(
+            title="Orthogonality error of the applied rotations",
+            xlabel="layer",
+            ylabel="max over blocks of ||R^T R - I||_F",
+            yscale="log",
+        )
+    xs = sorted({r["x"] for rows in by_type.values() for r in rows})
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xticks(xs if len(xs) <= 12 else xs[:: max(1, len(xs) // 12)])
+        if len(xs) == 1:  # one layer: a readable range around it, not a degenerate one
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
     axes[0].legend(fontsize=8, ncol=2)
-    fig.suptitle("How far the merged weights moved from the base (orthogonal merges: 0 up to rounding)", fontsize=10)
+    if errors:
+        worst = max(errors)
+        note = (
+            f"a rotation leaves both at 0 only if exactly orthogonal; measured orthogonality error up to {worst:.1e}"
+            + (" (Cayley-Neumann series; cayley='exact' gives exact rotations)" if worst > 1e-10 else "")
+        )
+    else:
+        note = "decoupled and Euclidean merges change both; an exact rotation of the input side would not"
+    fig.suptitle(f"How far the merged weights moved from the base\n({note})", fontsize=9)
     return fig
 
 

@@ -16,7 +16,10 @@ Computed when the inputs / base model recorded with the merge are reachable:
   ``HE(W) = sum_{i != j} 1 / ||w_i/|w_i| - w_j/|w_j|||`` over the rows (neurons, torch layout
   ``(out, in)``; at most `HE_MAX_ROWS` rows, the same rows for ``W`` and ``W0``). Rotating the
   input side (``W0 @ R^T`` with orthogonal ``R``) leaves both unchanged, so an exact-Cayley OFT
-  merge shows zero up to rounding, the Neumann series its truncation error.
+  merge shows zero up to rounding. PEFT's default Cayley-Neumann series (``use_cayley_neumann``)
+  is not exactly orthogonal: for OFT outputs each row also records ``orthogonality_error``, the
+  largest ``||R_k^T R_k - I||_F`` over the blocks of the rotation the output applies (``None`` for
+  outputs that are not rotations of the base), and the plot shows it beside the drift.
 
 Plots (`peft_orthomerge.diagnostic_plots`) need matplotlib (``pip install 'peft-orthomerge[plots]'``);
 they are drawn on plain figures (Agg), without pyplot, so the process's matplotlib backend is left alone.
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, OrthoMergeError
+from .ops.orthogonality import max_orthogonality_error
 from .progress import progress
 from .report import REPORT_FILE, MergeReport, ModuleStats
 from .sinks.output import atomic_output_dir
@@ -161,7 +165,8 @@ def drift(base: torch.Tensor, merged: torch.Tensor) -> dict[str, float]:
 
 
 def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
-    """Yield ``(tensor name, merged weight)`` for the merged 2-D weights of the output."""
+    """Yield ``(tensor name, merged weight loader, orthogonality error)`` for the merged 2-D weights of
+    the output; the error (``max_k ||R_k^T R_k - I||_F`` of the blocks applied) only for OFT adapters."""
     if (output_dir / "adapter_config.json").is_file():
         config = read_json_object(output_dir / "adapter_config.json", what="adapter config")
         peft_type = str(config.get("peft_type", "")).upper()
@@ -182,6 +187,7 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
                         lambda key=key, rotation=rotation, kind=mod.kind: fold_weight(
                             base.get(key), rotation, kind, name=key
                         ),
+                        max_orthogonality_error(rotation),
                     )
             return
         if peft_type == "LORA":
@@ -197,13 +203,14 @@ def _merged_weights(output_dir: Path, report: MergeReport, base: TensorReader):
                         lambda key=key, name=name: adapter.expert_weight(
                             name, base.get(key).double(), fan_in_fan_out=fan_in_fan_out
                         ),
+                        None,
                     )
             return
         raise InputError(f"unsupported adapter type {config.get('peft_type')!r}", path=output_dir)
     merged = TensorReader.from_dir(output_dir, "model")
     for key in merged.keys():
         if key in base and len(base.shape(key)) == 2 and base.shape(key) == merged.shape(key):
-            yield key, lambda key=key: merged.get(key)
+            yield key, lambda key=key: merged.get(key), None
 
 
 def drift_stats(output_dir: Path, report: MergeReport, base: TensorReader) -> list[dict[str, Any]]:
@@ -212,9 +219,11 @@ def drift_stats(output_dir: Path, report: MergeReport, base: TensorReader) -> li
         idx = torch.linspace(0, len(items) - 1, MAX_DRIFT_MATRICES).round().long().tolist()
         items = [items[i] for i in sorted(set(idx))]
     out = []
-    for key, load in progress(items, desc="drift from base", unit="matrix"):
+    for key, load, ortho in progress(items, desc="drift from base", unit="matrix"):
         layer, mtype = layer_and_type(key)
-        out.append({"name": key, "layer": layer, "type": mtype, **drift(base.get(key), load())})
+        out.append(
+            {"name": key, "layer": layer, "type": mtype, **drift(base.get(key), load()), "orthogonality_error": ortho}
+        )
     return out
 
 

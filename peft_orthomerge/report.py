@@ -51,6 +51,7 @@ class MergeReport:
         warnings: anything the user should know (converted conventions, fallbacks).
         notes: how the output differs in form from its inputs (stored dtype, flags written
             differently), without changing what it computes.
+        revisions: Hub reference (input or base, as given) -> the commit hash it resolved to.
     """
 
     kind: str
@@ -63,6 +64,7 @@ class MergeReport:
     passthrough: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    revisions: dict[str, str] = field(default_factory=dict)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

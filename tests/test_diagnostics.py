@@ -178,3 +178,20 @@ def test_spectral_norm_power_iteration(monkeypatch):
     assert diag.spectral_norm(w) == pytest.approx(5.0, rel=1e-5)
     r, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
     assert abs(diag.drift(w, w @ r.T)["spectral_norm_rel_change"]) < 1e-6
+
+
+def test_drift_plot_shows_orthogonality_error_and_one_layer_axes(tmp_path):
+    """Neumann rotations are not exactly orthogonal: the drift plot shows the measured error, and a
+    single layer gets a readable x range."""
+    from peft_orthomerge.diagnostic_plots import PLOTS, require_matplotlib
+
+    rows = [
+        {"layer": 3, "type": t, "spectral_norm_rel_change": -1e-4, "he_rel_change": 1e-6, "orthogonality_error": e}
+        for t, e in (("q", 1e-2), ("v", 2e-3))
+    ]
+    fig = PLOTS["drift_from_base.png"](require_matplotlib(), {"drift": rows})
+    axes = fig.get_axes()
+    assert len(axes) == 3 and axes[2].get_yscale() == "log"
+    assert all(ax.get_xlim() == (2.0, 4.0) for ax in axes)
+    title = fig.get_suptitle()
+    assert "up to rounding" not in title and "1.0e-02" in title and "cayley='exact'" in title

@@ -57,7 +57,12 @@ Space = Literal["tensor", "skew", "rotation"]
 FAMILIES: tuple[str, ...] = ("rotation", "euclidean")
 
 CONTEXT_ARGS = frozenset({"base", "generator", "norms"})  # keyword arguments the caller supplies
-PROVIDERS = ("peft_orthomerge.ops.so_merge", "peft_orthomerge.ops.euclidean", "peft_orthomerge.ops.fisher_rao")
+PROVIDERS = (
+    "peft_orthomerge.ops.so_merge",
+    "peft_orthomerge.ops.euclidean",
+    "peft_orthomerge.ops.fisher_rao",
+    "peft_orthomerge.ops.mergekit_compat",
+)
 REQUIRED = inspect.Parameter.empty  # `Param.default` of a parameter without default
 
 

@@ -11,11 +11,16 @@ from pydantic import ValidationError
 
 from ..errors import ConfigError, InputError
 from .errors import format_error
+from .mergekit import is_mergekit_config, mergekit_to_recipe
 from .schema import RECIPE_ADAPTER, RecipeBase
 
 
 def parse_recipe(data: Any, *, base_dir: str | os.PathLike | None = None, source: str | None = None) -> RecipeBase:
-    """Validate a recipe mapping; raise `ConfigError` (one line, naming the key) if invalid."""
+    """Validate a recipe mapping, or a mergekit config (`recipe.mergekit`: ``merge_method`` and no
+    ``kind``, translated first); raise `ConfigError` (one line, naming the key) if invalid."""
+    origin = "recipe"
+    if is_mergekit_config(data):
+        data, origin = mergekit_to_recipe(data, source=source), "mergekit"
     if not isinstance(data, dict):
         raise ConfigError(
             "a recipe must be a YAML mapping with keys kind, base_model, inputs, method, output", path=source
@@ -23,8 +28,9 @@ def parse_recipe(data: Any, *, base_dir: str | os.PathLike | None = None, source
     try:
         recipe = RECIPE_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise ConfigError(format_error(exc, data), path=source) from None
-    return recipe.with_base_dir(base_dir if base_dir is not None else Path.cwd())
+        prefix = "mergekit config (as translated): " if origin == "mergekit" else ""
+        raise ConfigError(prefix + format_error(exc, data), path=source) from None
+    return recipe.with_base_dir(base_dir if base_dir is not None else Path.cwd()).with_origin(origin)
 
 
 def load_recipe(path: str | os.PathLike) -> RecipeBase:

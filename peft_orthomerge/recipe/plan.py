@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from ..sources.resolve import looks_like_repo_id, resolve_source
+from ..sources.resolve import looks_like_hub_ref, resolve_source
 
 
 @dataclass
@@ -35,7 +35,8 @@ class MergePlan:
 
 
 def _resolve_ref(ref: str, base_dir: Path, *, what: str) -> str:
-    """A local path (absolute, or relative to the recipe) as an absolute path, or a reachable Hub id."""
+    """A local path (absolute, or relative to the recipe) as an absolute path, or a reachable Hub id
+    (``org/name`` or ``org/name@revision``)."""
     local = Path(ref).expanduser()
     if not local.is_absolute():
         local = base_dir / local
@@ -43,7 +44,7 @@ def _resolve_ref(ref: str, base_dir: Path, *, what: str) -> str:
         if not local.is_dir():
             raise InputError(f"{what} must be a directory", path=local)
         return str(local.resolve())
-    if Path(ref).is_absolute() or not looks_like_repo_id(ref):
+    if Path(ref).is_absolute() or not looks_like_hub_ref(ref):
         raise InputError(f"{what} not found (no such directory, and not a Hub repo id)", path=local)
     resolve_source(ref, kind="config")  # reachability: config files only
     return ref
@@ -52,6 +53,11 @@ def _resolve_ref(ref: str, base_dir: Path, *, what: str) -> str:
 def _output_path(recipe, out: str | os.PathLike | None) -> Path:
     if out is not None:
         return Path(out).expanduser().resolve()
+    if recipe.origin == "mergekit":
+        raise ConfigError(
+            "a mergekit config names no output directory",
+            hint="Pass --out DIR (out= in Python), as mergekit-yaml's OUT.",
+        )
     raw = Path(recipe.output.path).expanduser()
     if raw.is_absolute() or ".." in Path(recipe.output.path).parts:
         resolved = (recipe.base_dir / raw).resolve()

@@ -13,7 +13,7 @@ from ..errors import InputError, OrthoMergeError
 from ..progress import is_quiet, library_progress_bars_off
 from ..progress import quiet as quiet_progress
 from ..report import MergeReport
-from ..sources.resolve import resolve_source
+from ..sources.resolve import pinned, resolve_source
 from .load import recipe_to_yaml
 from .plan import MergePlan, plan_recipe
 from .schema import InputSpec
@@ -54,12 +54,13 @@ def run_recipe(
 
 
 def _reproducible(plan: MergePlan):
-    """The recipe as written next to the output: inputs and base resolved to absolute paths or Hub ids."""
+    """The recipe as written next to the output: inputs and base resolved to absolute paths or Hub
+    ids, each Hub id pinned to the commit it resolved to (``org/name@<commit>``, `pinned`)."""
     recipe = plan.recipe
     return recipe.model_copy(
         update={
-            "inputs": [InputSpec(path=p, weight=s.weight) for p, s in zip(plan.inputs, recipe.inputs)],
-            "base_model": plan.base_model,
+            "inputs": [InputSpec(path=pinned(p), weight=s.weight) for p, s in zip(plan.inputs, recipe.inputs)],
+            "base_model": pinned(plan.base_model) if plan.base_model else None,
         }
     )
 
@@ -70,11 +71,13 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     from ..sinks.card import write_report_json
     from ..sinks.parallel import distributed_output, process_context
 
-    reproducible = _reproducible(plan)
     header = (
-        f"# Written by peft-orthomerge {__version__}. Inputs are resolved to absolute paths or Hub ids.\n"
+        f"# Written by peft-orthomerge {__version__}. Inputs are resolved to absolute paths or Hub ids"
+        " (pinned to the commit read).\n"
         f"# Reproduce with: peft-orthomerge merge {RECIPE_FILE} --out NEW_DIR\n"
     )
+    if plan.recipe.origin == "mergekit":
+        header += "# Translated from a mergekit config (peft_orthomerge.recipe.mergekit).\n"
     sources = [*plan.inputs, *([plan.base_model] if plan.base_model else [])]
     ctx = process_context(plan.device)
     everywhere = runs_on_every_rank(plan)
@@ -89,8 +92,8 @@ def _execute(plan: MergePlan, *, overwrite: bool) -> MergeReport:
     def finalize(tmp: Path, reports: list[MergeReport | None]) -> MergeReport:
         report = reports[0]
         report.output_path = str(plan.output_dir)
-        write_report_json(tmp, report)
-        (tmp / RECIPE_FILE).write_text(recipe_to_yaml(reproducible, header=header))
+        write_report_json(tmp, report, base_model=plan.base_model)
+        (tmp / RECIPE_FILE).write_text(recipe_to_yaml(_reproducible(plan), header=header))
         return report
 
     return distributed_output(ctx, plan.output_dir, work=work, finalize=finalize, inputs=sources, overwrite=overwrite)
@@ -118,7 +121,7 @@ def _run_lora(plan: MergePlan, tmp: Path) -> MergeReport:
     When progress is silenced, the progress bars of huggingface_hub and transformers are off for
     the run only (restored after, see `library_progress_bars_off`)."""
     from .. import merge_lora_adapters
-    from ..sinks.card import write_model_card
+    from ..sinks.card import write_report_files
     from ..sinks.output import copy_base_side_files
 
     with library_progress_bars_off(is_quiet()):
@@ -135,7 +138,7 @@ def _run_lora(plan: MergePlan, tmp: Path) -> MergeReport:
         else:
             result.save_pretrained(tmp)
             library = "peft"
-    write_model_card(tmp, report, base_model=plan.base_model, library_name=library)
+    write_report_files(tmp, report, base_model=plan.base_model, library_name=library)
     return report
 
 

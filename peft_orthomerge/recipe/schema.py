@@ -163,6 +163,7 @@ class RecipeBase(Strict):
     base_model: PathStr | None = None
     inputs: list[InputSpec] = Field(min_length=1)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _origin: str = PrivateAttr(default="recipe")
 
     @property
     def base_dir(self) -> Path:
@@ -171,6 +172,15 @@ class RecipeBase(Strict):
 
     def with_base_dir(self, directory: str | os.PathLike) -> RecipeBase:
         self._base_dir = Path(directory).resolve()
+        return self
+
+    @property
+    def origin(self) -> str:
+        """``"recipe"`` (this library's format) or ``"mergekit"`` (translated by `recipe.mergekit`)."""
+        return self._origin
+
+    def with_origin(self, origin: str) -> RecipeBase:
+        self._origin = origin
         return self
 
 

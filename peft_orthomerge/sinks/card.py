@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..report import REPORT_FILE, MergeReport
-from ..sources.resolve import looks_like_repo_id
+from ..sources.resolve import looks_like_hub_ref, resolved_revision, split_revision
 
 PAPER = "Orthogonal Model Merging (Yang, Shi, Liu, ICML 2026)"
 MAX_TABLE_ROWS = 24
@@ -23,7 +23,15 @@ TITLES = {"oft": "Merged OFT adapter", "lora": "Merged LoRA adapters", "full": "
 
 
 def _is_hub_id(ref: str | None) -> bool:
-    return bool(ref) and looks_like_repo_id(ref) and not Path(ref).expanduser().exists()
+    return bool(ref) and looks_like_hub_ref(ref) and not Path(ref).expanduser().exists()
+
+
+def record_revisions(report: MergeReport, base_model: str | None = None) -> None:
+    """Add to ``report.revisions`` the commit hash each Hub input (and ``base_model``) resolved to."""
+    for ref in [*report.inputs, *([base_model] if base_model else [])]:
+        commit = resolved_revision(ref) if _is_hub_id(ref) else None
+        if commit is not None:
+            report.revisions[ref] = commit
 
 
 def _cell(text: object) -> str:
@@ -34,7 +42,7 @@ def _front_matter(report: MergeReport, base_model: str | None, library_name: str
     """The Hub metadata block: library, base model and its relation, tags."""
     meta: dict = {"library_name": library_name or "transformers"}
     if _is_hub_id(base_model):
-        meta["base_model"] = base_model
+        meta["base_model"] = split_revision(base_model)[0]  # the Hub's metadata names the repo only
         meta["base_model_relation"] = "adapter" if library_name == "peft" else "merge"
     meta["tags"] = ["merge", "orthomerge", "peft-orthomerge", report.kind]
     return ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
@@ -42,8 +50,11 @@ def _front_matter(report: MergeReport, base_model: str | None, library_name: str
 
 def _method_lines(report: MergeReport, version: str) -> list[str]:
     """Inputs with weights, the method's parameters and the summary of magnitude factors and errors."""
-    lines = ["## Inputs", "", "| # | input | weight |", "|---|---|---|"]
-    lines += [f"| {i} | `{_cell(ref)}` | {w:.4f} |" for i, (ref, w) in enumerate(zip(report.inputs, report.weights))]
+    lines = ["## Inputs", "", "| # | input | weight | revision |", "|---|---|---|---|"]
+    lines += [
+        f"| {i} | `{_cell(ref)}` | {w:.4f} | {_revision_cell(report, ref)} |"
+        for i, (ref, w) in enumerate(zip(report.inputs, report.weights))
+    ]
     lines += ["", "Weights are normalised to sum to 1.", "", "## Method", "", f"- method: `{report.method}`"]
     lines += [f"- {k}: `{_cell(v)}`" for k, v in report.params.items()]
     lines.append(f"- peft-orthomerge version: `{version}`")
@@ -56,6 +67,11 @@ def _method_lines(report: MergeReport, version: str) -> list[str]:
     if "orthogonality_error_max" in stats:
         lines.append(f"- largest orthogonality error of a merged rotation: {stats['orthogonality_error_max']:.2e}")
     return lines
+
+
+def _revision_cell(report: MergeReport, ref: str) -> str:
+    commit = report.revisions.get(ref)
+    return "-" if commit is None else f"`{commit}`"
 
 
 def _usage_lines(base_model: str | None, is_adapter: bool) -> list[str]:
@@ -94,7 +110,8 @@ def render_model_card(report: MergeReport, *, base_model: str | None = None, lib
         "",
     ]
     if base_model:
-        lines += [f"Base model: `{base_model}`", ""]
+        commit = report.revisions.get(base_model)
+        lines += [f"Base model: `{base_model}`" + (f" (commit `{commit}`)" if commit else ""), ""]
     lines += _method_lines(report, __version__)
     lines += _usage_lines(base_model, library_name == "peft")
     if report.modules:
@@ -141,14 +158,17 @@ def write_model_card(directory: str | Path, report: MergeReport, **kwargs) -> Pa
 def write_report_files(
     directory: str | Path, report: MergeReport, *, base_model: str | None = None, library_name: str | None = None
 ) -> None:
-    """Write an output's ``orthomerge_report.json`` and ``README.md`` model card: the one place both are written."""
-    write_report_json(directory, report)
+    """Write an output's ``orthomerge_report.json`` and ``README.md`` model card: the one place both are
+    written. The commit hashes of Hub inputs and base are recorded first (`record_revisions`)."""
+    write_report_json(directory, report, base_model=base_model)
     write_model_card(directory, report, base_model=base_model, library_name=library_name)
 
 
-def write_report_json(directory: str | Path, report: MergeReport) -> Path:
+def write_report_json(directory: str | Path, report: MergeReport, *, base_model: str | None = None) -> Path:
     """Write ``orthomerge_report.json`` into ``directory`` (also by a recipe run, whose own atomic
-    directory records the final output path); return its path."""
+    directory records the final output path), with the commit hashes of Hub inputs and
+    ``base_model`` (`record_revisions`); return its path."""
+    record_revisions(report, base_model)
     path = Path(directory) / REPORT_FILE
     report.to_json(path)
     return path

@@ -31,7 +31,7 @@ from ..sinks.lora_adapter import export_lora
 from ..sinks.model import write_into_model
 from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
-from ..sources.checkpoint import open_checkpoint, open_expert, validate_checkpoints
+from ..sources.checkpoint import open_checkpoint, open_expert, rotated_tensors, validate_checkpoints
 from ..sources.in_memory import check_plain_base
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
@@ -243,7 +243,8 @@ def merge_models(
         output_path=str(Path(output_dir).expanduser().resolve()),
         params={**params, "device": str(ctx.device), "precision": precision},
     )
-    tasks = plan_checkpoint(base_reader, base_dir, options, include=inc, exclude=exc)
+    rotated = rotated_tensors(readers)
+    tasks = plan_checkpoint(base_reader, base_dir, options, include=inc, exclude=exc, rotated=rotated)
     jobs = CheckpointMerge(tasks, base_reader, readers, weights_n, options, ctx.device)
     return write_checkpoint(
         ctx, output_dir, jobs, report, base_dir=base_dir, base_ref=str(base), inputs=inputs, overwrite=overwrite,

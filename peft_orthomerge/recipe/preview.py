@@ -36,7 +36,7 @@ OUTPUT_EXTRAS = "README.md (model card), orthomerge_report.json, orthomerge_reci
 
 
 # the input kinds each recipe kind accepts
-ACCEPTED = {"oft": ("oft",), "lora": ("lora",), "full": ("full",), "mixed": ("full", "lora")}
+ACCEPTED = {"oft": ("oft",), "lora": ("lora",), "full": ("full",), "mixed": ("full", "lora", "oft")}
 
 
 def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input") -> str:

@@ -144,9 +144,9 @@ def format_preview(summary: dict[str, Any]) -> str:
     lines = [f"dry run: {summary['kind']} merge of {len(summary['inputs'])} inputs -> {summary['output']['path']}"]
     lines.append("inputs:")
     for i, info in enumerate(summary["inputs"]):
-        lines.append(
-            f"  [{i}] {info['ref']}  ({KIND_NAMES.get(info['kind'], info['kind'])}, weight {info['weight']:.4g})"
-        )
+        where = "" if info["path"] == info["ref"] else f"  at {info['path']}"
+        kind = KIND_NAMES.get(info["kind"], info["kind"])
+        lines.append(f"  [{i}] {info['ref']}  ({kind}, weight {info['weight']:.4g}){where}")
     if summary["base_model"]:
         lines.append(f"base model: {summary['base_model']}")
     lines.append("call: " + summary["call"].replace("\n", "\n  "))

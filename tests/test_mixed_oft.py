@@ -31,7 +31,7 @@ from test_decouple_ops import ref_merge, ref_rotation
 from peft_orthomerge import IncompatibleInputsError, merge_models, merge_oft_checkpoints
 from peft_orthomerge.plan.checkpoint import plan_checkpoint
 from peft_orthomerge.plan.options import DecoupleOptions
-from peft_orthomerge.sources.checkpoint import open_checkpoint, open_expert, rotated_tensors
+from peft_orthomerge.sources.checkpoint import input_kind, open_checkpoint, open_expert, rotated_tensors
 
 F64 = torch.float64
 ORDER = ["full", "lora", "oft_exact", "oft_neumann"]
@@ -197,10 +197,13 @@ def test_exact_cayley_oft_inputs_alone_give_the_adapter_space_merge_folded(mix, 
 
 
 @pytest.mark.parametrize("target", ["global", "conflict"])
-def test_an_exact_cayley_oft_expert_alone_is_peft_merge_and_unload(mix, tmp_path, target):
-    merge_models(mix / "base", [mix / "oft_exact"], tmp_path / "out", target=target)
+@pytest.mark.parametrize("name", ["oft_exact", "oft_neumann"])
+def test_an_oft_expert_alone_is_peft_merge_and_unload(mix, tmp_path, name, target):
+    """Exact Cayley: ``W0 @ P`` is PEFT's weight and the residual is zero. Neumann: the residual
+    (PEFT's weight minus ``W0 @ P``) is kept whole by task arithmetic of one expert."""
+    merge_models(mix / "base", [mix / name], tmp_path / "out", target=target)
     got = load_file(tmp_path / "out" / "model.safetensors")
-    want = load_file(mix / "oft_exact_folded" / "model.safetensors")
+    want = load_file(mix / f"{name}_folded" / "model.safetensors")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-14, msg=key)
 
@@ -229,6 +232,10 @@ def test_weights_an_oft_expert_rotates_take_the_dense_driver(mix):
     assert paths["model.layers.1.mlp.down_proj.weight"] == "dense"
     assert paths["model.layers.1.self_attn.v_proj.weight"] == "reduced"  # not rotated
     assert paths["model.layers.1.self_attn.o_proj.weight"] == "rows"
+
+
+def test_input_kind_tells_the_three_kinds_apart(mix):
+    assert [input_kind(mix / n) for n in ORDER] == ["full", "lora", "oft", "oft"]
 
 
 def test_another_adapter_type_is_refused_naming_it(mix, tmp_path):

@@ -144,7 +144,7 @@ def merge(
 
     \b
     Kinds (the recipe's `kind:`): oft (OFT adapters), lora (LoRA adapters), full (full fine-tunes),
-    mixed (full fine-tunes and LoRA adapters of one base).
+    mixed (full fine-tunes, LoRA and OFT adapters of one base).
     Methods: {methods}.
     Recipe reference: README.md, section "Recipe reference"; examples in examples/recipes/;
     a commented template of each kind: `peft-orthomerge new oft|lora|full|mixed`.

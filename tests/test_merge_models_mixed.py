@@ -2,7 +2,7 @@
 
 A LoRA expert must act exactly as the checkpoint PEFT makes of it (`merge_and_unload`, saved in
 float64 here so that no rounding separates the two), and the merge of the mix must equal the
-independent dense float64 reference (`ref_merge`) on every weight.
+independent dense float64 reference (`ref_merge`) on every weight. OFT experts: test_mixed_oft.py.
 """
 
 from __future__ import annotations
@@ -50,15 +50,6 @@ def test_a_lora_expert_merges_as_the_checkpoint_peft_makes_of_it(mix, tmp_path, 
         if w0.dim() == 2:
             ref = ref_merge(w0, [e[name] for e in experts], weights, target)
             torch.testing.assert_close(mixed[name], ref, rtol=0, atol=1e-9)
-
-
-def test_an_oft_adapter_is_refused_with_a_pointer(mix, tmp_path):
-    from _oft_utils import make_oft_adapter
-
-    oft = make_oft_adapter(tmp_path / "oft", seed=33, model=_base64().float())
-    with pytest.raises(IncompatibleInputsError, match="OFT adapter.*merge_oft_checkpoints"):
-        merge_models(mix / "base", [mix / "full", oft], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_lora_adapter_of_another_base_is_refused(mix, tmp_path):

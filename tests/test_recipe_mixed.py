@@ -1,8 +1,8 @@
-"""``kind: mixed`` recipes: full checkpoints and LoRA adapters of one base in one merge.
+"""``kind: mixed`` recipes: full checkpoints, LoRA and OFT adapters of one base in one merge.
 
 The merge must equal `merge_models` on the same inputs (checked against PEFT's fold and the dense
-reference in test_merge_models_mixed.py); the dry run accepts both input kinds and still refuses
-an OFT adapter, naming it.
+reference in test_merge_models_mixed.py and test_mixed_oft.py); the dry run accepts full checkpoints,
+LoRA and OFT adapters, and lists each with its kind and path.
 """
 
 from __future__ import annotations
@@ -57,12 +57,22 @@ def test_a_mixed_recipe_runs_merge_models_on_checkpoints_and_lora_adapters(input
     assert report.kind == "full" and (tmp_path / "recipe" / "orthomerge_recipe.yaml").is_file()
 
 
-def test_the_dry_run_accepts_both_kinds_and_refuses_an_oft_adapter(inputs):
-    ok = CliRunner().invoke(main, ["merge", str(_recipe(inputs, ["ft", "lora"])), "--dry-run"])
+def test_the_dry_run_accepts_all_three_kinds_and_lists_each_with_its_path(inputs):
+    ok = CliRunner().invoke(main, ["merge", str(_recipe(inputs, ["ft", "lora", "oft"])), "--dry-run"])
     assert ok.exit_code == 0, ok.output
     assert "LoRA adapter" in ok.output and "full checkpoint" in ok.output
-    bad = CliRunner().invoke(main, ["merge", str(_recipe(inputs, ["ft", "oft"])), "--dry-run"])
-    assert bad.exit_code == 2 and "OFT adapter" in bad.output
+    line = next(x for x in ok.output.splitlines() if x.strip().startswith("[2]"))
+    assert "OFT adapter" in line and str((inputs / "oft").resolve()) in line
+    assert "dense" in ok.output  # the weights the OFT adapter rotates take the dense driver
+
+
+def test_a_mixed_recipe_with_an_oft_adapter_runs_merge_models(inputs, tmp_path):
+    run_recipe(load_recipe(_recipe(inputs, ["ft", "oft"])), out=tmp_path / "recipe")
+    merge_models(
+        inputs / "base", [inputs / "ft", inputs / "oft"], tmp_path / "api", target="conflict", residual="ties"
+    )
+    got, want = load_file(tmp_path / "recipe" / "model.safetensors"), load_file(tmp_path / "api" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_a_lora_adapter_given_to_kind_full_points_to_mixed(inputs):

@@ -31,7 +31,7 @@ from ..sinks.lora_adapter import export_lora
 from ..sinks.model import write_into_model
 from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
-from ..sources.checkpoint import open_checkpoint, open_expert, validate_checkpoints
+from ..sources.checkpoint import open_checkpoint, open_expert, rotated_tensors, validate_checkpoints
 from ..sources.in_memory import check_plain_base
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
@@ -198,9 +198,10 @@ def merge_models(
     Args:
         base: base model directory or Hub id.
         finetuned: fine-tuned checkpoints (directories or Hub ids) of the same architecture, and/or
-            LoRA adapters of ``base`` (detected from their ``adapter_config.json``), each read as
-            the checkpoint it makes of the base (PEFT's exact fold, in float64; `sources.lora_checkpoint`).
-            OFT adapters are refused here: merge them with `merge_oft_checkpoints`.
+            LoRA and OFT adapters of ``base`` (detected from their ``adapter_config.json``), each
+            read as the checkpoint it makes of the base (PEFT's own fold, in float64;
+            `sources.lora_checkpoint`, `sources.oft_checkpoint`); an OFT adapter also brings its
+            exact rotation (below). Other adapter types are refused.
         output_dir: where to write (must not exist or be empty unless ``overwrite``).
         weights, target, residual, residual_kwargs, solver, precision: as in `merge_lora_adapters`
             (``precision="float32"`` also halves the memory of the math).
@@ -211,6 +212,25 @@ def merge_models(
         allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``.
         max_shard_size: output shards are flushed at this size (bytes, or ``"500MB"``, ``"5GB"``);
             default: 1/16 of the base checkpoint, between 16 MiB and 5 GiB.
+
+    OFT experts. Per 2-D weight (decoupling ``W_i ~ W0 @ P_i``), an OFT adapter is never fitted by
+    Procrustes, whatever the target: ``P_i = blockdiag(R)^T`` (``blockdiag(R)`` for an embedding,
+    which PEFT rotates as ``E @ blockdiag(R)``), R the exact Cayley rotation of its stored blocks
+    (for a Cayley-Neumann adapter, PEFT's default, the exact rotation its truncated series
+    approximates), and ``rho_i`` = the weight it really applies (PEFT's fold with its own series) ``-
+    W0 @ P_i``: zero for an exact-Cayley adapter, the truncation difference for a Neumann one. A
+    weight it does not target is ``W0`` for it (``P_i = I``, ``rho_i = 0``). The generators
+    (block-diagonal for OFT experts, dense for Procrustes ones) merge in so(in) with magnitude
+    correction over the whole weight, the residuals with ``residual``; a weight any OFT expert
+    rotates takes the dense driver (`ops.decouple.paths`). The conflict target's mean task vector
+    counts every expert. OFT adapters alone: this is the so(in) merge of their block-diagonal
+    generators, applied with the exact Cayley map and completed by the merged residuals, written
+    as a full model. It differs from `merge_oft_checkpoints` (recipe ``kind: oft``), which merges
+    the stored so(b) blocks in adapter space (its own methods, granularity, scale), writes an OFT
+    adapter or folds with the output flag's map (the Neumann series for Neumann inputs) and
+    ignores the truncation difference. For adapters of one block size with the exact Cayley
+    map and ``residual="ta"`` both give the same folded model (``granularity="module"``,
+    ``cayley="exact"``). Cost: one ``in x in`` solve per rotated weight, instead of ``out * in * b``.
 
     Several processes: started by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``),
     every process calls this function with the same arguments; the tensors are split between
@@ -243,7 +263,8 @@ def merge_models(
         output_path=str(Path(output_dir).expanduser().resolve()),
         params={**params, "device": str(ctx.device), "precision": precision},
     )
-    tasks = plan_checkpoint(base_reader, base_dir, options, include=inc, exclude=exc)
+    rotated = rotated_tensors(readers)
+    tasks = plan_checkpoint(base_reader, base_dir, options, include=inc, exclude=exc, rotated=rotated)
     jobs = CheckpointMerge(tasks, base_reader, readers, weights_n, options, ctx.device)
     return write_checkpoint(
         ctx, output_dir, jobs, report, base_dir=base_dir, base_ref=str(base), inputs=inputs, overwrite=overwrite,

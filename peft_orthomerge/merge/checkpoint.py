@@ -17,7 +17,7 @@ from ..device import to_output
 from ..plan.checkpoint import TensorTask
 from ..plan.options import DecoupleOptions
 from ..report import ModuleStats
-from ..sources.checkpoint import FileRows, LazyTensors
+from ..sources.checkpoint import Expert, FileRows, LazyTensors, expert_rotation
 from ..sources.tensors import TensorReader
 from .tensor import decoupled_stats, finite_output, merge_rows, merge_tensor
 
@@ -25,7 +25,7 @@ from .tensor import decoupled_stats, finite_output, merge_rows, merge_tensor
 def merge_checkpoint_tensor(
     task: TensorTask,
     base: TensorReader,
-    experts: Sequence[TensorReader],
+    experts: Sequence[Expert],
     weights: Sequence[float],
     options: DecoupleOptions,
     device: torch.device,
@@ -50,7 +50,8 @@ def merge_checkpoint_tensor(
     lazy = LazyTensors(experts, name, transpose=task.transposed)
     if task.transposed:  # the math sees the torch layout (out, in)
         w0 = w0.T
-    out, stats = merge_tensor(name, w0, lazy, weights, options, decoupled=task.decoupled, device=device)
+    given = [expert_rotation(e, name) for e in experts] if task.path == "dense" else None
+    out, stats = merge_tensor(name, w0, lazy, weights, options, decoupled=task.decoupled, device=device, given=given)
     del lazy
     entry: ModuleStats | str = "passthrough"
     if task.decoupled:  # below the merge's own peak: out and two temporaries
@@ -68,7 +69,7 @@ class CheckpointMerge:
         self,
         tasks: Sequence[TensorTask],
         base: TensorReader,
-        experts: Sequence[TensorReader],
+        experts: Sequence[Expert],
         weights: Sequence[float],
         options: DecoupleOptions,
         device: torch.device,

@@ -21,9 +21,9 @@ from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
 from ..ops.skew import block_norms, peft_rotation, vec_to_skew
 from ..ops.so_merge import ModuleMerge, merge_module
-from ..plan.oft import ModulePlan, OftPlan, base_name
+from ..plan.oft import ModulePlan, OftPlan
 from ..report import MergeReport, ModuleStats
-from ..sources.oft import OftAdapter, OftModule
+from ..sources.oft import OftAdapter, OftModule, base_name
 from ..sources.tensors import TensorReader
 from .oft_stats import OrthogonalityProbe, module_stats
 

@@ -16,7 +16,14 @@ import torch
 
 from ..device import to_output
 from ..errors import NumericalError
-from ..ops.decouple import DecoupleStats, RowSource, decouple_merge, decouple_merge_ta_rows, task_arithmetic_rows
+from ..ops.decouple import (
+    BlockRotation,
+    DecoupleStats,
+    RowSource,
+    decouple_merge,
+    decouple_merge_ta_rows,
+    task_arithmetic_rows,
+)
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.streamed import FreshTasks, streamed_method
 from ..plan.options import DecoupleOptions
@@ -54,9 +61,12 @@ def merge_tensor(
     decoupled: bool,
     device: torch.device,
     dtype: torch.dtype | None = None,
+    given: Sequence[BlockRotation | None] | None = None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
     """Merge one tensor on ``device`` in ``dtype`` (default: the options' precision); returns the
-    merged full tensor (in that dtype) and statistics.
+    merged full tensor (in that dtype) and statistics. ``given``: per expert, the rotation it
+    brings for this weight (an OFT adapter's, `ops.decouple.BlockRotation`) or ``None``; used on
+    the decoupled path only (`ops.decouple.decouple_merge`).
 
     ``w0`` and ``experts`` stay in their storage dtype until used: each expert is converted when
     its turn comes. Off the decoupled path a linear residual method (`registry.merge_iter`)
@@ -79,6 +89,7 @@ def merge_tensor(
             generator=gen,
             name=name,
             dtype=dtype,
+            given=given,
         )
     base = w0.to(device=device, dtype=dtype)
     stats = DecoupleStats(solver="none")

@@ -37,3 +37,14 @@ def lift_blocks(vec: torch.Tensor, b: int, target: int) -> torch.Tensor:
     for j in range(k):
         lifted[:, j * b : (j + 1) * b, j * b : (j + 1) * b] = q[:, j]
     return skew_to_vec(lifted)
+
+
+def dense_block_diagonal(blocks: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size x size`` block-diagonal matrix of ``(r, b, b)`` blocks (``r = 1``: the one block
+    repeated on every ``b x b`` diagonal block, PEFT's ``block_share``); same dtype and device.
+    ``size`` must be ``r * b`` (or a multiple of ``b`` for a shared block)."""
+    r, b, _ = blocks.shape
+    groups = size // b
+    if size % b or r not in (1, groups):
+        raise ValueError(f"{r} blocks of size {b} do not make a {size} x {size} block-diagonal matrix")
+    return torch.block_diag(*blocks.expand(groups, b, b).unbind(0))

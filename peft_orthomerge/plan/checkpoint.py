@@ -17,7 +17,7 @@ made) and its route (how a tensor reaches the math):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +75,12 @@ class TensorTask:
     cost: float
 
 
-def _path(floating: bool, decoupled: bool, shape: tuple[int, ...], options: DecoupleOptions) -> str:
+def _path(floating: bool, decoupled: bool, shape: tuple[int, ...], options: DecoupleOptions, given: bool) -> str:
     if not floating:
         return "copy"
     if not decoupled:
         return "euclidean"
-    return decoupling_path(shape, options.target, options.residual, options.method_kwargs)
+    return decoupling_path(shape, options.target, options.residual, options.method_kwargs, given=given)
 
 
 def _route(path: str, transposed: bool, options: DecoupleOptions, shape: tuple[int, ...]) -> str:
@@ -102,6 +102,7 @@ def plan_checkpoint(
     *,
     include: Sequence[re.Pattern[str]] = (),
     exclude: Sequence[re.Pattern[str]] = (),
+    rotated: Collection[str] = (),
 ) -> list[TensorTask]:
     """One `TensorTask` per tensor of ``base``, in the checkpoint's order.
 
@@ -109,6 +110,8 @@ def plan_checkpoint(
     ``include`` pattern (none given: every name; ``re.search``) and no ``exclude`` pattern
     (`compile_patterns` makes both). Weights of transformers'
     ``Conv1D`` modules are found from ``base_dir/config.json`` (`sources.layout.conv1d_weight_names`).
+    ``rotated``: the weights for which some expert brings its own rotation (OFT adapters,
+    `sources.checkpoint.rotated_tensors`); decoupled, they take the dense driver.
     """
     names = base.keys()
     conv1d = conv1d_weight_names(base_dir, names)
@@ -123,7 +126,7 @@ def plan_checkpoint(
             and (not include or any(p.search(name) for p in include))
             and not any(p.search(name) for p in exclude)
         )
-        path = _path(base.dtype(name).is_floating_point, decoupled, shape, options)
+        path = _path(base.dtype(name).is_floating_point, decoupled, shape, options, name in rotated)
         route = _route(path, transposed, options, shape)
         cost = estimate_cost(shape, decoupled=decoupled)
         tasks.append(TensorTask(name, shape, decoupled, transposed, path, route, cost))

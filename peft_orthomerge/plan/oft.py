@@ -18,7 +18,7 @@ from ..errors import ConfigError, IncompatibleInputsError
 from ..ops.block_lift import common_block_size
 from ..ops.weights import normalize_weights
 from ..sources.in_memory import ParameterShapes
-from ..sources.oft import PREFIX, OftAdapter, OftModule
+from ..sources.oft import OftAdapter, OftModule, base_name
 from ..sources.tensors import TensorReader
 from .options import OftOptions
 
@@ -249,12 +249,6 @@ def _plan_modules(adapters: Sequence[OftAdapter], export: str) -> list[ModulePla
         else:
             plans.append(_mixed_size_module(name, present, adapters))
     return plans
-
-
-def base_name(key: str) -> str:
-    """Adapter pass-through key -> base checkpoint key (``base_model.model.`` and ``base_layer.`` removed)."""
-    name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-    return name.replace(".base_layer.", ".")
 
 
 def check_fold_targets(plan: OftPlan, base: TensorReader | ParameterShapes) -> None:

@@ -4,7 +4,7 @@
 readers and plan builders as the real merge: each input's kind against the recipe's kind, the OFT
 plan (`plan.oft.build_plan`, and `check_fold_targets` against the base for folded output), the full
 checkpoints' headers (`validate_checkpoints`) and per-tensor plan (`plan.checkpoint.plan_checkpoint`),
-and the LoRA adapters' modules against the base checkpoint's tensor shapes. It returns a JSON-able
+and the LoRA and OFT adapters' modules against the base checkpoint's tensor shapes. It returns a JSON-able
 summary: inputs and kinds, per module type how many tensors take which path, the output layout, and
 an estimate of the work (polar factors) and of peak memory. No tensor data is read, nothing is written.
 """
@@ -36,7 +36,7 @@ OUTPUT_EXTRAS = "README.md (model card), orthomerge_report.json, orthomerge_reci
 
 
 # the input kinds each recipe kind accepts
-ACCEPTED = {"oft": ("oft",), "lora": ("lora",), "full": ("full",), "mixed": ("full", "lora")}
+ACCEPTED = {"oft": ("oft",), "lora": ("lora",), "full": ("full",), "mixed": ("full", "lora", "oft")}
 
 
 def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input") -> str:
@@ -51,8 +51,8 @@ def check_kind(ref: str, directory: Path, expected: str, *, what: str = "input")
     if what != "input":
         raise IncompatibleInputsError(f"{what} {ref} is {described}; it must be a full model checkpoint")
     hint = f"; use kind: {kind}" if kind in KIND_NAMES else ""
-    if expected == "full" and kind == "lora":
-        hint += " (or kind: mixed, for full checkpoints and LoRA adapters in one merge)"
+    if expected == "full" and kind in ("lora", "oft"):
+        hint += " (or kind: mixed, for full checkpoints, LoRA and OFT adapters in one merge)"
     raise IncompatibleInputsError(f"{what} {ref} is {described}, but the recipe has kind: {expected}{hint}")
 
 
@@ -144,9 +144,9 @@ def format_preview(summary: dict[str, Any]) -> str:
     lines = [f"dry run: {summary['kind']} merge of {len(summary['inputs'])} inputs -> {summary['output']['path']}"]
     lines.append("inputs:")
     for i, info in enumerate(summary["inputs"]):
-        lines.append(
-            f"  [{i}] {info['ref']}  ({KIND_NAMES.get(info['kind'], info['kind'])}, weight {info['weight']:.4g})"
-        )
+        where = "" if info["path"] == info["ref"] else f"  at {info['path']}"
+        kind = KIND_NAMES.get(info["kind"], info["kind"])
+        lines.append(f"  [{i}] {info['ref']}  ({kind}, weight {info['weight']:.4g}){where}")
     if summary["base_model"]:
         lines.append(f"base model: {summary['base_model']}")
     lines.append("call: " + summary["call"].replace("\n", "\n  "))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleInputsError
-from ..sources.checkpoint import open_checkpoint, open_expert, validate_checkpoints
+from ..sources.checkpoint import open_checkpoint, open_expert, rotated_tensors, validate_checkpoints
 from ..sources.tensors import TensorReader
 from .plan import MergePlan
 from .preview import check_kind, group_paths, human_bytes, module_type, polar_factors
@@ -48,9 +48,9 @@ def _itemsize(reader: TensorReader, name: str) -> int:
 
 def preview_oft(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
     """OFT: `build_plan` on the adapters; for folded output `check_fold_targets` against the base."""
-    from ..plan.oft import base_name, build_plan, check_fold_targets
+    from ..plan.oft import build_plan, check_fold_targets
     from ..plan.options import OftOptions
-    from ..sources.oft import read_adapter_dir
+    from ..sources.oft import base_name, read_adapter_dir
 
     kw = plan.kwargs
     folded = "fold_into" in kw
@@ -110,9 +110,9 @@ def preview_full(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
         return {"groups": {}, "work": {"text": "unknown"}, "memory": {"text": "unknown"},
                 "notes": [SKIPPED.format(what="an input or the base_model")]}  # fmt: skip
     base_dir, base = _base(plan)
-    readers = [open_expert(d, base, base_dir, False)[1] for d in dirs]  # kind: mixed: LoRA inputs too
+    readers = [open_expert(d, base, base_dir, False)[1] for d in dirs]  # kind: mixed: LoRA and OFT inputs too
     validate_checkpoints(base, readers)
-    tasks = plan_checkpoint(base, base_dir, options, include=inc, exclude=exc)
+    tasks = plan_checkpoint(base, base_dir, options, include=inc, exclude=exc, rotated=rotated_tensors(readers))
     n = len(readers)
     csize = COMPUTE_BYTES[options.precision]
     decoupled = [t for t in tasks if t.decoupled]

@@ -229,7 +229,7 @@ class FullRecipe(RecipeBase):
 
 
 class MixedRecipe(FullRecipe):
-    """Full checkpoints and LoRA adapters of one base in one `merge_models` run (method keys as ``full``)."""
+    """Full checkpoints, LoRA and OFT adapters of one base in one `merge_models` run (method keys as ``full``)."""
 
     kind: Literal["mixed"]
 

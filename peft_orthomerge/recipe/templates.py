@@ -71,8 +71,9 @@ output:
 MIXED = (
     FULL.replace(
         "# Full fine-tunes of one base merged by orthogonal-residual decoupling, streamed tensor by tensor.",
-        "# Full fine-tunes and LoRA adapters of one base merged by orthogonal-residual decoupling, streamed;\n"
-        "# each LoRA adapter is read as the checkpoint PEFT makes of the base (its exact fold).",
+        "# Full fine-tunes, LoRA and OFT adapters of one base merged by orthogonal-residual decoupling, streamed;\n"
+        "# each adapter is read as the checkpoint PEFT makes of the base (its own fold); an OFT adapter\n"
+        "# brings its exact rotation instead of a Procrustes fit.",
     )
     .replace("kind: full", "kind: mixed")
     .replace(

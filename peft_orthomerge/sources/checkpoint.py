@@ -1,6 +1,6 @@
-"""Full checkpoints as merge inputs: opening (safetensors, or opted-in pickle; a LoRA adapter as the
-checkpoint it makes of the base), checking that a set of fine-tunes matches its base (headers
-only), and lazy per-tensor and per-row-block views."""
+"""Full checkpoints as merge inputs: opening (safetensors, or opted-in pickle; a LoRA or OFT adapter
+as the checkpoint it makes of the base, an OFT adapter with its exact rotations), checking that a
+set of fine-tunes matches its base (headers only), and lazy per-tensor and per-row-block views."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from pathlib import Path
 import torch
 
 from ..errors import IncompatibleInputsError
+from ..ops.decouple import BlockRotation
 from .jsonfile import read_json_object
 from .layout import conv1d_weight_names
 from .lora import read_adapter_dir as read_lora_dir
 from .lora_checkpoint import LoraCheckpoint
+from .oft import read_adapter_dir as read_oft_dir
+from .oft_checkpoint import OftCheckpoint
 from .resolve import resolve_source
 from .tensors import TensorReader
 
@@ -97,22 +100,36 @@ def input_kind(directory: Path) -> str:
     return "full" if (directory / "config.json").is_file() else "unknown"
 
 
-def open_expert(
-    ref: str | os.PathLike, base: TensorReader, base_dir: Path, allow_pickle: bool
-) -> tuple[Path, TensorReader | LoraCheckpoint]:
+Expert = TensorReader | LoraCheckpoint | OftCheckpoint
+
+
+def open_expert(ref: str | os.PathLike, base: TensorReader, base_dir: Path, allow_pickle: bool) -> tuple[Path, Expert]:
     """A fine-tuned expert of ``base`` as a checkpoint: a full checkpoint as it is, a LoRA adapter
-    as the checkpoint it makes of the base (`LoraCheckpoint`). Other adapters are refused."""
+    as the checkpoint it makes of the base (`LoraCheckpoint`), an OFT adapter likewise and with its
+    exact rotations (`OftCheckpoint`). Other adapters are refused."""
     directory = resolve_source(ref, kind="config")
     kind = input_kind(directory)
     if kind in ("full", "unknown"):  # a checkpoint, or nothing: open_checkpoint says what is missing
         return open_checkpoint(ref, allow_pickle)
-    if kind != "lora":
+    if kind not in ("lora", "oft"):
         raise IncompatibleInputsError(
-            f"this is a{'n' if kind[0] in 'aeiou' else ''} {kind.upper()} adapter; merge_models takes full checkpoints "
-            "and LoRA adapters",
+            f"this is a{'n' if kind[0] in 'aeiou' else ''} {kind.upper()} adapter; merge_models takes full checkpoints, "
+            "LoRA and OFT adapters",
             path=directory,
-            hint="Merge OFT adapters with merge_oft_checkpoints (fold_into=<base> for a full model).",
+            hint="Fold it into the base with PEFT (merge_and_unload, save_pretrained) and pass that checkpoint.",
         )
     directory = resolve_source(ref, kind="adapter")
-    adapter = read_lora_dir(str(ref), directory)
-    return directory, LoraCheckpoint(base, adapter, conv1d_weight_names(base_dir, base.keys()))
+    conv1d = conv1d_weight_names(base_dir, base.keys())
+    if kind == "oft":
+        return directory, OftCheckpoint(base, read_oft_dir(str(ref), directory, allow_pickle=allow_pickle), conv1d)
+    return directory, LoraCheckpoint(base, read_lora_dir(str(ref), directory), conv1d)
+
+
+def expert_rotation(expert: Expert, key: str) -> BlockRotation | None:
+    """The rotation ``expert`` brings for 2-D weight ``key`` (an OFT adapter's exact one), else ``None``."""
+    return expert.rotation(key) if isinstance(expert, OftCheckpoint) else None
+
+
+def rotated_tensors(experts: Sequence[Expert]) -> set[str]:
+    """The weights for which some expert brings its own rotation (`expert_rotation`)."""
+    return {key for e in experts if isinstance(e, OftCheckpoint) for key in e.rotated()}

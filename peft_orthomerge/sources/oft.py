@@ -132,6 +132,12 @@ def module_name(key: str, suffix: str) -> str:
     return name[len(PREFIX) :] if name.startswith(PREFIX) else name
 
 
+def base_name(key: str) -> str:
+    """Adapter pass-through key -> base checkpoint key (``base_model.model.`` and ``base_layer.`` removed)."""
+    name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    return name.replace(".base_layer.", ".")
+
+
 def _check_config(config: dict[str, Any], label: str) -> None:
     peft_type = config.get("peft_type", "")
     peft_type = str(getattr(peft_type, "value", peft_type)).upper()

@@ -43,13 +43,18 @@ For expert weights ``W_i`` and the base ``W0``:
 
 Everything is computed in float64 by default (``dtype``); results come back in that dtype.
 
-Modules: `paths` (`decoupling_path`: which driver a weight takes), `targets` (``TARGETS``, the conflict mask), `solve` (`iter_procrustes`: the rotations,
+Experts that bring their own rotation (OFT adapters) skip step 1 for that weight: `given`
+(`BlockRotation`) holds the exact ``P_i`` and its block-diagonal ``Q_i``; such a weight always takes
+the dense driver.
+
+Modules: `paths` (`decoupling_path`: which driver a weight takes), `given` (`BlockRotation`), `targets` (``TARGETS``, the conflict mask), `solve` (`iter_procrustes`: the rotations,
 reduced basis), `stats` (`DecoupleStats`, the so(in) skew sum and magnitude factor), `dense`
 (`decouple_merge`, any residual method), `reduced` (task arithmetic in the reduced basis),
 `rows` (task arithmetic by row blocks, `RowSource`). Their public names are re-exported here.
 """
 
 from .dense import decouple_merge
+from .given import BlockRotation
 from .paths import PATHS, decoupling_path
 from .rows import RowSource, TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
 from .solve import iter_procrustes, procrustes_batch, procrustes_rotation
@@ -59,6 +64,7 @@ from .targets import TARGETS
 __all__ = [
     "PATHS",
     "TARGETS",
+    "BlockRotation",
     "DecoupleStats",
     "RowSource",
     "TensorRows",

@@ -22,6 +22,7 @@ from ..euclidean import ta_coefficients
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
 from ..streamed import FreshTasks, streamed_method
+from .given import BlockRotation
 from .paths import decoupling_path
 from .reduced import merge_ta_reduced
 from .rows import decouple_merge_ta_rows
@@ -77,35 +78,37 @@ def _residuals(
     feed: tuple[list[torch.Tensor], Iterator],
     skew: SkewSum,
     name: str | None,
+    given: Sequence[BlockRotation | None],
     rots: list | None = None,
 ) -> Iterator[torch.Tensor]:
     """``rho_i = W_i - W0 @ P_i`` in expert order (``rho_i = tau_i`` where the target is the
-    base: ``P_i = I``); one expert's rotation, basis and full weight are alive at a time. With
-    ``rots`` (a list) each rotation (``None`` for ``P_i = I``) is appended to it, for `_replay`."""
+    base: ``P_i = I``; ``P_i`` of ``given[i]`` where an expert brings its rotation, whatever the
+    target); one expert's rotation, basis and full weight are alive at a time. With ``rots`` (a
+    list) each rotation (``None`` for ``P_i = I``) is appended to it, for `_replay`."""
     pending, solved = feed
     for i in range(count):
         f = full(i)
-        if target == "global":
-            t = f
+        rot = given[i]
+        if rot is not None:
+            stats.skew_norms[i] = skew.add_generator(rot.generator(base.shape[1], base), weights[i])
         else:
-            t, _ = conflict_target(f, base, mean, stats)
-        if torch.equal(t, base):
-            del t
+            t = f if target == "global" else conflict_target(f, base, mean, stats)[0]
+            if not torch.equal(t, base):
+                pending.append(t)
+                del t  # iter_procrustes drops it before yielding
+                rot, info = next(solved)
+                stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
+            else:
+                del t
+        if rots is not None:
+            rots.append(rot)
+        if rot is None:
             rho = f - base
-            if rots is not None:
-                rots.append(None)
         else:
-            pending.append(t)
-            del t  # iter_procrustes drops it before yielding
-            rot, info = next(solved)
-            stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
             rho = rot.rotate_base(base)
-            if rots is not None:
-                rots.append(rot)
-            del rot
             stats.orth_part_norms[i] = diff_norm(rho, base)
             rho.neg_().add_(f)  # W_i - W0 @ P_i, in place (the same rounding as f - rotated)
-        del f
+        del f, rot
         stats.residual_norms.append(float(torch.linalg.matrix_norm(rho)))
         yield rho
         del rho
@@ -148,12 +151,19 @@ def decouple_merge(
     name: str | None = None,
     dtype: torch.dtype = torch.float64,
     rtol: float = RANK_RTOL,
+    given: Sequence[BlockRotation | None] | None = None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
     """Merge the expert weights ``experts`` (full weights ``W_i``, torch layout) of one 2-D tensor.
 
     ``weights`` must be normalised (sum 1). Returns ``(merged weight in dtype, stats)``. An expert
     equal to the base (zero task vector, e.g. a module an adapter does not touch) contributes
     ``P_i = I``, ``Q_i = 0``, ``rho_i = 0``. See the package docstring for the formulas.
+
+    ``given[i]`` (`given.BlockRotation`, an OFT adapter's exact rotation) replaces expert ``i``'s
+    Procrustes fit, whatever the target: ``P_i`` is that rotation, ``Q_i`` its block-diagonal
+    generator, ``rho_i = W_i - W0 @ P_i`` (``W_i``: the weight the expert really applies). The
+    conflict target's mean task vector still counts every expert. Any given rotation sends the
+    weight to the dense driver (`paths.decoupling_path`), which sums every ``Q_i`` densely in so(in).
 
     Memory: ``experts`` may stay in their storage dtype; each is converted to ``dtype`` when its
     turn comes and dropped after. The residuals are produced one at a time and handed to the
@@ -166,7 +176,11 @@ def decouple_merge(
     residual is alive. Any other method gets the residuals as a list.
     """
     _check_inputs(w0, experts, weights, target, solver, name)
-    path = decoupling_path(w0.shape, target, residual, residual_kwargs)
+    given = [None] * len(experts) if given is None else list(given)
+    if len(given) != len(experts):
+        raise ConfigError(f"got {len(given)} given rotations for {len(experts)} experts")
+    dense = any(g is not None for g in given)
+    path = decoupling_path(w0.shape, target, residual, residual_kwargs, given=dense)
     if path == "rows":
         return decouple_merge_ta_rows(
             w0, experts, weights, target, residual_kwargs, solver, name=name, dtype=dtype, rtol=rtol
@@ -197,10 +211,10 @@ def decouple_merge(
         stats.residual_norms = list(stats.task_vector_norms)
         stats.solver = "none"
         return base + merged_tau.to(dtype), stats
-    feed, skew = solver_feed(base, solver, rtol), SkewSum()
+    feed, skew = solver_feed(base, solver, rtol), SkewSum(dense=dense)
     stats.skew_norms, stats.orth_part_norms = [0.0] * count, [0.0] * count
     rots: list | None = [] if streamed is not None else None  # kept for the later passes
-    first = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name, rots)
+    first = _residuals(base, full, count, weights, target, mean, stats, feed, skew, name, given, rots)
     del mean  # the residual stream holds it while it runs
     return _merge_rotated(base, _passes(first, base, full, rots), feed, skew, stats, merge, dtype), stats
 

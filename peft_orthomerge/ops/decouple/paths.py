@@ -7,7 +7,11 @@ For a 2-D weight of torch shape ``(out, in)``:
   ``lm_head``): the row-block Gram path (`rows`), only ``in x in`` matrices;
 - ``"reduced"``: task arithmetic (no parameter but ``lam``) with ``2 out < in`` (``down_proj``,
   GQA k/v): the reduced basis (`reduced`), never forming a residual;
-- ``"dense"``: every other residual method: Procrustes per expert, residuals handed to the method.
+- ``"dense"``: every other residual method: Procrustes per expert, residuals handed to the method;
+  and every weight for which an expert brings its own rotation (an OFT adapter, `given`), whatever
+  the method: its generator is block-diagonal, not in the span of the rows of ``W0`` and ``W_i``
+  that the ``rows`` and ``reduced`` drivers work in, so those drivers would be wrong for it. The
+  dense driver sums every generator as a dense ``in x in`` skew matrix.
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ PATHS = ("euclidean", "rows", "reduced", "dense")
 
 
 def decoupling_path(
-    shape: Sequence[int], target: str | None, residual: str, residual_kwargs: Mapping[str, Any] | None = None
+    shape: Sequence[int],
+    target: str | None,
+    residual: str,
+    residual_kwargs: Mapping[str, Any] | None = None,
+    *,
+    given: bool = False,
 ) -> str:
-    """The driver (one of `PATHS`) for a weight of torch shape ``(out, in)`` (module docstring)."""
+    """The driver (one of `PATHS`) for a weight of torch shape ``(out, in)`` (module docstring);
+    ``given``: some expert brings its own rotation for this weight."""
     if target is None:
         return "euclidean"
-    if residual != "ta":
+    if given or residual != "ta":
         return "dense"
     out, inp = int(shape[0]), int(shape[1])
     if 2 * out >= inp:

@@ -61,13 +61,15 @@ class DecoupleStats:
 class SkewSum:
     """``S = sum_i w_i Q_i`` and ``sum_i w_i ||Q_i||_F``, one rotation at a time. With a shared
     frame (reduced basis) ``S`` is kept in frame coordinates, so no task costs an ``in x in``
-    product; ``base_coords`` ``A`` then gives ``W0 @ F = [A, 0]``."""
+    product; ``base_coords`` ``A`` then gives ``W0 @ F = [A, 0]``. With ``dense`` (some expert
+    brings its own generator, `add_generator`) ``S`` is always kept in standard coordinates."""
 
     skew: torch.Tensor | None = None
     frame: Frame | None = None
     base_coords: torch.Tensor | None = None
     total: float = 0.0
     infos: list[PolarResult] = field(default_factory=list)
+    dense: bool = False
 
     def add(self, rot: Rotation, info: PolarResult, weight: float, base: torch.Tensor, name: str | None) -> float:
         """Adds ``weight * Q`` of ``rot``; returns ``||Q||_F``."""
@@ -75,16 +77,30 @@ class SkewSum:
         qc = rot.skew_core(name)
         norm = float(torch.linalg.matrix_norm(qc))  # = ||Q_i||_F: B has orthonormal columns
         self.total += weight * norm
-        if rot.frame is not None:
+        if rot.frame is not None and self.dense:
+            basis = rot.basis
+            self._add_dense(basis @ qc @ basis.T, weight)
+        elif rot.frame is not None:
             if self.skew is None:
                 self.frame, self.base_coords = rot.frame, rot.base_coords
                 self.skew = base.new_zeros(base.shape[1], base.shape[1])
             rot.add_skew_in_frame(self.skew, qc, weight)
-        elif self.skew is None:
-            self.skew = weight * qc
         else:
-            self.skew.add_(qc, alpha=weight)
+            self._add_dense(qc, weight)
         return norm
+
+    def add_generator(self, q: torch.Tensor, weight: float) -> float:
+        """Adds ``weight * q`` for a generator ``q`` given densely (``in x in`` skew, needs ``dense``); returns ``||q||_F``."""
+        norm = float(torch.linalg.matrix_norm(q))
+        self.total += weight * norm
+        self._add_dense(q, weight)
+        return norm
+
+    def _add_dense(self, q: torch.Tensor, weight: float) -> None:
+        if self.skew is None:
+            self.skew = weight * q
+        else:
+            self.skew.add_(q, alpha=weight)
 
 
 def magnitude_factor(skew_sum: torch.Tensor | None, total: float) -> float | None:

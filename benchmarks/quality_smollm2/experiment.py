@@ -103,7 +103,7 @@ class Experiment:
         """Compute the missing rows (stopping before ``deadline``, a `time.time` value, if given)."""
         for kind, method, merged in _plan(self.adapters, self.tasks):
             key = row_key(kind, method, merged)
-            if key in self.results["rows"]:
+            if key in self.results["rows"] or not all(t in self.adapters.get(kind, {}) for t in merged):
                 continue
             if deadline is not None and time.time() > deadline:
                 say("deadline reached; rerun to continue")

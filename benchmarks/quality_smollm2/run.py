@@ -23,7 +23,7 @@ os.environ.setdefault("PEFT_ORTHOMERGE_QUIET", "1")
 
 from benchmarks.real_model import smollm2_dir
 
-from .train import TrainConfig, adapter_root, prepare
+from .train import TrainConfig, adapter_root, finished, prepare
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -32,15 +32,17 @@ NORM_LAYERS = (0, 7, 14, 22, 29)
 
 
 def evaluate(cfg: TrainConfig, out: Path, minutes: float | None) -> None:
+    """Score the rows that the finished adapters allow (a merge waits for all of its adapters)."""
     from .experiment import Experiment, decoupling_norms, magnitude_factors
 
-    adapters = prepare(cfg)
+    adapters = finished(cfg)
+    complete = all(len(by_task) == len(cfg.tasks) for by_task in adapters.values())
     experiment = Experiment(smollm2_dir(cfg.layers), adapters, cfg.tasks, out)
     results = experiment.results
     results["config"] = asdict(cfg)
-    if "magnitude_factor" not in results:
+    if complete and "magnitude_factor" not in results:
         results["magnitude_factor"] = magnitude_factors([adapters["oft"][t] for t in cfg.tasks])
-    if "norms" not in results:
+    if complete and "norms" not in results:
         layers = NORM_LAYERS if cfg.layers is None else tuple(range(cfg.layers))
         results["norms"] = decoupling_norms(smollm2_dir(cfg.layers), [adapters["lora"][t] for t in cfg.tasks], layers)
     results["train"] = {

@@ -187,6 +187,15 @@ def train_adapter(kind: str, task: str, cfg: TrainConfig, base: Path, out: Path,
     return out / "adapter"
 
 
+def finished(cfg: TrainConfig, cache: Path | None = None) -> dict[str, dict[str, Path]]:
+    """The adapters of ``cfg`` that are trained already (``{kind: {task: adapter directory}}``)."""
+    roots = {kind: adapter_root(cfg, kind, cache) for kind in cfg.kinds}
+    return {
+        kind: {t: root / t / "adapter" for t in cfg.tasks if (root / t / "done.json").is_file()}
+        for kind, root in roots.items()
+    }
+
+
 def prepare(cfg: TrainConfig, cache: Path | None = None, say=print) -> dict[str, dict[str, Path]]:
     """Every adapter of ``cfg``: ``{kind: {task: adapter directory}}``, training what is missing."""
     base = smollm2_dir(cfg.layers)

@@ -124,7 +124,7 @@ class Evaluator:
 
     def knowledge_accuracy(self, model) -> float:
         questions, answers = zip(*self.knowledge, strict=True)
-        replies = self.generate(model, list(questions), 16)
+        replies = self.generate(model, list(questions), 24)
         return sum(_knowledge_hit(r, a) for r, a in zip(replies, answers, strict=True)) / len(answers)
 
     def scores(self, model, task_names: list[str] | tuple[str, ...]) -> dict[str, float]:

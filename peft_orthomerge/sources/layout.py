@@ -23,7 +23,6 @@ from ..errors import ConfigError
 __all__ = ["conv1d_weight_names", "lora_weight_modules"]
 
 
-
 def conv1d_weight_names(model_dir: str | os.PathLike, names: Iterable[str]) -> set[str]:
     """Return the subset of checkpoint tensor ``names`` that are ``Conv1D`` weights, stored ``(in, out)``.
 

@@ -119,7 +119,7 @@ def test_unknown_keys_list_valid_ones(data, expected):
                 "inputs": [{"path": "a"}],
                 "output": {"path": "o", "format": "lora"},
             },
-            "output.format",
+            "needs method.rank",  # kind: full takes format: lora with a rank (merge_models' LoRA export)
         ),
         (
             {

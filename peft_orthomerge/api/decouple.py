@@ -27,12 +27,15 @@ from ..plan.lora import plan_full_tensors, plan_lora
 from ..plan.options import DecoupleOptions
 from ..report import MergeReport
 from ..sinks.checkpoint import write_checkpoint
-from ..sinks.lora_adapter import export_lora
+from ..sinks.lora_adapter import LoraExport, export_lora, write_lora_export
 from ..sinks.model import write_into_model
+from ..sinks.oft_adapter import base_model_ref, common_value
 from ..sinks.output import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size
 from ..sinks.parallel import process_context
 from ..sources.checkpoint import open_checkpoint, open_expert, rotated_tensors, validate_checkpoints
 from ..sources.in_memory import check_plain_base
+from ..sources.jsonfile import read_json_object
+from ..sources.layout import lora_weight_modules
 from ..sources.lora import LoraAdapter, read_adapter_dir, read_loaded_adapter
 from ..sources.resolve import resolve_source
 
@@ -159,6 +162,12 @@ def _shard_bytes(max_shard_size: int | str | None, checkpoint_bytes: int) -> int
     return min(DEFAULT_MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, checkpoint_bytes // 16))
 
 
+def _adapter_task_type(directories: Sequence[Path]) -> str | None:
+    """The ``task_type`` the adapter inputs agree on (full checkpoints have none), else ``None``."""
+    configs = [d / "adapter_config.json" for d in directories]
+    return common_value([read_json_object(c, what="adapter config").get("task_type") for c in configs if c.is_file()])
+
+
 def merge_models(
     base: Ref,
     finetuned: Ref | Sequence[Ref],
@@ -176,6 +185,8 @@ def merge_models(
     allow_pickle: bool = False,
     max_shard_size: int | str | None = None,
     precision: str = "float64",
+    export: str = "model",
+    rank: int | None = None,
 ) -> MergeReport:
     """Merge full fine-tuned checkpoints of ``base`` by orthogonal-residual decoupling, streaming.
 
@@ -212,6 +223,28 @@ def merge_models(
         allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``.
         max_shard_size: output shards are flushed at this size (bytes, or ``"500MB"``, ``"5GB"``);
             default: 1/16 of the base checkpoint, between 16 MiB and 5 GiB.
+        export: ``"model"`` (default): the merged full model; ``"lora"``: instead of it, a PEFT
+            LoRA adapter of ``base`` approximating the merge (below). The names and meaning are
+            those of `merge_lora_adapters`.
+        rank: the LoRA rank for ``export="lora"``.
+
+    LoRA export (``export="lora"``). ``output_dir`` holds, instead of the full model, PEFT's
+    ``"default"`` LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) with
+    ``r = lora_alpha = rank`` (scaling 1): for every weight of a Linear, Embedding or ``Conv1D``
+    module that the merge changes, ``B @ A`` (PEFT's layout: ``(out, in)`` for Linear; transposed
+    for ``Conv1D``, stored ``(in, out)``, and Embedding, ``(vocab, hidden)``) is the rank-``rank``
+    truncated SVD of ``merged - base`` in float64, stored in the base dtype promoted to at least
+    float32. ``target_modules`` lists those modules by exact name (found by building the base's
+    architecture on the meta device, `sources.layout.lora_weight_modules`); ``task_type`` is the
+    one the adapter inputs agree on (else none), ``base_model_name_or_path`` is ``base``. Each
+    merged tensor becomes its factors as it is produced and is dropped; the report records each
+    truncation's relative Frobenius error (``params["lora_relative_errors"]``, and in the
+    tensor's statistics). With ``rank`` at least the full rank, ``merge_and_unload()`` of the
+    adapter gives the full merge to rounding. Refused (`ConfigError` naming the tensor, nothing
+    written): a tensor the merge changes that no LoRA module can hold (a norm or bias a full
+    fine-tune trained, an adapter's ``modules_to_save`` or biases, a weight tied to another
+    module), since an adapter without it would silently not be the merged model; and a merge
+    that changes no weight. Tensors merged to exactly the base value are left out.
 
     OFT experts. Per 2-D weight (decoupling ``W_i ~ W0 @ P_i``), an OFT adapter is never fitted by
     Procrustes, whatever the target: ``P_i = blockdiag(R)^T`` (``blockdiag(R)`` for an embedding,
@@ -246,6 +279,7 @@ def merge_models(
     refs = _refs(finetuned)
     weights_n = normalize_weights(weights, len(refs))
     options = DecoupleOptions(target, residual, residual_kwargs, solver, precision)
+    _check_export(export, rank)
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     ctx = process_context(device)  # one process, or this rank of a torchrun / accelerate launch
     base_dir, base_reader = open_checkpoint(base, allow_pickle)
@@ -255,6 +289,8 @@ def merge_models(
     check_output_dir(output_dir, inputs=inputs, overwrite=overwrite)
     validate_checkpoints(base_reader, readers)
     params = {"base": str(base), **options.params(), "include": include, "exclude": exclude}
+    if export == "lora":  # the reports of full-model merges keep their keys
+        params.update(export=export, rank=rank)
     report = MergeReport(
         kind="full",
         method=options.method_name,
@@ -266,6 +302,12 @@ def merge_models(
     rotated = rotated_tensors(readers)
     tasks = plan_checkpoint(base_reader, base_dir, options, include=inc, exclude=exc, rotated=rotated)
     jobs = CheckpointMerge(tasks, base_reader, readers, weights_n, options, ctx.device)
+    if export == "lora":
+        modules = lora_weight_modules(base_dir, base_reader.keys())
+        spec = LoraExport(
+            rank, modules, base_reader, ctx.device, base_model_ref(base), _adapter_task_type([d for d, _ in opened])
+        )
+        return write_lora_export(ctx, output_dir, jobs, report, spec, inputs=inputs, overwrite=overwrite)
     return write_checkpoint(
         ctx, output_dir, jobs, report, base_dir=base_dir, base_ref=str(base), inputs=inputs, overwrite=overwrite,
         max_shard_bytes=_shard_bytes(max_shard_size, base_reader.nbytes()),

@@ -129,6 +129,8 @@ def _plan_decoupled(recipe, inputs, base, output_dir, *, weights, overwrite, dev
         common["precision"] = m.precision
     if recipe.kind in ("full", "mixed"):
         kwargs = dict(common, include=m.include, exclude=m.exclude, device=device, overwrite=overwrite)
+        if recipe.output.format == "lora":  # plans of full-model recipes stay as they were
+            kwargs.update(export="lora", rank=m.rank)
         return MergePlan(recipe, "merge_models", [base, inputs, output_dir], kwargs, output_dir, inputs, base, device)
     kwargs = dict(common, export=recipe.output.format)
     if recipe.output.format == "lora":

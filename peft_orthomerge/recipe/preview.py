@@ -31,6 +31,10 @@ OUTPUT_LAYOUTS = {
     ("lora", "lora"): "PEFT LoRA adapter 'default' (truncated SVD of each merged delta)",
     ("full", "model"): "full model (safetensors shards in the base dtype, config, tokenizer)",
     ("mixed", "model"): "full model (safetensors shards in the base dtype, config, tokenizer)",
+    ("full", "lora"): "PEFT LoRA adapter 'default' (truncated SVD of each merged delta of a Linear, "
+    "Embedding or Conv1D weight)",
+    ("mixed", "lora"): "PEFT LoRA adapter 'default' (truncated SVD of each merged delta of a Linear, "
+    "Embedding or Conv1D weight)",
 }
 OUTPUT_EXTRAS = "README.md (model card), orthomerge_report.json, orthomerge_recipe.yaml"
 

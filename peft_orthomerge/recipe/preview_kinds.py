@@ -7,6 +7,7 @@ Each function takes the `MergePlan` and the inputs' local directories and return
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,27 @@ def preview_full(plan: MergePlan, dirs: list[Path]) -> dict[str, Any]:
         "checkpoint_bytes": base.nbytes(),
     }
     groups = group_paths([(t.name, t.path) for t in tasks])
-    return {"groups": groups, "work": work, "memory": memory, "notes": []}
+    notes = []
+    if plan.kwargs.get("export") == "lora":
+        work["text"] += f"; then a rank-{plan.kwargs['rank']} truncated SVD of each changed weight"
+        notes.append(_lora_export_note(base_dir, base, tasks, plan.kwargs["rank"]))
+    return {"groups": groups, "work": work, "memory": memory, "notes": notes}
+
+
+def _lora_export_note(base_dir: Path, base: TensorReader, tasks: list, rank: int) -> str:
+    """What a ``format: lora`` output of a checkpoint merge can hold, and what the merge must leave alone."""
+    from ..sources.layout import lora_weight_modules
+
+    modules = lora_weight_modules(base_dir, base.keys())
+    kinds = Counter(kind for _, kind in modules.values())
+    others = [t.name for t in tasks if t.name not in modules and t.path != "copy"]
+    size = sum(rank * sum(t.shape) * max(4, _itemsize(base, t.name)) for t in tasks if t.name in modules)
+    held = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return (
+        f"LoRA export (rank {rank}): {len(modules)} weights a LoRA adapter can hold ({held}), at most "
+        f"{human_bytes(size)}; the other {len(others)} floating tensors (norms, biases, ...) must come out "
+        "of the merge equal to the base, else it is refused naming the tensor"
+    )
 
 
 def _polar_text(factors: dict[str, Any], weights: int, experts: int) -> str:

@@ -131,6 +131,7 @@ class FullMethod(DecoupleMethod):
     include: str | None = None
     exclude: str | None = None
     precision: Precision = "float64"
+    rank: int | None = Field(default=None, ge=1)  # output format 'lora' only, as for kind: lora
 
     @field_validator("include", "exclude")
     @classmethod
@@ -156,7 +157,9 @@ class LoraOutput(Output):
 
 
 class FullOutput(Output):
-    format: Literal["model"] = "model"
+    """``model``: the merged full model; ``lora``: a LoRA adapter of rank ``method.rank`` instead."""
+
+    format: Literal["model", "lora"] = "model"
 
 
 class RecipeBase(Strict):
@@ -200,6 +203,14 @@ class OftRecipe(RecipeBase):
         return self
 
 
+def check_rank(output_format: str, rank: int | None) -> None:
+    """``method.rank`` is given exactly when the output is a LoRA adapter."""
+    if output_format == "lora" and rank is None:
+        raise ValueError("output format 'lora' needs method.rank (rank of the merged LoRA adapter)")
+    if output_format == "model" and rank is not None:
+        raise ValueError("method.rank only applies to output format 'lora'")
+
+
 class LoraRecipe(RecipeBase):
     kind: Literal["lora"]
     method: LoraMethod = LoraMethod()
@@ -209,10 +220,7 @@ class LoraRecipe(RecipeBase):
     def _check(self) -> LoraRecipe:
         if not self.base_model:
             raise ValueError("kind 'lora' needs base_model (the model the adapters were trained on)")
-        if self.output.format == "lora" and self.method.rank is None:
-            raise ValueError("output format 'lora' needs method.rank (rank of the merged LoRA adapter)")
-        if self.output.format == "model" and self.method.rank is not None:
-            raise ValueError("method.rank only applies to output format 'lora'")
+        check_rank(self.output.format, self.method.rank)
         return self
 
 
@@ -225,6 +233,7 @@ class FullRecipe(RecipeBase):
     def _check(self) -> FullRecipe:
         if not self.base_model:
             raise ValueError(f"kind '{self.kind}' needs base_model (the model the inputs were fine-tuned from)")
+        check_rank(self.output.format, self.method.rank)
         return self
 
 

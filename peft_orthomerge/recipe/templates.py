@@ -63,9 +63,10 @@ inputs:
 method:
 {decouple_method}  # include: "layers"       # regexes over tensor names: which 2-D tensors are decoupled
   # exclude: "lm_head"
+  # rank: 16                # required for format: lora
 output:
   path: ./merged-full       # must stay inside this file's directory (or pass --out)
-  format: model
+  format: model             # model (merged weights, safetensors shards) | lora (a LoRA adapter instead; set method.rank)
 """
 
 MIXED = (

@@ -92,7 +92,7 @@ def distributed_write(
     return distributed_output(ctx, output_dir, work=work, finalize=finish, inputs=inputs, overwrite=overwrite)
 
 
-def _report_entries(report: MergeReport, names: Iterable[str], done: dict[str, Entry]) -> None:
+def add_report_entries(report: MergeReport, names: Iterable[str], done: dict[str, Entry]) -> None:
     """Report entries in checkpoint order, whatever rank computed them."""
     for name in names:
         entry = done[name]
@@ -137,7 +137,7 @@ def write_checkpoint(
         return done
 
     def finalize(tmp: Path, results: list[dict[str, Entry]]) -> MergeReport:
-        _report_entries(report, (name for name, _ in items), {k: v for part in results for k, v in part.items()})
+        add_report_entries(report, (name for name, _ in items), {k: v for part in results for k, v in part.items()})
         copy_base_side_files(base_dir, tmp)
         write_report_files(tmp, report, base_model=base_ref, library_name="transformers")
         return report

@@ -41,7 +41,7 @@ def new_report(plan: OftPlan, inputs: list[str], output_path: str | None) -> Mer
     )
 
 
-def _common(values: list) -> object:
+def common_value(values: list) -> object:
     """The value all inputs agree on, else ``None``."""
     distinct = {json.dumps(v, sort_keys=True, default=str) for v in values}
     return values[0] if len(distinct) == 1 else None
@@ -54,8 +54,14 @@ def output_base_model(plan: OftPlan, base_model: str | None) -> str | None:
     ref = (
         base_model
         if base_model is not None
-        else _common([a.config.get("base_model_name_or_path") for a in plan.adapters])
+        else common_value([a.config.get("base_model_name_or_path") for a in plan.adapters])
     )
+    return base_model_ref(ref)
+
+
+def base_model_ref(ref: object) -> str | None:
+    """An adapter's ``base_model_name_or_path`` for ``ref``: a local directory as an absolute path
+    (found from any working directory), a Hub id as it is, nothing as ``None``."""
     if not ref:
         return None
     local = Path(str(ref)).expanduser()
@@ -82,8 +88,8 @@ def _adapter_config(plan: OftPlan, base_model: str | None):
         init_weights=True,
         inference_mode=True,
         base_model_name_or_path=output_base_model(plan, base_model),
-        task_type=_common([c.get("task_type") for c in configs]),
-        auto_mapping=_common([c.get("auto_mapping") for c in configs]),
+        task_type=common_value([c.get("task_type") for c in configs]),
+        auto_mapping=common_value([c.get("auto_mapping") for c in configs]),
     )
 
 

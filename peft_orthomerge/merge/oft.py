@@ -10,6 +10,7 @@ tensors in order, each module folded, each pass-through tensor merged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 
@@ -82,9 +83,8 @@ class CanonicalInputs:
         norms = block_norms(stack)
         for i, norm in converted.items():
             norms[i] = norm.to(norms.device)  # as computed in the input's own precision
-        bad = ~torch.isfinite(norms).all(dim=1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
+        if not math.isfinite(float(norms.sum())):  # NaN / Inf anywhere make their block's norm non-finite
+            i = int((~torch.isfinite(norms).all(dim=1)).nonzero()[0])
             key = mp.sources[i].key
             raise NumericalError(
                 "tensor contains NaN or Inf values", path=plan.adapters[i].tensors.file_of(key), tensor=key

@@ -376,7 +376,9 @@ class TensorReader:
         if self._pickle is None and POSITIONAL_READS and self._entry(key).dtype in _DTYPES:
             entry = self._entry(key)
             if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
-                raise ValueError(f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}")
+                raise ValueError(
+                    f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}"
+                )
             self._shard(self._where[key]).read_into(out.view(torch.uint8).view(-1), entry.begin, key)
             return out
         return out.copy_(self.get(key, check_finite=False).reshape(out.shape))

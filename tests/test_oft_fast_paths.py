@@ -120,7 +120,9 @@ def test_merged_adapter_file_is_byte_identical_to_save_file(tmp_path):
     writes for its tensors."""
     from safetensors.torch import save_file
 
-    inputs = [make_oft_adapter(tmp_path / f"a{i}", seed=i, modules_to_save=["lm_head"], perturb=0.01) for i in range(2)]
+    inputs = [
+        make_oft_adapter(tmp_path / f"a{i}", seed=i, modules_to_save=["lm_head"], perturb=0.01) for i in range(2)
+    ]
     merge_oft_checkpoints(inputs, tmp_path / "out", cayley="exact")
     file = tmp_path / "out" / "adapter_model.safetensors"
     tensors = load_file(file)

@@ -72,7 +72,7 @@ def block_norms(vec: torch.Tensor) -> torch.Tensor:
     if vec.dtype not in (torch.float32, torch.float64):
         vec = vec.float()
     norms = torch.linalg.vector_norm(vec, dim=-1)
-    if vec.dtype != torch.float64 and not bool(torch.isfinite(norms).all()):
+    if vec.dtype != torch.float64 and norms.numel() and not math.isfinite(float(norms.max())):  # max keeps NaN
         if vec.dim() > 2:
             return torch.stack([block_norms(v) for v in vec])
         norms = torch.linalg.vector_norm(vec, dim=-1, dtype=torch.float64)

@@ -373,8 +373,8 @@ class TensorReader:
         bytes go straight into ``out``'s memory, so a caller that reuses one buffer reads without
         allocating; otherwise the tensor is read with `get` and copied.
         """
-        if self._pickle is None and POSITIONAL_READS and self._entry(key).dtype in _DTYPES:
-            entry = self._entry(key)
+        entry = None if self._pickle is not None or not POSITIONAL_READS else self._entry(key)
+        if entry is not None and entry.dtype in _DTYPES:
             if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
                 raise ValueError(
                     f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}"

@@ -553,15 +553,21 @@ def test_output_exists_equals_or_inside_an_input(lab, tmp_path):
 )
 @pytest.mark.parametrize("fold", [False, True])
 def test_interrupted_merge_leaves_nothing(lab, out, monkeypatch, exc, expected, fold):
-    """The shard writer fails (disk full) or Ctrl-C lands while writing: inputs untouched, no output."""
+    """The writer fails (disk full) or Ctrl-C lands while writing: inputs untouched, no output. The
+    folded export writes shards with ``save_file``, the adapter export streams its one file."""
     before = {k: tree_hash(lab[k]) for k in ("n1", "n2", "base")}
-    real_save = output_mod.save_file
+    real_save, real_write = output_mod.save_file, output_mod.StreamedSafetensorsFile.write
 
     def failing_save(tensors, filename, metadata=None):
         real_save(tensors, filename, metadata=metadata)  # a complete first file on disk, then the failure
         raise exc
 
+    def failing_write(self, name, tensor):
+        real_write(self, name, tensor)  # the first tensor's bytes on disk, then the failure
+        raise exc
+
     monkeypatch.setattr(output_mod, "save_file", failing_save)
+    monkeypatch.setattr(output_mod.StreamedSafetensorsFile, "write", failing_write)
     with pytest.raises(expected):
         merge_oft_checkpoints([lab["n1"], lab["n2"]], out, fold_into=lab["base"] if fold else None)
     assert_nothing_written(out)

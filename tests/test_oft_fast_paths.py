@@ -76,6 +76,104 @@ def test_nan_in_a_float32_adapter_names_file_and_tensor(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_block_norms_of_a_stack_equal_each_slice_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(4, 7, 120, generator=g) * 0.03
+    stack[2, 1] = 1e30  # this slice overflows float32 and is redone in float64, the others are not
+    norms = block_norms(stack)
+    for i in range(4):
+        assert torch.equal(norms[i], block_norms(stack[i]))
+
+
+def test_nan_in_a_later_adapter_names_its_file(tmp_path):
+    from safetensors.torch import save_file
+
+    good, bad = make_oft_adapter(tmp_path / "a", seed=1), make_oft_adapter(tmp_path / "b", seed=2, neumann=False)
+    state = load_file(bad / "adapter_model.safetensors")
+    key = sorted(k for k in state if "oft_R" in k)[-1]
+    state[key][1, 2] = float("nan")
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(NumericalError) as info:
+        merge_oft_checkpoints([good, bad], tmp_path / "out")
+    assert key in str(info.value) and str(bad) in str(info.value) and str(good) not in str(info.value)
+
+
+def test_read_into_equals_get(tmp_path):
+    from safetensors.torch import save_file
+
+    from peft_orthomerge.sources.in_memory import DictSource
+    from peft_orthomerge.sources.tensors import TensorReader
+
+    state = {"a": torch.randn(3, 5), "b": torch.arange(6, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16()}
+    save_file(state, str(tmp_path / "t.safetensors"))
+    reader = TensorReader.from_file(tmp_path / "t.safetensors")
+    for source in (reader, DictSource(state, "mem")):
+        for key, value in state.items():
+            out = torch.empty(value.numel(), dtype=value.dtype)
+            assert source.read_into(key, out) is out and torch.equal(out, value.reshape(-1))
+    with pytest.raises(ValueError):
+        reader.read_into("a", torch.empty(15, dtype=torch.float64))
+
+
+def test_merged_adapter_file_is_byte_identical_to_save_file(tmp_path):
+    """The streamed adapter file (modules, a pass-through ``modules_to_save`` copy) is what ``save_file``
+    writes for its tensors."""
+    from safetensors.torch import save_file
+
+    inputs = [
+        make_oft_adapter(tmp_path / f"a{i}", seed=i, modules_to_save=["lm_head"], perturb=0.01) for i in range(2)
+    ]
+    merge_oft_checkpoints(inputs, tmp_path / "out", cayley="exact")
+    file = tmp_path / "out" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    assert any("oft_R" not in k for k in tensors)
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert file.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+# -- the streamed safetensors writer -----------------------------------------------------------
+def _all_dtypes_tensors():
+    from peft_orthomerge.sinks.output import StreamedSafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3,), (2, 5), (), (0, 4), (7, 1, 3)]
+    tensors = {
+        f'{"zb"[i % 2]}.layers.{i}.w\u00e9"\\\n': (torch.randn(shapes[i % 5], generator=g) * 10).to(dtype)
+        for i, dtype in enumerate(StreamedSafetensorsFile.DTYPES)
+    }
+    tensors.update({"m.layers.10.x": torch.randn(4, 6), "m.layers.2.x": torch.randn(4, 6)})
+    return tensors
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_streamed_file_is_byte_identical_to_save_file(tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    from peft_orthomerge.sinks.output import StreamedSafetensorsFile
+
+    tensors = _all_dtypes_tensors()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=metadata)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with StreamedSafetensorsFile(tmp_path / "out.safetensors", specs, metadata=metadata) as file:
+        for key in reversed(list(tensors)):  # any order
+            file.write(key, tensors[key])
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_streamed_file_refuses_what_was_not_declared(tmp_path):
+    from peft_orthomerge.errors import OutputError
+    from peft_orthomerge.sinks.output import StreamedSafetensorsFile
+
+    specs = {"a": (torch.float32, (2, 3)), "b": (torch.int64, (4,))}
+    file = StreamedSafetensorsFile(tmp_path / "x.safetensors", specs)
+    file.write("a", torch.zeros(2, 3))
+    for name, tensor in (("a", torch.zeros(2, 3)), ("c", torch.zeros(1)), ("b", torch.zeros(4))):
+        with pytest.raises(OutputError):  # twice, undeclared, wrong dtype
+            file.write(name, tensor)
+    with pytest.raises(OutputError, match="not written"):
+        file.close()
+
+
 # -- the block fold ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["linear", "embedding"])

@@ -10,12 +10,13 @@ tensors in order, each module folded, each pass-through tensor merged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 
 import torch
 
-from ..errors import IncompatibleInputsError
+from ..errors import IncompatibleInputsError, NumericalError
 from ..ops.block_lift import lift_blocks
 from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
@@ -40,43 +41,77 @@ def adapter_canonical(
     return vec, norms
 
 
-def canonical_inputs(plan: OftPlan, mp: ModulePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each adapter's canonical ``(r, n)`` vectors for module ``mp`` in its stored precision
-    (float32 / float64; zeros where not targeted; shared single blocks repeated to ``r`` rows),
-    and their per-block norms (float64 ``(r,)``)."""
-    n = mp.b * (mp.b - 1) // 2
-    vecs, norms = [], []
-    for a, src in zip(plan.adapters, mp.sources):
-        if src is None:
-            vecs.append(torch.zeros(mp.r, n, dtype=torch.float32, device=plan.options.device))
-            norms.append(torch.zeros(mp.r, dtype=torch.float64, device=plan.options.device))
-            continue
-        vec, norm = adapter_canonical(a, src, mp)
-        vec, norm = vec.to(plan.options.device), norm.to(plan.options.device)
-        vecs.append(vec.expand(mp.r, n) if vec.shape[0] != mp.r else vec)
-        norms.append(norm.expand(mp.r) if norm.shape[0] != mp.r else norm)
-    return vecs, norms
+class CanonicalInputs:
+    """Every adapter's canonical vectors of one module at a time, stacked ``(N, r, n)`` in one buffer
+    reused from module to module (so reading allocates nothing once the largest module is seen).
+
+    Row ``i`` holds adapter ``i``'s ``(r, n)`` vectors at the plan's block size: zeros where it does
+    not target the module, a ``block_share`` single block repeated to ``r`` rows. The stack is in
+    float64 if any of the module's inputs is stored in float64, else float32 (half precisions are
+    widened). A stored tensor that is already canonical up to its sign is read straight into its
+    row (`OftAdapter.read_canonical_into`); others (legacy, ``coft``, a smaller block size, another
+    dtype) go through `adapter_canonical` and are copied in. The stack and its norms are valid until
+    the next `read`: merge methods return new tensors, never views of it.
+    """
+
+    def __init__(self, plan: OftPlan) -> None:
+        self.plan = plan
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _stack(self, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        numel = shape[0] * shape[1] * shape[2]
+        flat = self.buffers.get(dtype)
+        if flat is None or flat.numel() < numel:
+            flat = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return flat[:numel].view(shape)
+
+    def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
+        on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
+        plan = self.plan
+        n = mp.b * (mp.b - 1) // 2
+        stored = {a.tensors.dtype(src.key) for a, src in zip(plan.adapters, mp.sources) if src is not None}
+        stack = self._stack((len(plan.adapters), mp.r, n), torch.float64 if torch.float64 in stored else torch.float32)
+        converted = {}  # row -> norms of the inputs that went through adapter_canonical
+        for i, (a, src) in enumerate(zip(plan.adapters, mp.sources)):
+            if src is None:
+                stack[i].zero_()
+            elif not (src.b == mp.b and a.read_canonical_into(mp.name, stack[i])):
+                vec, converted[i] = adapter_canonical(a, src, mp)
+                stack[i].copy_(vec.expand(mp.r, n))
+        stack = stack.to(plan.options.device)
+        norms = block_norms(stack)
+        for i, norm in converted.items():
+            norms[i] = norm.to(norms.device)  # as computed in the input's own precision
+        if not math.isfinite(float(norms.sum())):  # NaN / Inf anywhere make their block's norm non-finite
+            i = int((~torch.isfinite(norms).all(dim=1)).nonzero()[0])
+            key = mp.sources[i].key
+            raise NumericalError(
+                "tensor contains NaN or Inf values", path=plan.adapters[i].tensors.file_of(key), tensor=key
+            )
+        return stack, norms
 
 
-def merge_one(plan: OftPlan, mp: ModulePlan) -> ModuleMerge:
-    """Merge module ``mp`` with the plan's method."""
-    vecs, norms = canonical_inputs(plan, mp)
+def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:
+    """Merge module ``mp`` with the plan's method, its inputs read by ``inputs``."""
+    stack, norms = inputs.read(mp)
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
     return merge_module(
-        vecs,
+        list(stack.unbind(0)),
         plan.weights,
         method=plan.options.method,
         granularity=plan.options.granularity,
         scale=plan.options.scale,
-        norms=norms,
+        norms=list(norms.unbind(0)),
         applied=applied,
     )
 
 
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:
     """Merge the modules one at a time (only one module's tensors are in memory)."""
+    inputs = CanonicalInputs(plan)
     for mp in plan.modules:
-        yield mp, merge_one(plan, mp)
+        yield mp, merge_one(plan, mp, inputs)
 
 
 def merged_passthrough(plan: OftPlan, key: str, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +153,7 @@ def _fold_euclidean(plan: OftPlan, mp: ModulePlan, w0: torch.Tensor, scales: lis
 
 
 def fold_module(
-    plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, probe: OrthogonalityProbe
+    plan: OftPlan, mp: ModulePlan, weight: torch.Tensor, probe: OrthogonalityProbe, inputs: CanonicalInputs
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Fold module ``mp`` into ``weight``: the merged rotation (so(b) methods) or a Euclidean merge
     of the folded tasks; legacy ``oft_s`` output scales are merged as a weighted mean."""
@@ -127,7 +162,7 @@ def fold_module(
     if plan.options.euclidean:
         folded, stats = _fold_euclidean(plan, mp, w0, scales)
         return folded.to(weight.dtype), stats
-    merge = merge_one(plan, mp)
+    merge = merge_one(plan, mp, inputs)
     rotation = merge.rotation if merge.vec is None else merged_rotation(plan, mp, merge.vec)
     out_scale = None
     if any(s is not None for s in scales):
@@ -145,6 +180,7 @@ class FoldedOft:
         self.modules = {f"{mp.name}.weight": mp for mp in plan.modules}
         self.passthrough = {base_name(k): k for k in plan.passthrough}
         self.probe = OrthogonalityProbe(plan, report)
+        self.inputs = CanonicalInputs(plan)
 
     def items(self) -> list[tuple[str, float]]:
         return [(key, float(torch.Size(self.base.shape(key)).numel())) for key in self.base.keys()]
@@ -155,7 +191,7 @@ class FoldedOft:
             tensor = merged_passthrough(self.plan, self.passthrough[key], base=tensor)
         if key not in self.modules:
             return tensor, None
-        folded, stats = fold_module(self.plan, self.modules[key], tensor, self.probe)
+        folded, stats = fold_module(self.plan, self.modules[key], tensor, self.probe, self.inputs)
         return folded.cpu(), stats
 
     def finish(self) -> None:

@@ -60,16 +60,21 @@ def skew_to_vec(q: torch.Tensor) -> torch.Tensor:
 
 
 def block_norms(vec: torch.Tensor) -> torch.Tensor:
-    """Per-block Frobenius norms ``||Q_k||_F = sqrt(2) ||vec_k||`` of ``(r, n)`` vectors, as float64 ``(r,)``.
+    """Per-block Frobenius norms ``||Q_k||_F = sqrt(2) ||vec_k||`` of ``(r, n)`` vectors, as float64 ``(r,)``;
+    of a stack ``(N, r, n)`` (N modules' or tasks' vectors), ``(N, r)``, each ``[i]`` equal bit for bit
+    to ``block_norms(vec[i])``.
 
     One pass in the vector's dtype (float32 row norms are exact to a few float32 ulps; half
-    precisions are widened to float32 first); rows whose float32 sum of squares overflows are
-    recomputed in float64. NaN / Inf entries give a non-finite norm for their block.
+    precisions are widened to float32 first); where a float32 sum of squares overflows, the norms
+    of that ``(r, n)`` tensor are recomputed in float64. NaN / Inf entries give a non-finite norm
+    for their block.
     """
     if vec.dtype not in (torch.float32, torch.float64):
         vec = vec.float()
     norms = torch.linalg.vector_norm(vec, dim=-1)
-    if vec.dtype != torch.float64 and not bool(torch.isfinite(norms).all()):
+    if vec.dtype != torch.float64 and norms.numel() and not math.isfinite(float(norms.max())):  # max keeps NaN
+        if vec.dim() > 2:
+            return torch.stack([block_norms(v) for v in vec])
         norms = torch.linalg.vector_norm(vec, dim=-1, dtype=torch.float64)
     return math.sqrt(2.0) * norms.to(torch.float64)
 

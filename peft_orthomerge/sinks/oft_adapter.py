@@ -17,12 +17,12 @@ import torch
 from ..merge.oft import iter_merged_modules, merged_passthrough
 from ..merge.oft_stats import OrthogonalityProbe, module_stats
 from ..ops.skew import from_canonical
-from ..plan.oft import OftPlan
+from ..plan.oft import ModulePlan, OftPlan
 from ..progress import progress
 from ..report import MergeReport
 from ..sources.oft import PREFIX
 from .card import write_report_files
-from .output import ShardedSafetensorsWriter, finalize_shards
+from .output import StreamedSafetensorsFile
 
 OFT_KEY = {"linear": "oft_R", "embedding": "oft_embedding_R"}
 
@@ -93,25 +93,48 @@ def _adapter_config(plan: OftPlan, base_model: str | None):
     )
 
 
+def oft_key(mp: ModulePlan) -> str:
+    """The merged adapter's key of module ``mp`` (``oft_R`` or ``oft_embedding_R``)."""
+    return f"{PREFIX}{mp.name}.{OFT_KEY[mp.kind]}.weight"
+
+
+def adapter_tensor_specs(plan: OftPlan) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor of the merged adapter file, known before any merge:
+    per module float32 ``(r, b(b-1)/2)`` (``r = 1`` with ``block_share``), per pass-through tensor
+    the dtype and shape of its first holder (`merged_passthrough` keeps them)."""
+    specs = {
+        oft_key(mp): (torch.float32, (1 if plan.block_share else mp.r, mp.b * (mp.b - 1) // 2)) for mp in plan.modules
+    }
+    for key, holders in plan.passthrough.items():
+        tensors = plan.adapters[holders[0]].tensors
+        specs[key] = (tensors.dtype(key), tuple(tensors.shape(key)))
+    return specs
+
+
 def write_adapter(
     plan: OftPlan, directory: str | Path, report: MergeReport, *, base_model: str | None = None
 ) -> MergeReport:
-    """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and the report JSON."""
+    """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and the report JSON.
+
+    The safetensors file is streamed (`StreamedSafetensorsFile`): each module is written as soon as
+    it is merged, so only one module's tensors are in memory; the file is byte-identical to
+    ``save_file`` of the merged tensors.
+    """
     directory = Path(directory)
-    writer = ShardedSafetensorsWriter(directory, prefix="adapter_model", max_shard_bytes=1 << 62)
     probe = OrthogonalityProbe(plan, report)
-    for mp, merge in progress(
-        iter_merged_modules(plan), desc="merging OFT modules", total=len(plan.modules), unit="module"
-    ):
-        stored = from_canonical(merge.vec, plan.use_cayley_neumann)
-        if plan.block_share:
-            stored = stored[:1]
-        writer.add(f"{PREFIX}{mp.name}.{OFT_KEY[mp.kind]}.weight", stored.to(torch.float32))
-        report.modules.append(probe.add(module_stats(mp, merge), mp, merge))
-    probe.finish()
-    for key in plan.passthrough:
-        writer.add(key, merged_passthrough(plan, key))
-    finalize_shards(directory, writer.close(), prefix="adapter_model")
+    specs = adapter_tensor_specs(plan)
+    with StreamedSafetensorsFile(directory / "adapter_model.safetensors", specs, metadata={"format": "pt"}) as file:
+        for mp, merge in progress(
+            iter_merged_modules(plan), desc="merging OFT modules", total=len(plan.modules), unit="module"
+        ):
+            stored = from_canonical(merge.vec, plan.use_cayley_neumann)
+            if plan.block_share:
+                stored = stored[:1]
+            file.write(oft_key(mp), stored.to(torch.float32))
+            report.modules.append(probe.add(module_stats(mp, merge), mp, merge))
+        probe.finish()
+        for key in plan.passthrough:
+            file.write(key, merged_passthrough(plan, key))
     config = _adapter_config(plan, base_model)
     config.save_pretrained(str(directory))
     write_report_files(directory, report, base_model=config.base_model_name_or_path or None, library_name="peft")

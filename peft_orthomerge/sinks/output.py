@@ -8,12 +8,15 @@ input is never overwritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -190,6 +193,96 @@ class ShardedSafetensorsWriter:
         """Flush; return ``[(temporary file name, tensor names)]`` for `finalize_shards`."""
         self.flush()
         return self._written
+
+
+class StreamedSafetensorsFile:
+    """One safetensors file written tensor by tensor, in any order, without holding the others.
+
+    The names, dtypes and shapes of every tensor are given up front: the header is written at
+    once, and `write` puts each tensor's bytes at its offset as soon as it is computed. The file is
+    byte-identical to ``safetensors.torch.save_file`` of the same tensors and ``metadata``: data
+    ordered by dtype (safetensors' order, `DTYPES`) then name, no gaps, the compact
+    JSON header padded with spaces to a multiple of 8 bytes. (With several metadata keys
+    safetensors writes them in hash order; one key, as here, is written the same either way.)
+    `close` checks that every tensor was written. Use it as a context manager: an error leaves the
+    descriptor closed (the atomic output directory is then discarded).
+    """
+
+    # torch dtype -> safetensors' name, in the order its writer places tensors (then by name)
+    DTYPES: ClassVar[dict[torch.dtype, str]] = {
+        torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
+        torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16",
+        torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        *,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        rank = {dtype: i for i, dtype in enumerate(self.DTYPES)}
+        order = sorted(specs, key=lambda k: (rank[specs[k][0]], k))
+        header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for key in order:
+            dtype, shape = specs[key]
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {
+                "dtype": self.DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            self._layout[key] = (dtype, tuple(shape), offset)
+            offset += size
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._data_start = 8 + len(text)
+        self._pending = set(specs)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._pwrite(struct.pack("<Q", len(text)) + text, 0)
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # a regular file may take fewer bytes than asked
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor ``name`` (its declared dtype and shape) at its place in the file."""
+        if name not in self._pending:
+            raise OutputError("tensor not declared, or written twice", path=self.path, tensor=name)
+        dtype, shape, offset = self._layout[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise OutputError(
+                f"tensor is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}",
+                path=self.path,
+                tensor=name,
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._pwrite(data.numpy(), self._data_start + offset)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Close the file; `OutputError` if a declared tensor was not written."""
+        os.close(self._fd)
+        if self._pending:
+            raise OutputError(
+                f"{len(self._pending)} declared tensor(s) not written", path=self.path, tensor=min(self._pending)
+            )
+
+    def __enter__(self) -> StreamedSafetensorsFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            os.close(self._fd)
 
 
 def finalize_shards(

@@ -19,7 +19,8 @@ from .validation import ensure_finite
 
 
 class TensorSource(Protocol):
-    """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU)."""
+    """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU),
+    ``read_into`` (one tensor's values into a caller's buffer, unchecked)."""
 
     files: list[Path]
 
@@ -29,6 +30,7 @@ class TensorSource(Protocol):
     def dtype(self, key: str) -> torch.dtype: ...
     def file_of(self, key: str) -> Path: ...
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor: ...
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor: ...
 
 
 class DictSource:
@@ -61,6 +63,10 @@ class DictSource:
         tensor = self._state[key].detach()
         tensor = tensor if self.device is None else tensor.to(self.device)
         return ensure_finite(tensor, path=self.label, name=key) if check_finite else tensor
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy one tensor's values into ``out`` (same number of elements) and return it; no finiteness check."""
+        return out.copy_(self._state[key].detach().reshape(out.shape))
 
 
 class ParameterShapes:

@@ -111,6 +111,27 @@ class OftAdapter:
             )
         return vec, norms
 
+    def read_canonical_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read the canonical vectors of module ``name`` straight into ``out`` (``(r, n)``, CPU) when
+        the stored tensor differs from them by its sign at most: current layout, ``coft`` off, the
+        stored shape and dtype equal to ``out``'s (one read into the caller's buffer, one in-place
+        negation for the exact-Cayley flag). Returns ``False``, with ``out`` untouched, otherwise
+        (then use `canonical_with_norms`). Nothing is checked: the caller's `block_norms` of ``out``
+        are the NaN / Inf check.
+        """
+        mod = self.modules[name]
+        if (
+            self.legacy
+            or self.config.get("coft", False)
+            or (mod.r, mod.b * (mod.b - 1) // 2) != tuple(out.shape)
+            or self.tensors.dtype(mod.key) != out.dtype
+        ):
+            return False
+        self.tensors.read_into(mod.key, out)
+        if not self.use_cayley_neumann:
+            out.neg_()
+        return True
+
     def output_scale(self, name: str) -> torch.Tensor | None:
         """Legacy ``oft_s`` ``(out, 1)`` of module ``name`` (``None`` when absent)."""
         key = self.modules[name].scale_key

@@ -365,6 +365,24 @@ class TensorReader:
             ensure_finite(tensor, path=file, name=key)
         return tensor
 
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor's stored values into ``out`` and return it; no finiteness check.
+
+        ``out`` must be a contiguous CPU tensor of the stored dtype with as many elements as the
+        tensor (its shape may differ: values in row-major order). With positional reads the file's
+        bytes go straight into ``out``'s memory, so a caller that reuses one buffer reads without
+        allocating; otherwise the tensor is read with `get` and copied.
+        """
+        entry = None if self._pickle is not None or not POSITIONAL_READS else self._entry(key)
+        if entry is not None and entry.dtype in _DTYPES:
+            if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
+                raise ValueError(
+                    f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}"
+                )
+            self._shard(self._where[key]).read_into(out.view(torch.uint8).view(-1), entry.begin, key)
+            return out
+        return out.copy_(self.get(key, check_finite=False).reshape(out.shape))
+
     def _read(self, key: str, entry: _Entry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Bytes ``lo:hi`` of the tensor's file, read into fresh memory and viewed as ``shape``."""
         raw = torch.empty(hi - lo, dtype=torch.uint8)

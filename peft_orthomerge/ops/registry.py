@@ -311,10 +311,12 @@ def _listing_order(name: str) -> tuple[int, int, int]:
 
 def get_method(name: str, family: Family | None = None, *, what: str = "merge") -> MergeMethod:
     """The registered method ``name`` (of ``family``); `ConfigError` listing the valid names if none."""
-    valid = method_names(family)
-    if name not in valid:
+    _load_providers()
+    spec = _spec(name) if name in _METHODS else None
+    if spec is None or (family is not None and spec.family != family):  # the sorted listing: errors only
+        valid = method_names(family)
         raise ConfigError(f"unknown {what} method {name!r}; valid: {', '.join(sorted(valid))}")
-    return _spec(name)
+    return spec
 
 
 def check_params(method: str, params: Mapping[str, Any] | None, *, extra: Sequence[Param] = ()) -> dict[str, Any]:

@@ -76,6 +76,11 @@ FIRST = [
 ]
 
 
+def planned_rows(cfg) -> int:
+    """How many rows a complete run of ``cfg`` scores."""
+    return sum(1 for _ in _plan({kind: {} for kind in cfg.kinds}, tuple(cfg.tasks)))
+
+
 class Experiment:
     """The base model, the adapters, the evaluator and the results file of one replica run."""
 

@@ -33,7 +33,7 @@ NORM_LAYERS = (0, 7, 14, 22, 29)
 
 def evaluate(cfg: TrainConfig, out: Path, minutes: float | None) -> None:
     """Score the rows that the finished adapters allow (a merge waits for all of its adapters)."""
-    from .experiment import Experiment, decoupling_norms, magnitude_factors
+    from .experiment import Experiment, decoupling_norms, magnitude_factors, planned_rows
 
     adapters = finished(cfg)
     complete = all(len(by_task) == len(cfg.tasks) for by_task in adapters.values())
@@ -49,6 +49,7 @@ def evaluate(cfg: TrainConfig, out: Path, minutes: float | None) -> None:
         kind: {t: json.loads((p.parent / "done.json").read_text()) for t, p in by_task.items()}
         for kind, by_task in adapters.items()
     }
+    results["planned_rows"] = planned_rows(cfg)
     experiment.run(deadline=None if minutes is None else time.time() + 60 * minutes)
 
 

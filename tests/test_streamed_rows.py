@@ -10,7 +10,12 @@ from peft_orthomerge.ops import euclidean, streamed_rows
 from peft_orthomerge.ops.decouple import decouple_merge, decouple_merge_rows
 
 F64 = torch.float64
-METHODS = {"ties": {"density": 0.3}, "dare_ties": {"p": 0.4, "seed": 3}, "dare_ta": {"p": 0.2, "lam": 0.8}}
+METHODS = {
+    "ties": {"density": 0.3},
+    "dare_ties": {"p": 0.4, "seed": 3},
+    "dare_ta": {"p": 0.2, "lam": 0.8},
+    "tsvm": {"lam": 0.7},
+}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,16 +94,26 @@ def test_decouple_merge_rows_equals_dense(method, target, small_collect):
     gen = torch.Generator().manual_seed(2)
     w0 = torch.randn(60, 12, generator=gen, dtype=F64)
     experts = [w0 + 0.1 * torch.randn(60, 12, generator=gen, dtype=F64) for _ in range(3)]
-    experts.append(w0.clone())  # an expert equal to the base: P_i = I, rho_i = 0
-    weights = [0.4, 0.3, 0.2, 0.1]
+    if method != "tsvm":  # TSV-M of a zero residual: the in-memory SVD's vectors are arbitrary
+        experts.append(w0.clone())  # an expert equal to the base: P_i = I, rho_i = 0
+    weights = [0.4, 0.3, 0.2, 0.1] if len(experts) == 4 else [0.5, 0.3, 0.2]
     kwargs = METHODS[method]
     seeded = torch.Generator().manual_seed(4)
     expected, ref = decouple_merge(w0, experts, weights, target, method, kwargs, generator=seeded)
     got, stats = decouple_merge_rows(
         w0, experts, weights, target, method, kwargs, generator=seeded, block_bytes=12 * 8 * 4 * 7
     )
-    assert _rel(got - w0, expected - w0) < 1e-10
+    assert _rel(got - w0, expected - w0) < 1e-10, _rel(got - w0, expected - w0)
     assert stats.merged_delta_norm == pytest.approx(float(torch.linalg.vector_norm(got - w0)), rel=1e-12)
     if target is not None:
         assert stats.skew_norms == pytest.approx(ref.skew_norms, rel=1e-8, abs=1e-12)
         assert stats.residual_norms == pytest.approx(ref.residual_norms, rel=1e-6)
+
+
+def test_tsvm_rows_leave_out_zero_tasks():
+    """A zero task contributes no triplet; the others merge as TSV-M of them alone, with their weights."""
+    gen = torch.Generator().manual_seed(3)
+    taus = [torch.randn(30, 8, generator=gen, dtype=F64) for _ in range(2)]
+    got = _merged("tsvm", [*taus, torch.zeros(30, 8, dtype=F64)], [0.3, 0.3, 0.4], 7)
+    assert torch.isfinite(got).all() and got.abs().max() > 0
+    assert not streamed_rows.fits("tsvm", (8, 30)) and streamed_rows.fits("tsvm", (30, 8))

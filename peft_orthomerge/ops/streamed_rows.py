@@ -20,7 +20,18 @@ quantities are exact.
 - ``dare_ties`` / ``dare_ta``: DARE masks are functions of the entries' positions
   (`euclidean.dare_keep`), drawn per block: the same masks as the whole tensor; one pass.
 
-``tsvm`` and ``fisher_rao`` need whole-tensor factorisations or iterations; they are not here.
+- ``tsvm``: a matrix with at least as many rows as columns (`fits`); pass 1 accumulates each task's
+  Gram matrix ``G_i = tau_i^T tau_i`` (``n x n``), whose top ``k`` eigenpairs give ``V_i`` and
+  ``s_i`` (``U_i = tau_i V_i / s_i`` is never stored); pass 2 accumulates ``K = U^T U`` of the
+  concatenated ``U = [U_1 ... U_N]`` (``N k x N k``), so that ``polar(U) = U K^{-1/2}``; the merge
+  per block is ``lam * [tau_i V_i / s_i]_i K^{-1/2} diag(N w_i s_i) polar(V)^T``. A singular value
+  from a Gram matrix is known to about ``sqrt(eps) s_max``: triplets with ``s <= sqrt(n eps) s_max``
+  of their task are left out (the in-memory SVD gives the vectors of a zero singular value
+  arbitrarily, and they enter ``polar(U)``), and directions of ``K`` below ``n eps`` of its largest
+  eigenvalue (tasks sharing a direction exactly) are left out of ``K^{-1/2}``. Otherwise the same
+  as `euclidean.tsvm` to rounding. Non-matrix tensors: ``lam`` times the weighted mean.
+
+``fisher_rao`` iterates on whole tensors; it has no row-block form here.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from .euclidean import (
     top_k_count,
     trim_to_threshold_,
 )
+from .procrustes import polar_svd
 
 SELECT_BITS = 16  # bits of the magnitudes' patterns histogrammed per selection pass
 COLLECT_LIMIT = 1 << 20  # entries per task collected for the final exact selection
@@ -222,7 +234,86 @@ def dare_ta(
     return merged
 
 
-ROW_METHODS: dict[str, Callable[..., MergedRows]] = {"ties": ties, "dare_ties": dare_ties, "dare_ta": dare_ta}
+def _top_triplets(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, s)``: the top ``k`` eigenvectors of the Gram matrix ``gram`` and the singular values
+    ``sqrt(eigenvalue)``, without those at or below ``sqrt(n eps) s_max`` (module docstring)."""
+    evals, evecs = torch.linalg.eigh(gram)
+    s = evals.flip(0)[:k].clamp(min=0).sqrt()
+    keep = s > (gram.shape[0] * torch.finfo(gram.dtype).eps) ** 0.5 * float(s[0])
+    return evecs.flip(1)[:, :k][:, keep], s[keep]
+
+
+def _inverse_sqrt(k: torch.Tensor) -> torch.Tensor:
+    """``K^{-1/2}`` of the symmetric positive semi-definite ``k`` on its eigenvalues above ``n eps`` of the largest."""
+    evals, evecs = torch.linalg.eigh(k)
+    keep = evals > k.shape[0] * torch.finfo(k.dtype).eps * float(evals[-1].clamp(min=0))
+    vecs = evecs[:, keep]
+    return (vecs * evals[keep].rsqrt()) @ vecs.T
+
+
+def tsvm(
+    tasks: RowTasks,
+    weights: Sequence[float],
+    *,
+    generator: torch.Generator | None = None,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> MergedRows:
+    """`euclidean.tsvm` by row blocks: two passes of ``n x n`` and ``N k x N k`` Gram matrices (module docstring)."""
+    rel = relative_weights(weights)
+    count = tasks.count
+    if len(tasks.shape) != 2:
+
+        def mean(start: int, stop: int) -> torch.Tensor:
+            total: torch.Tensor | None = None
+            for i in range(count):
+                term = tasks.rows(i, start, stop).mul_(rel[i] / count)
+                total = term if total is None else total.add_(term)
+            return total.mul_(float(lam))
+
+        return mean
+    if not fits("tsvm", tasks.shape):
+        raise ConfigError(f"the row-block TSV-M needs at least as many rows as columns, got {tasks.shape}")
+    k = max(1, min(tasks.shape) // count)
+    grams: list[torch.Tensor | None] = [None] * count
+    for start, stop in row_blocks(tasks.shape[0], tasks.step):
+        for i in range(count):
+            x = tasks.rows(i, start, stop)
+            grams[i] = x.T @ x if grams[i] is None else grams[i].addmm_(x.T, x)
+    triplets = [_top_triplets(g, k) for g in grams]
+    del grams
+    proj = [v / s for v, s in triplets]  # U_i = tau_i V_i / s_i
+
+    def left(start: int, stop: int) -> torch.Tensor:
+        return torch.cat([tasks.rows(i, start, stop) @ proj[i] for i in range(count)], dim=1)
+
+    gram_u: torch.Tensor | None = None
+    for start, stop in row_blocks(tasks.shape[0], tasks.step):
+        y = left(start, stop)
+        gram_u = y.T @ y if gram_u is None else gram_u.addmm_(y.T, y)
+    s_cat = torch.cat([s * r for (_, s), r in zip(triplets, rel)])
+    v_polar = polar_svd(torch.cat([v for v, _ in triplets], dim=1))
+    right = (_inverse_sqrt(gram_u) * s_cat) @ v_polar.T
+    del gram_u, triplets
+
+    def merged(start: int, stop: int) -> torch.Tensor:
+        return (left(start, stop) @ right).mul_(float(lam))
+
+    return merged
+
+
+ROW_METHODS: dict[str, Callable[..., MergedRows]] = {
+    "ties": ties,
+    "dare_ties": dare_ties,
+    "dare_ta": dare_ta,
+    "tsvm": tsvm,
+}
+
+
+def fits(name: str, shape: Sequence[int]) -> bool:
+    """Whether the row-block form of ``name`` takes a tensor of ``shape``: TSV-M's Gram matrices need
+    a matrix with at least as many rows as columns (or a non-matrix); the others take any shape."""
+    return name != "tsvm" or len(shape) != 2 or int(shape[0]) >= int(shape[1])
 
 
 def row_method(name: str) -> Callable[..., MergedRows] | None:

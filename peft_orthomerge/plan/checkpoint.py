@@ -8,7 +8,7 @@ made) and its route (how a tensor reaches the math):
 
 - ``"rows"``: straight from the files by blocks of rows, never a whole tensor in memory
   (`merge.tensor.merge_rows`): task arithmetic and the residual methods with a row-block form
-  (`ops.streamed_rows`) on every tensor that is not decoupled, and decoupled weights in torch
+  (`ops.streamed_rows`) on every tensor that is not decoupled (that the method `fits`), and decoupled weights in torch
   layout on the row-block path (TA) or, for those methods, with ``out >= in``;
 - ``"tensor"``: the base tensor in memory and the experts read one at a time
   (`merge.tensor.merge_tensor`): everything else that is floating point;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..ops.decouple import decoupling_path
-from ..ops.streamed_rows import row_method
+from ..ops.streamed_rows import fits, row_method
 from ..sources.layout import conv1d_weight_names
 from ..sources.tensors import TensorReader
 from .options import DecoupleOptions
@@ -95,9 +95,10 @@ def _route(path: str, transposed: bool, options: DecoupleOptions, shape: tuple[i
         return "copy"
     if path == "rows" and not transposed:
         return "rows"
-    if path == "euclidean" and shape and (options.residual == "ta" or row_method(options.residual)):
+    rows_form = row_method(options.residual) is not None and fits(options.residual, shape)
+    if path == "euclidean" and shape and (options.residual == "ta" or rows_form):
         return "rows"
-    if path == "dense" and not transposed and row_method(options.residual) and shape[0] >= shape[1]:
+    if path == "dense" and not transposed and rows_form and shape[0] >= shape[1]:
         return "rows"
     return "tensor"
 

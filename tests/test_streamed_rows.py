@@ -6,7 +6,7 @@ import pytest
 import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 
-from peft_orthomerge.ops import euclidean, streamed_rows
+from peft_orthomerge.ops import euclidean, fisher_rao, streamed_rows
 from peft_orthomerge.ops.decouple import decouple_merge, decouple_merge_rows
 
 F64 = torch.float64
@@ -15,7 +15,9 @@ METHODS = {
     "dare_ties": {"p": 0.4, "seed": 3},
     "dare_ta": {"p": 0.2, "lam": 0.8},
     "tsvm": {"lam": 0.7},
+    "fisher_rao": {},
 }
+IN_MEMORY = {"fisher_rao": fisher_rao.fisher_rao}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,15 +27,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 class _Rows:
     """`streamed_rows.RowTasks` over in-memory task vectors (fresh copies of the row slices)."""
 
-    def __init__(self, taus, step):
+    def __init__(self, taus, step, base=None):
         self.taus, self.shape, self.count, self.step = taus, tuple(taus[0].shape), len(taus), step
+        self.base = base
 
     def rows(self, i, start, stop):
         return self.taus[i][start:stop].clone()
 
+    def base_rows(self, start, stop):
+        return self.base[start:stop]
 
-def _merged(method, taus, weights, step, **kwargs):
-    rows = _Rows(taus, step)
+
+def _merged(method, taus, weights, step, base=None, **kwargs):
+    rows = _Rows(taus, step, base)
     merged = streamed_rows.row_method(method)(rows, weights, dtype=taus[0].dtype, **kwargs)
     return torch.cat([merged(a, b) for a, b in streamed_rows.row_blocks(rows.shape[0], step)])
 
@@ -64,8 +70,10 @@ def test_row_methods_equal_in_memory(method, shape, step, small_collect):
     taus = [torch.randn(shape, generator=gen, dtype=F64) for _ in range(4)]
     weights = [0.4, 0.3, 0.2, 0.1]
     kwargs = METHODS[method]
-    expected = getattr(euclidean, method)([t.clone() for t in taus], weights, **kwargs)
-    got = _merged(method, taus, weights, step, **kwargs)
+    base = 3 * torch.randn(shape, generator=gen, dtype=F64)
+    fn = IN_MEMORY.get(method) or getattr(euclidean, method)
+    expected = fn([t.clone() for t in taus], weights, base=base, **kwargs)
+    got = _merged(method, taus, weights, step, base, **kwargs)
     assert _rel(got, expected) < 1e-12  # the masks by position: the same whatever the block size
 
 
@@ -117,3 +125,22 @@ def test_tsvm_rows_leave_out_zero_tasks():
     got = _merged("tsvm", [*taus, torch.zeros(30, 8, dtype=F64)], [0.3, 0.3, 0.4], 7)
     assert torch.isfinite(got).all() and got.abs().max() > 0
     assert not streamed_rows.fits("tsvm", (8, 30)) and streamed_rows.fits("tsvm", (30, 8))
+
+
+@pytest.mark.parametrize("on", ["weights", "task_vectors"])
+def test_fisher_rao_rows_edge_cases(on):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(20, 3, generator=gen, dtype=F64)
+    tau = torch.randn(20, 3, generator=gen, dtype=F64)
+    zero = torch.zeros(20, 3, dtype=F64)
+    other = torch.randn(20, 3, generator=gen, dtype=F64)
+    cases = [
+        ([tau, tau.clone()], [0.5, 0.5]),  # identical inputs: returned as they are
+        ([tau, other], [1.0, 0.0]),  # weight 0: ignored
+        ([tau, zero, other], [0.3, 0.3, 0.4]),  # a zero input (on task vectors): norm 0, no direction
+        ([zero, zero], [0.5, 0.5]),
+    ]
+    for taus, weights in cases:
+        expected = fisher_rao.fisher_rao([t.clone() for t in taus], weights, base=base, on=on)
+        got = _merged("fisher_rao", taus, weights, 6, base, on=on)
+        assert _rel(got, expected) < 1e-12 or torch.equal(got, expected)

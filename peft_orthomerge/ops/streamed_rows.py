@@ -31,7 +31,8 @@ quantities are exact.
   eigenvalue (tasks sharing a direction exactly) are left out of ``K^{-1/2}``. Otherwise the same
   as `euclidean.tsvm` to rounding. Non-matrix tensors: ``lam`` times the weighted mean.
 
-``fisher_rao`` iterates on whole tensors; it has no row-block form here.
+- ``fisher_rao`` (`streamed_rows_fisher`): the Karcher iteration on the coefficients of the mean in
+  the span of the inputs, from their ``N x N`` Gram matrix (one pass), then one pass to merge.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Annotated, Protocol
 import torch
 
 from ..errors import ConfigError
+from . import streamed_rows_fisher
 from .euclidean import (
     DENSITY,
     DROP,
@@ -68,6 +70,10 @@ class RowTasks(Protocol):
     step: int  # rows per block
 
     def rows(self, i: int, start: int, stop: int) -> torch.Tensor: ...
+
+    def base_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The base tensor's rows (not to be modified): `streamed_rows_fisher` on the full weights."""
+        ...
 
 
 def row_blocks(rows: int, step: int) -> Iterator[tuple[int, int]]:
@@ -307,6 +313,7 @@ ROW_METHODS: dict[str, Callable[..., MergedRows]] = {
     "dare_ties": dare_ties,
     "dare_ta": dare_ta,
     "tsvm": tsvm,
+    "fisher_rao": streamed_rows_fisher.fisher_rao,
 }
 
 

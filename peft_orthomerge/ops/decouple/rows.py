@@ -1,4 +1,4 @@
-"""Decoupled merging with task arithmetic, by row blocks (the Gram path).
+"""Decoupled merging by row blocks (the Gram path): task arithmetic, and the other residual methods.
 
 Conventions as in `peft_orthomerge.ops.decouple`: torch layout, ``W`` is ``(out, in)``; a rotation ``P`` (``in x in``)
 acts on the input side, ``W0 @ P``. This path serves ``residual="ta"`` on weights with
@@ -30,6 +30,12 @@ Versus forming each ``rho_i`` this saves one ``(out, in) x (in, in)`` product pe
 memory at the ``in x in`` matrices (``G``, one ``E_i`` per task) plus a few row blocks, whatever
 ``out`` is: a 128k-row embedding costs no more memory than its blocks. Inputs are tensors or any
 `RowSource` (``shape`` and ``rows(start, stop)``), e.g. a reader over a safetensors file.
+
+`decouple_merge_rows` serves the residual methods with a row-block form (`streamed_rows`: TIES,
+DARE, TSV-M, Fisher-Rao) the same way: steps 1-3 as above keep ``D_i = P_i - I`` per task
+(``in x in``), the method makes its passes over ``rho_i = tau_i - W0 @ D_i`` recomputed block by
+block from the sources, and a last pass writes ``W0 + W0 @ (R - I) + merged(rho)``; with
+``target=None`` (``P_i = I``) it merges ``tau_i`` of a tensor of any shape.
 """
 
 from __future__ import annotations

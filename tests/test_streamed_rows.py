@@ -46,8 +46,9 @@ def _merged(method, taus, weights, step, base=None, **kwargs):
 
 @pytest.fixture
 def small_collect(monkeypatch):
-    """Force the histogram passes of the selection on small tensors."""
+    """Force the histogram passes of the selection (several levels) on small tensors."""
     monkeypatch.setattr(streamed_rows, "COLLECT_LIMIT", 7)
+    monkeypatch.setattr(streamed_rows, "SELECT_BITS", 9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

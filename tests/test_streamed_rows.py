@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
+from safetensors.torch import load_file
+from conftest import build_tiny_llama
+from test_merge_models import _save_expert
+from test_streamed import _no_streaming
 
+from peft_orthomerge import merge_models
 from peft_orthomerge.ops import euclidean, fisher_rao, streamed_rows
 from peft_orthomerge.ops.decouple import decouple_merge, decouple_merge_rows
 
@@ -145,3 +150,29 @@ def test_fisher_rao_rows_edge_cases(on):
         expected = fisher_rao.fisher_rao([t.clone() for t in taus], weights, base=base, on=on)
         got = _merged("fisher_rao", taus, weights, 6, base, on=on)
         assert _rel(got, expected) < 1e-12 or torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rows")
+    base = root / "base"
+    build_tiny_llama().to(F64).save_pretrained(base)  # float64 storage: the comparison is not blurred by a cast
+    return base, [_save_expert(root / f"e{i}", i, dtype=F64) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("method", ["dare_ta", "ties", "tsvm"])
+@pytest.mark.parametrize("target", ["conflict", None])
+def test_merge_models_by_rows_equals_whole_tensors(checkpoints, method, target, tmp_path, monkeypatch):
+    """`merge_models` reading tensors by row blocks against the same merge with whole tensors."""
+    base, paths = checkpoints
+    weights = [0.5, 0.3, 0.2]
+    kw = METHODS[method]
+    merge_models(base, paths, tmp_path / "rows", weights, target=target, residual=method, residual_kwargs=kw)
+    with monkeypatch.context() as m:
+        _no_streaming(m)
+        merge_models(base, paths, tmp_path / "whole", weights, target=target, residual=method, residual_kwargs=kw)
+    got = load_file(tmp_path / "rows" / "model.safetensors")
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert _rel(got[name], expected[name]) < 1e-10, name

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
-from safetensors.torch import load_file
 from conftest import build_tiny_llama
+from safetensors.torch import load_file
 from test_merge_models import _save_expert
 from test_streamed import _no_streaming
 

@@ -56,7 +56,7 @@ from .euclidean import (
 )
 from .procrustes import polar_svd
 
-SELECT_BITS = 20  # bits of the magnitudes' patterns histogrammed per selection pass (8 MB of counts per task)
+SELECT_BITS = 16  # bits of the magnitudes' patterns histogrammed per selection pass (512 KB of counts per task)
 COLLECT_LIMIT = 1 << 20  # entries per task collected for the final exact selection
 
 MergedRows = Callable[[int, int], torch.Tensor]

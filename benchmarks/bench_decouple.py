@@ -23,8 +23,9 @@ Rows:
   process's peak RSS (``VmHWM``, file pages included) above its RSS after imports (MB),
   ``ratio`` = ours / baseline (goal < 1.5). Notes add the peak anonymous memory and the time.
 
-Run: ``python benchmarks/bench_decouple.py [--quick] [--memory-only] [--residuals=ta,ties,...]`` (one
-thread); ``--memory-only`` skips the timing rows, ``--residuals`` chooses the methods measured.
+Run: ``python benchmarks/bench_decouple.py [--quick] [--memory-only] [--residuals=ta,ties,...]
+[--targets=global,conflict,none]`` (one thread); ``--memory-only`` skips the timing rows, ``--residuals``
+and ``--targets`` choose the methods and decoupling targets measured (``none``: no decoupling).
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def _child(args: dict) -> dict:
         args["experts"],
         args["output"],
         residual=args["residual"],
+        target=args.get("target", "global"),
         precision=args.get("precision", "float64"),
     )
     seconds = time.perf_counter() - start
@@ -274,10 +276,16 @@ def _child(args: dict) -> dict:
     }
 
 
-def bench_memory(quick: bool, residuals: Sequence[str] | None = None, echo: bool = False) -> list[dict]:
+def bench_memory(
+    quick: bool,
+    residuals: Sequence[str] | None = None,
+    echo: bool = False,
+    targets: Sequence[str | None] = ("global",),
+) -> list[dict]:
     """Peak RSS of `merge_models` (base + experts, bf16) in a fresh child, above its footprint after imports.
 
     ``residuals``: the residual methods to measure (default ``ta``, and ``ties`` in the full run);
+    ``targets``: the decoupling targets (``None``: no decoupling), each with every residual;
     ``echo``: print each row as soon as it is measured."""
     experts = 2 if quick else 5
     if residuals is None:
@@ -286,12 +294,13 @@ def bench_memory(quick: bool, residuals: Sequence[str] | None = None, echo: bool
     with tempfile.TemporaryDirectory(prefix="bench-decouple-") as tmp:
         base, tuned, size = _write_checkpoints(Path(tmp), quick, experts)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        for residual in residuals:
+        for target, residual in ((t, r) for t in targets for r in residuals):
             args = {
                 "base": str(base),
                 "experts": [str(e) for e in tuned],
-                "output": str(Path(tmp) / f"out-{residual}"),
+                "output": str(Path(tmp) / f"out-{target}-{residual}"),
                 "residual": residual,
+                "target": target,
             }
             out = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True, env=env
@@ -302,7 +311,7 @@ def bench_memory(quick: bool, residuals: Sequence[str] | None = None, echo: bool
             mb = size / 1024**2
             rows.append(
                 dict(
-                    name=f"merge_models peak RSS, global+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
+                    name=f"merge_models peak RSS, {target}+{residual} ({'2' if quick else '8'} layers, bf16, {experts} experts)",
                     baseline=mb,
                     ours=res["rss_mb"],
                     ratio=res["rss_mb"] / mb,
@@ -333,8 +342,10 @@ if __name__ == "__main__":
         print(json.dumps(_child(json.loads(sys.argv[2]))))
         sys.exit(0)
     chosen = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--residuals=")]
+    targets = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--targets=")]
     if "--memory-only" in sys.argv:  # rows printed as they are measured
-        bench_memory("--quick" in sys.argv, chosen[0] if chosen else None, echo=True)
+        chosen_targets = [None if t == "none" else t for t in targets[0]] if targets else ["global"]
+        bench_memory("--quick" in sys.argv, chosen[0] if chosen else None, echo=True, targets=chosen_targets)
     else:
         for row in run(quick="--quick" in sys.argv):
             _print_row(row)

@@ -7,6 +7,7 @@ import torch
 from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from peft_orthomerge.errors import ConfigError
+from peft_orthomerge.ops import euclidean
 from peft_orthomerge.ops.registry import euclidean_methods, get_euclidean
 
 F64 = torch.float64
@@ -59,9 +60,31 @@ def test_ties(weights):
 
 
 def _dare_masks(taus, p, seed):
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand((len(taus), *taus[0].shape), generator=gen, dtype=F64) >= p
-    return [t * k / (1 - p) for t, k in zip(taus, keep)]
+    """The definition: entry j of task i kept when draw j mod CHUNK of the stream (seed, i, j // CHUNK) is >= p."""
+    out = []
+    for i, t in enumerate(taus):
+        chunks = -(-t.numel() // euclidean.DARE_CHUNK)
+        draws = torch.cat(
+            [
+                torch.rand(
+                    euclidean.DARE_CHUNK,
+                    generator=torch.Generator().manual_seed(euclidean.dare_stream_seed(seed, i, j)),
+                    dtype=F64,
+                )
+                for j in range(chunks)
+            ]
+        )
+        out.append(t * (draws[: t.numel()] >= p).view(t.shape) / (1 - p))
+    return out
+
+
+def test_dare_masks_follow_positions_across_chunks():
+    """A mask over a range that straddles chunks equals the slices of the whole-tensor mask."""
+    whole = euclidean.dare_keep(0, 3 * euclidean.DARE_CHUNK, 0.4, 11, 2)
+    part = euclidean.dare_keep(euclidean.DARE_CHUNK - 5, 2 * euclidean.DARE_CHUNK + 7, 0.4, 11, 2)
+    assert torch.equal(part, whole[euclidean.DARE_CHUNK - 5 : 2 * euclidean.DARE_CHUNK + 7])
+    assert not torch.equal(whole, euclidean.dare_keep(0, 3 * euclidean.DARE_CHUNK, 0.4, 11, 3))
+    assert 0.35 < float(whole.double().mean()) < 0.65
 
 
 def test_dare_ta_and_ties_definition_and_seed():

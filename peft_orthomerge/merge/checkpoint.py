@@ -1,8 +1,8 @@
 """Merging the tensors of a full-checkpoint plan, read from the files, for the checkpoint sink.
 
 `CheckpointMerge` is the `sinks.checkpoint.TensorJobs` of `merge_models`: it runs each
-`plan.checkpoint.TensorTask` by its route (``rows``: task arithmetic by blocks of rows straight
-from the files; ``tensor``: the base tensor in memory and the experts read one at a time;
+`plan.checkpoint.TensorTask` by its route (``rows``: task arithmetic, or a residual method with a
+row-block form, by blocks of rows straight from the files; ``tensor``: the base tensor in memory and the experts read one at a time;
 ``copy``: non-floating tensors from the base) and returns the tensor in its stored layout
 (``Conv1D`` weights transposed back) and dtype.
 """

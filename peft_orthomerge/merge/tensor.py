@@ -21,6 +21,7 @@ from ..ops.decouple import (
     DecoupleStats,
     RowSource,
     decouple_merge,
+    decouple_merge_rows,
     decouple_merge_ta_rows,
     task_arithmetic_rows,
 )
@@ -123,10 +124,28 @@ def merge_rows(
     storage: torch.dtype,
     device: torch.device,
 ) -> tuple[torch.Tensor, ModuleStats | None]:
-    """Task arithmetic on one tensor read by blocks of rows (``base`` and ``experts`` give
-    ``rows(start, stop)``): only ``in x in`` matrices and a few row blocks are alive besides the
-    output, which is in the ``storage`` dtype. Returns it and, when decoupled, its report entry."""
+    """Task arithmetic, or a residual method with a row-block form (`ops.streamed_rows`), on one
+    tensor read by blocks of rows (``base`` and ``experts`` give ``rows(start, stop)``): only
+    ``in x in`` matrices and a few row blocks per expert are alive besides the output, which is in
+    the ``storage`` dtype. Returns it and, when decoupled, its report entry."""
     rkw = options.method_kwargs
+    if options.residual != "ta":
+        out, stats = decouple_merge_rows(
+            base,
+            experts,
+            weights,
+            options.target if decoupled else None,
+            options.residual,
+            rkw,
+            options.solver,
+            generator=options.generator(name, device),
+            name=name,
+            dtype=options.dtype,
+            out_dtype=storage,
+            device=device,
+        )
+        entry = decoupled_stats(name, stats, stats.merged_delta_norm) if decoupled else None
+        return to_output(out, storage), entry
     if not decoupled:
         out, _ = task_arithmetic_rows(
             base, experts, weights, rkw, name=name, dtype=options.dtype, out_dtype=storage, device=device

@@ -20,8 +20,10 @@ Defaults (the paper's setup):
   agreeing with it (disjoint mean), times ``lam`` (1.0). See `ties` for how weights enter.
 - ``"dare_ta"`` / ``"dare_ties"``: drop each entry with probability ``p`` (0.5), rescale the
   survivors by ``1/(1-p)``, then TA (``lam`` default ``1/N``) or TIES' sign election and disjoint
-  mean (no magnitude trim; ``lam`` 1.0). Seeded: ``generator``, else ``torch.Generator`` seeded
-  with ``seed`` (0), so results are reproducible.
+  mean (no magnitude trim; ``lam`` 1.0). Seeded: each entry's keep draw comes from a stream
+  seeded by ``generator``'s initial seed (else ``seed``, 0), the task and the entry's chunk of
+  `DARE_CHUNK` positions (`dare_keep`), so results are reproducible and the same whole, by row
+  blocks or on several processes.
 - ``"tsvm"`` (TSV-M): per matrix ``(m, n)`` each task keeps its top ``k = max(1, min(m, n) // N)``
   singular triplets (singular values scaled by ``N w_i``); the concatenated ``U`` and ``V`` are
   replaced by their polar factors; merged ``= lam * U diag(S) V^T`` with ``lam`` 1.0. 1-D (and
@@ -31,9 +33,10 @@ Defaults (the paper's setup):
 and consume it one at a time (see `registry.merge_iter`); the others stack their inputs.
 
 Magnitude trimming (`trim_magnitude`) is PEFT's `peft.utils.merge_utils.magnitude_based_pruning`
-(top-k by ``torch.topk``) except that it keeps at least one entry; sign election and disjoint mean
-follow PEFT's helpers, written task by task (`_sign_elect_mean`). `ops.streamed` has the same
-methods with one task vector alive at a time.
+(top-k) except that it keeps at least one entry and breaks ties by position (`trim_magnitude`);
+sign election and disjoint mean follow PEFT's helpers, written task by task (`sign_elect_mean`).
+`ops.streamed` has the same methods with one task vector alive at a time, `ops.streamed_rows`
+with a few blocks of rows alive.
 """
 
 from __future__ import annotations
@@ -68,51 +71,79 @@ def relative_weights(weights: Sequence[float]) -> list[float]:
     return [len(weights) * float(x) for x in weights]
 
 
+def top_k_count(numel: int, density: float) -> int:
+    """TIES' kept count per task: ``k = min(numel, max(1, int(density * numel)))`` (at least one entry)."""
+    return min(numel, max(1, int(density * numel)))
+
+
+def magnitude_threshold(x: torch.Tensor, k: int) -> tuple[float, int]:
+    """The ``k``-th largest magnitude ``v`` of ``x`` and how many entries equal to ``v`` the trim keeps
+    (``k`` minus the number of entries above ``v``)."""
+    a = x.abs().reshape(-1)
+    v = torch.kthvalue(a, a.numel() - k + 1).values
+    return float(v), k - int((a > v).sum())
+
+
+def trim_to_threshold_(x: torch.Tensor, threshold: float, ties: int) -> int:
+    """Zero, in place, every entry of the contiguous ``x`` with magnitude below ``threshold`` and all but
+    the first ``ties`` (flat order) equal to it; returns how many equal entries it kept. Applied to the
+    consecutive pieces of one tensor in order, with ``ties`` reduced by each piece's return, it trims
+    the pieces exactly as the whole tensor (`trim_magnitude`)."""
+    a = x.abs()
+    x.masked_fill_(a < threshold, 0)
+    equal = (a == threshold).view(-1).nonzero().view(-1)
+    del a
+    if equal.numel() > ties:
+        x.view(-1)[equal[max(ties, 0) :]] = 0
+    return min(max(ties, 0), equal.numel())
+
+
 def trim_magnitude_(x: torch.Tensor, density: float) -> torch.Tensor:
-    """`trim_magnitude` in place: ``x`` with all but its top ``k`` entries by magnitude set to 0."""
+    """`trim_magnitude` in place (``x`` contiguous): all but its top ``k`` entries by magnitude set to 0."""
     if density >= 1:
         return x
-    flat = x.view(-1)
-    k = min(flat.numel(), max(1, int(density * flat.numel())))
-    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat.abs(), k=k, largest=True).indices] = True
-    return x.masked_fill_(keep.logical_not_().view(x.shape), 0)
+    threshold, ties = magnitude_threshold(x, top_k_count(x.numel(), density))
+    trim_to_threshold_(x, threshold, ties)
+    return x
 
 
 def trim_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
     """TIES' trim of one task vector: a new tensor keeping its top ``k = max(1, int(density * numel))``
-    entries by magnitude (``torch.topk``, as PEFT's ``magnitude_based_pruning``, which keeps none when
-    ``density * numel < 1``), zeros (+0.0) elsewhere; ``x`` itself when ``density >= 1``."""
+    entries by magnitude, zeros (+0.0) elsewhere; ``x`` itself when ``density >= 1``.
+
+    The kept set is every entry above the ``k``-th largest magnitude ``v`` and, of the entries equal
+    to ``v``, the first ones in flat (row-major) order: a definite rule for ties, which a trim by
+    blocks of rows (`streamed_rows`) reproduces exactly. Without ties this is ``torch.topk``'s set,
+    as PEFT's ``magnitude_based_pruning`` (which keeps none when ``density * numel < 1``)."""
     return x if density >= 1 else trim_magnitude_(x.clone(memory_format=torch.contiguous_format), density)
 
 
-def seeded_generator(generator: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
-    """``generator``, else a new ``torch.Generator`` on ``device`` seeded with ``seed``."""
-    if generator is not None:
-        return generator
-    return torch.Generator(device=device).manual_seed(int(seed))
-
-
-def _sign_elect_mean(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+def sign_elect_mean(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES' sign election (summed weighted mass) and disjoint mean over agreeing non-zero entries.
 
-    The same formula as PEFT's ``calculate_majority_sign_mask(method="total")`` + ``disjoint_merge``
-    (ties to the sign go to +), computed task by task so that no second stack-sized tensor exists.
-    ``stack`` (the caller's own copy) is overwritten with the weighted task vectors."""
-    weighted = stack.mul_(_relative(weights, stack))
-    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    total = torch.zeros_like(majority)
-    count = torch.zeros_like(majority)
-    for task in weighted:
-        agree = (task.sign() == majority).to(task.dtype)  # sign 0 (a dropped / trimmed entry) never agrees
-        total.addcmul_(task, agree)
+    ``terms`` are the weighted (trimmed or dropped) task vectors ``N w_i t_i`` of one tensor or one
+    block of it; the result is a new tensor. The same formula as PEFT's
+    ``calculate_majority_sign_mask(method="total")`` + ``disjoint_merge``: the sign per entry is that
+    of the summed mass (ties to +), sign 0 (a dropped / trimmed entry) never agrees, and the
+    agreeing entries are averaged over their count. Elementwise, so blocks of rows merge
+    independently."""
+    mass = terms[0].clone()
+    for term in terms[1:]:
+        mass.add_(term)
+    positive = mass >= 0
+    del mass
+    total = torch.zeros_like(terms[0])
+    count = torch.zeros(positive.shape, dtype=torch.uint8 if len(terms) < 256 else torch.int32, device=positive.device)
+    for term in terms:
+        agree = torch.where(positive, term > 0, term < 0)
         count.add_(agree)
+        total.addcmul_(term, agree.to(term.dtype))
         del agree
-    return total.div_(count.clamp_(min=1.0))
+    return total.div_(count.clamp_(min=1).to(total.dtype))
 
 
 def _weighted_sum(task_vectors: Iterable[torch.Tensor], weights: Sequence[float], transform=None) -> torch.Tensor:
-    """``sum_i (N w_i) transform(tau_i)``, consuming ``task_vectors`` once, in order: only the
+    """``sum_i (N w_i) transform(i, tau_i)``, consuming ``task_vectors`` once, in order: only the
     accumulator and the current term are alive (a generator of task vectors streams)."""
     count = len(weights)
     acc: torch.Tensor | None = None
@@ -120,7 +151,7 @@ def _weighted_sum(task_vectors: Iterable[torch.Tensor], weights: Sequence[float]
     for tau in task_vectors:
         if seen >= count:
             raise ConfigError(f"got {count} weights for more task vectors")
-        term = tau if transform is None else transform(tau)
+        term = tau if transform is None else transform(seen, tau)
         coeff = count * float(weights[seen])
         if acc is None:
             acc = term * coeff  # a new tensor: the caller's task vector is never modified
@@ -179,23 +210,56 @@ def ties(
     if density < 1:
         for i in range(stack.shape[0]):  # in place, one task at a time
             stack[i] = trim_magnitude(stack[i], density)
-    return float(lam) * _sign_elect_mean(stack, weights)
+    return float(lam) * sign_elect_mean(list(stack.mul_(_relative(weights, stack)).unbind(0)))
 
 
-def dare_drop(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """DARE on one task vector ``x``: keep each entry with probability ``1 - p``, rescale by ``1/(1-p)``."""
-    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float64) >= p
+DARE_CHUNK = 1 << 16  # DARE draws its keep mask in chunks of this many flat entries, one seeded stream each
+
+
+def dare_stream_seed(seed: int, task: int, chunk: int) -> int:
+    """The seed of DARE's random stream for chunk ``chunk`` of task ``task`` (splitmix64 of the three)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(task) * 0xBF58476D1CE4E5B9 + int(chunk)) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def dare_keep(start: int, stop: int, p: float, seed: int, task: int) -> torch.Tensor:
+    """DARE's keep mask (CPU, bool) of the flat entries ``[start, stop)`` of task ``task``'s vector.
+
+    Entry ``j`` is kept when ``u_j >= p``, with ``u_j`` the ``(j mod DARE_CHUNK)``-th float64 of
+    ``torch.rand`` from a CPU generator seeded with `dare_stream_seed` ``(seed, task, j // DARE_CHUNK)``:
+    a function of the entry's position alone, so a tensor dropped whole, by blocks of rows of any
+    size, or on any number of processes gets the same mask. (Not the numbers of one ``torch.rand``
+    over the whole tensor: masks differ from such a draw, with the same distribution.)"""
+    parts = []
+    for chunk in range(start // DARE_CHUNK, (stop - 1) // DARE_CHUNK + 1):
+        gen = torch.Generator().manual_seed(dare_stream_seed(seed, task, chunk))
+        u = torch.rand(DARE_CHUNK, generator=gen, dtype=torch.float64)
+        lo, hi = max(start, chunk * DARE_CHUNK), min(stop, (chunk + 1) * DARE_CHUNK)
+        parts.append(u[lo - chunk * DARE_CHUNK : hi - chunk * DARE_CHUNK] >= p)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def dare_seed(generator: torch.Generator | None, seed: int) -> int:
+    """The seed of DARE's masks: ``generator``'s initial seed, else ``seed``."""
+    return int(generator.initial_seed()) if generator is not None else int(seed)
+
+
+def dare_drop(x: torch.Tensor, p: float, seed: int, task: int, offset: int = 0) -> torch.Tensor:
+    """DARE on ``x``, the flat entries ``[offset, offset + x.numel())`` of task ``task``'s vector: a new
+    tensor keeping each entry by `dare_keep`, rescaled by ``1/(1-p)``."""
+    keep = dare_keep(offset, offset + x.numel(), p, seed, task).to(x.device).view(x.shape)
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
 def _dare_drop(stack: torch.Tensor, p: float, generator: torch.Generator | None, seed: int) -> torch.Tensor:
-    """DARE on each task of ``stack`` (overwritten), masks drawn task by task as in `dare_ta`."""
+    """DARE on each task of ``stack`` (overwritten), task ``i``'s mask from `dare_keep`."""
     p = DROP.check("p", p)
     if p == 0:
         return stack
-    gen = seeded_generator(generator, seed, stack.device)
     for i in range(stack.shape[0]):
-        stack[i] = dare_drop(stack[i], p, gen)
+        stack[i] = dare_drop(stack[i], p, dare_seed(generator, seed), i)
     return stack
 
 
@@ -212,19 +276,15 @@ def dare_ta(
 ):
     """DARE + TA, per tensor: drop with probability ``p`` (0.5), rescale ``1/(1-p)``, then TA (``lam`` 1/N).
 
-    Linear: the masks are drawn task by task from one generator (on the CPU the same numbers as
-    one draw for the stacked tasks, which `dare_ties` makes), so ``task_vectors`` may be any
-    iterable, consumed one at a time."""
+    Linear: each task's mask is a function of its entries' positions (`dare_keep`, seeded by
+    ``generator``'s initial seed, else ``seed``), so ``task_vectors`` may be any iterable, consumed one
+    at a time."""
     p = DROP.check("p", p)
     lam = _ta_lam(len(weights), lam)
-    gen: list[torch.Generator] = []  # created on the first task vector's device
+    stream = dare_seed(generator, seed)
 
-    def drop(tau: torch.Tensor) -> torch.Tensor:
-        if p == 0:
-            return tau
-        if not gen:
-            gen.append(seeded_generator(generator, seed, tau.device))
-        return dare_drop(tau, p, gen[0])
+    def drop(i: int, tau: torch.Tensor) -> torch.Tensor:
+        return tau if p == 0 else dare_drop(tau, p, stream, i)
 
     return _weighted_sum(task_vectors, weights, drop).mul_(lam)
 
@@ -240,9 +300,11 @@ def dare_ties(
     lam: float = 1.0,
     seed: int = 0,
 ):
-    """DARE + TIES, per tensor: drop ``p`` (0.5) and rescale, sign election, disjoint mean, ``lam`` (1.0)."""
+    """DARE + TIES, per tensor: drop ``p`` (0.5) and rescale, sign election, disjoint mean, ``lam`` (1.0).
+
+    Masks as `dare_ta` (`dare_keep`)."""
     stack = _dare_drop(_stack(task_vectors, weights), p, generator, seed)
-    return float(lam) * _sign_elect_mean(stack, weights)
+    return float(lam) * sign_elect_mean(list(stack.mul_(_relative(weights, stack)).unbind(0)))
 
 
 @register_euclidean("tsvm")

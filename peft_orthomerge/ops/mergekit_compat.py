@@ -44,7 +44,7 @@ from typing import Annotated
 import torch
 
 from ..errors import ConfigError
-from .euclidean import DENSITY, seeded_generator, trim_magnitude
+from .euclidean import DENSITY, dare_keep, dare_seed, trim_magnitude
 from .fisher_rao import POSITIVE, log_coefficients
 from .registry import Range, register_euclidean
 
@@ -57,11 +57,14 @@ def _weights(task_vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return [float(w) for w in weights]
 
 
-def random_keep(tau: torch.Tensor, density: float, rescale: bool, gen: torch.Generator) -> torch.Tensor:
-    """Keep each entry of ``tau`` with probability ``density``; with ``rescale``, match its L1 norm."""
+def random_keep(tau: torch.Tensor, density: float, rescale: bool, seed: int, task: int) -> torch.Tensor:
+    """Keep each entry of ``tau`` with probability ``density``; with ``rescale``, match its L1 norm.
+
+    The mask is `euclidean.dare_keep` of task ``task`` (a function of each entry's position and the
+    seed, the same masks as this library's DARE with drop probability ``1 - density``)."""
     if density >= 1:
         return tau
-    keep = torch.rand(tau.shape, generator=gen, device=tau.device, dtype=torch.float64) < density
+    keep = dare_keep(0, tau.numel(), 1.0 - density, seed, task).to(tau.device).view(tau.shape)
     kept = tau * keep.to(tau.dtype)
     if not rescale:
         return kept
@@ -117,8 +120,8 @@ def mergekit_ties(
 def _dare(task_vectors, weights, generator, density, rescale, seed) -> tuple[list[torch.Tensor], list[float]]:
     w = _weights(task_vectors, weights)
     density = DENSITY.check("density", density)
-    gen = seeded_generator(generator, seed, task_vectors[0].device) if density < 1 else None
-    return [random_keep(tau, density, rescale, gen) for tau in task_vectors], w
+    mask_seed = dare_seed(generator, seed)
+    return [random_keep(tau, density, rescale, mask_seed, i) for i, tau in enumerate(task_vectors)], w
 
 
 @register_euclidean("mergekit_dare_ties")

@@ -11,13 +11,13 @@ Each function here computes the registered method of the same name (`ops.euclide
 with the same signature, except that ``task_vectors`` is a task source; results agree with the
 in-memory methods to rounding (tested to 1e-10 relative):
 
-- ``ties``: pass 1 trims each task (`euclidean.trim_magnitude`: ``torch.topk`` on that task alone)
-  (in place for a `FreshTasks` source)
+- ``ties``: pass 1 trims each task (`euclidean.trim_magnitude`, on that task alone; in place for a
+  `FreshTasks` source)
   and sums the weighted mass ``sum_i N w_i trim(tau_i)``, kept only as its sign; pass 2 trims again
   and accumulates the agreeing weighted entries and their count.
-- ``dare_ties``: the same two passes with the DARE drop instead of the trim; the masks are drawn
-  task by task from one generator, as `euclidean.dare_ties` draws them, and replayed in pass 2
-  from the generator's saved state, so they are identical to the in-memory method's.
+- ``dare_ties``: the same two passes with the DARE drop instead of the trim; each mask is a function
+  of the task and the entries' positions (`euclidean.dare_keep`), so both passes and the in-memory
+  method draw the same one.
 - ``tsvm``: per task an SVD of that task alone, of which only the kept ``k`` triplets stay.
 - ``fisher_rao`` (`streamed_fisher`): the spherical Karcher iteration of
   `fisher_rao.spherical_karcher_mean`, each iteration one pass over the (recomputed) inputs,
@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from . import streamed_fisher
-from .euclidean import DENSITY, DROP, dare_drop, relative_weights, seeded_generator, trim_magnitude, trim_magnitude_
+from .euclidean import DENSITY, DROP, dare_drop, dare_seed, relative_weights, trim_magnitude, trim_magnitude_
 from .procrustes import polar_svd
 
 TaskSource = Callable[[], Iterable[torch.Tensor]]
@@ -138,19 +138,12 @@ def dare_ties(
     lam: float = 1.0,
     seed: int = 0,
 ):
-    """`euclidean.dare_ties` on a task source: the same masks, replayed in the second pass (module docstring)."""
+    """`euclidean.dare_ties` on a task source: the same masks (`euclidean.dare_keep`) in both passes."""
     p = DROP.check("p", p)
-    state: list = []  # [generator, its state before the first draw]
+    stream = dare_seed(generator, seed)
 
     def drop(i: int, tau: torch.Tensor) -> torch.Tensor:
-        if p == 0:
-            return tau
-        if not state:
-            gen = seeded_generator(generator, seed, tau.device)
-            state.extend([gen, gen.get_state()])
-        if i == 0:  # each pass draws the masks again from the same start
-            state[0].set_state(state[1])
-        return dare_drop(tau, p, state[0])
+        return tau if p == 0 else dare_drop(tau, p, stream, i)
 
     return _sign_elect_mean(task_vectors, weights, drop).mul_(float(lam))
 

@@ -6,9 +6,10 @@ of a multi-process merge, so each rank can take its share of the `TensorTask` li
 Each task records its decoupling driver (`ops.decouple.decoupling_path`, where that choice is
 made) and its route (how a tensor reaches the math):
 
-- ``"rows"``: task arithmetic straight from the files by blocks of rows, never a whole tensor in
-  memory (`merge.tensor.merge_rows`): every TA tensor that is not decoupled, and decoupled weights
-  on the row-block path stored in torch layout;
+- ``"rows"``: straight from the files by blocks of rows, never a whole tensor in memory
+  (`merge.tensor.merge_rows`): task arithmetic and the residual methods with a row-block form
+  (`ops.streamed_rows`) on every tensor that is not decoupled (that the method `fits`), and decoupled weights in torch
+  layout on the row-block path (TA) or, for those methods, with ``out >= in``;
 - ``"tensor"``: the base tensor in memory and the experts read one at a time
   (`merge.tensor.merge_tensor`): everything else that is floating point;
 - ``"copy"``: non-floating tensors, copied from the base.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..ops.decouple import decoupling_path
+from ..ops.streamed_rows import fits, row_method
 from ..sources.layout import conv1d_weight_names
 from ..sources.tensors import TensorReader
 from .options import DecoupleOptions
@@ -83,14 +85,21 @@ def _path(floating: bool, decoupled: bool, shape: tuple[int, ...], options: Deco
     return decoupling_path(shape, options.target, options.residual, options.method_kwargs, given=given)
 
 
-def _route(path: str, transposed: bool, options: DecoupleOptions, shape: tuple[int, ...]) -> str:
-    """``rows`` where task arithmetic can read the files by blocks of rows: every TA tensor merged
-    without rotation, and the row-block decoupling path on a weight stored in torch layout."""
+def _route(path: str, transposed: bool, options: DecoupleOptions, shape: tuple[int, ...], given: bool) -> str:
+    """``rows`` where the merge can read the files by blocks of rows: every TA tensor merged without
+    rotation, the row-block decoupling path on a weight stored in torch layout, and for a residual
+    method with a row-block form (`ops.streamed_rows`) every tensor merged without rotation and
+    every decoupled weight in torch layout with ``out >= in`` (its ``in x in`` matrices per task are
+    at most the size of the weight) unless an expert brings its own rotation (``given``: the
+    row-block residual driver solves Procrustes rotations only, so those weights stay whole)."""
     if path == "copy":
         return "copy"
     if path == "rows" and not transposed:
         return "rows"
-    if path == "euclidean" and options.residual == "ta" and shape:
+    rows_form = row_method(options.residual) is not None and fits(options.residual, shape)
+    if path == "euclidean" and shape and (options.residual == "ta" or rows_form):
+        return "rows"
+    if path == "dense" and not given and not transposed and rows_form and shape[0] >= shape[1]:
         return "rows"
     return "tensor"
 
@@ -126,8 +135,9 @@ def plan_checkpoint(
             and (not include or any(p.search(name) for p in include))
             and not any(p.search(name) for p in exclude)
         )
-        path = _path(base.dtype(name).is_floating_point, decoupled, shape, options, name in rotated)
-        route = _route(path, transposed, options, shape)
+        given = name in rotated
+        path = _path(base.dtype(name).is_floating_point, decoupled, shape, options, given)
+        route = _route(path, transposed, options, shape, given)
         cost = estimate_cost(shape, decoupled=decoupled)
         tasks.append(TensorTask(name, shape, decoupled, transposed, path, route, cost))
     return tasks

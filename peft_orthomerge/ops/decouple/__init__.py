@@ -56,7 +56,7 @@ reduced basis), `stats` (`DecoupleStats`, the so(in) skew sum and magnitude fact
 from .dense import decouple_merge
 from .given import BlockRotation
 from .paths import PATHS, decoupling_path
-from .rows import RowSource, TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
+from .rows import RowSource, TensorRows, decouple_merge_rows, decouple_merge_ta_rows, task_arithmetic_rows
 from .solve import iter_procrustes, procrustes_batch, procrustes_rotation
 from .stats import DecoupleStats
 from .targets import TARGETS
@@ -69,6 +69,7 @@ __all__ = [
     "RowSource",
     "TensorRows",
     "decouple_merge",
+    "decouple_merge_rows",
     "decouple_merge_ta_rows",
     "decoupling_path",
     "iter_procrustes",

@@ -84,7 +84,9 @@ def _residuals(
     """``rho_i = W_i - W0 @ P_i`` in expert order (``rho_i = tau_i`` where the target is the
     base: ``P_i = I``; ``P_i`` of ``given[i]`` where an expert brings its rotation, whatever the
     target); one expert's rotation, basis and full weight are alive at a time. With ``rots`` (a
-    list) each rotation (``None`` for ``P_i = I``) is appended to it, for `_replay`."""
+    list) each rotation (``None`` for ``P_i = I``) is appended to it, for `_replay`, or a copy of
+    the residual itself where it is smaller than an ``in x in`` matrix (wide weights:
+    ``down_proj``, GQA ``k``/``v``), which `_replay` then hands out again."""
     pending, solved = feed
     for i in range(count):
         f = full(i)
@@ -100,24 +102,30 @@ def _residuals(
                 stats.skew_norms[i] = skew.add(rot, info, weights[i], base, name)
             else:
                 del t
-        if rots is not None:
-            rots.append(rot)
         if rot is None:
             rho = f - base
+            if rots is not None:
+                rots.append(None)
         else:
             rho = rot.rotate_base(base)
             stats.orth_part_norms[i] = diff_norm(rho, base)
             rho.neg_().add_(f)  # W_i - W0 @ P_i, in place (the same rounding as f - rotated)
-        del f, rot
+            if rots is not None:  # the smaller of the residual and the rotation
+                rots.append(rho.clone() if rho.numel() < base.shape[1] ** 2 else rot)
+            del rot
+        del f
         stats.residual_norms.append(float(torch.linalg.matrix_norm(rho)))
         yield rho
         del rho
 
 
 def _replay(base: torch.Tensor, full: Callable[[int], torch.Tensor], rots: list) -> Iterator[torch.Tensor]:
-    """The residuals of `_residuals` again, from its kept rotations ``rots`` (no solve, no
+    """The residuals of `_residuals` again, from its kept rotations or residuals ``rots`` (no solve, no
     statistics): the same operations on the same inputs, so the same values."""
     for i, rot in enumerate(rots):
+        if isinstance(rot, torch.Tensor):  # the kept residual: a fresh copy (the method may overwrite it)
+            yield rot.clone()
+            continue
         f = full(i)
         if rot is None:
             rho = f - base
@@ -173,7 +181,8 @@ def decouple_merge(
     ``fisher_rao``) makes several passes: the first solves and keeps each rotation (``in x in`` or
     its reduced factors), the later ones recompute ``rho_i = W_i - W0 @ P_i`` from it and the
     expert (re-read), so besides the base, the rotations and the method's accumulators only one
-    residual is alive. Any other method gets the residuals as a list.
+    residual is alive; where a residual is smaller than an ``in x in`` matrix (``out < in``) the
+    residual itself is kept instead of its rotation. Any other method gets the residuals as a list.
     """
     _check_inputs(w0, experts, weights, target, solver, name)
     given = [None] * len(experts) if given is None else list(given)

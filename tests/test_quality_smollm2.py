@@ -25,7 +25,15 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path):
         pytest.skip(f"SmolLM2 wheel unavailable: {exc}")
     torch.set_num_threads(1)
     cfg = dataclasses.replace(
-        TrainConfig(), layers=2, tasks=("add",), kinds=("oft",), train_examples=8, steps=3, batch=4, save_every=1
+        TrainConfig(),
+        layers=2,
+        tasks=("add",),
+        kinds=("oft",),
+        train_examples=8,
+        steps=3,
+        batch=4,
+        save_every=1,
+        log_every=1,  # the progress message is the interruption point
     )
 
     def stop_at_two(message: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from peft_orthomerge.compare import available_methods
+
 from .experiment import SCALING
 
 HERE = Path(__file__).resolve().parent
@@ -24,11 +26,13 @@ def _rows(results: dict, kind: str, tasks: list[str]) -> list[tuple[str, dict]]:
     merged = "+".join(tasks)
     out = [("base", rows["base|base|"])] if "base|base|" in rows else []
     out += [(f"single: {t}", rows[k]) for t in tasks if (k := f"{kind}|single|{t}") in rows]
+    order = available_methods(kind)
+    found = {}
     for key, row in rows.items():
         k, method, subset = key.split("|")
         if k == kind and method != "single" and subset == merged:
-            out.append((method, row))
-    return out
+            found[method] = row
+    return out + sorted(found.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
 
 
 def _average(row: dict, tasks: list[str], suffix: str = "") -> float:
@@ -138,6 +142,8 @@ def write_plot(results: dict, tasks: list[str], path: Path) -> None:
     ax = axes[1][1]
     norms = results.get("norms", {})
     modules = list(norms)
+    if not modules:
+        ax.text(0.5, 0.5, "not computed yet (needs every LoRA adapter)", ha="center", transform=ax.transAxes)
     for i, part in enumerate(("orthogonal", "residual", "task_vector")):
         ax.bar([j + 0.27 * (i - 1) for j in range(len(modules))], [norms[m][part] for m in modules], 0.27, label=part)
     ax.set_xticks(range(len(modules)), [f"{m}_proj" for m in modules])

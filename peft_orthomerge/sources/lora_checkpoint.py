@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 
 from ..errors import IncompatibleInputsError
+from .adapted import AdaptedCheckpoint
 from .lora import LoraAdapter
 from .tensors import TensorReader
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(AdaptedCheckpoint):
     """``base`` with ``adapter`` applied, tensor by tensor (module docstring); ``conv1d``: the
     names of weights stored ``(in, out)``."""
 
     def __init__(self, base: TensorReader, adapter: LoraAdapter, conv1d: Iterable[str] = ()) -> None:
-        self.base, self.adapter = base, adapter
+        super().__init__(base)
+        self.adapter = adapter
         self.conv1d = set(conv1d)
         self.files = [Path(adapter.label)]
         self._weights = {f"{key}.weight": key for key in adapter.modules}
@@ -51,18 +53,6 @@ class LoraCheckpoint:
                     path=self.adapter.label,
                     tensor=key,
                 )
-
-    def keys(self) -> list[str]:
-        return self.base.keys()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.base
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.base.shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.base.dtype(key)
 
     def changes(self, key: str) -> bool:
         """Whether the adapter changes tensor ``key``."""

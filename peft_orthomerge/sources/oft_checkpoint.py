@@ -26,16 +26,18 @@ from ..errors import IncompatibleInputsError
 from ..ops.decouple import BlockRotation
 from ..ops.oft_fold import fold_weight
 from ..ops.skew import peft_rotation, vec_to_skew
+from .adapted import AdaptedCheckpoint
 from .oft import OftAdapter, base_name
 from .tensors import TensorReader
 
 
-class OftCheckpoint:
+class OftCheckpoint(AdaptedCheckpoint):
     """``base`` with ``adapter`` applied, tensor by tensor (module docstring); ``conv1d``: the
     names of weights stored ``(in, out)`` (GPT-2 ``Conv1D``), which an OFT adapter may not target here."""
 
     def __init__(self, base: TensorReader, adapter: OftAdapter, conv1d: Iterable[str] = ()) -> None:
-        self.base, self.adapter = base, adapter
+        super().__init__(base)
+        self.adapter = adapter
         self.files = [Path(adapter.label)]
         self._modules = {f"{name}.weight": name for name in adapter.modules}
         self._replaced = {base_name(key): key for key in adapter.passthrough}
@@ -69,18 +71,6 @@ class OftCheckpoint:
                     f"saved tensor of shape {saved} has no counterpart {name!r} of that shape in the base checkpoint",
                     path=label, tensor=key, hint="Was this adapter trained on another base model?",
                 )  # fmt: skip
-
-    def keys(self) -> list[str]:
-        return self.base.keys()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.base
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.base.shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.base.dtype(key)
 
     def changes(self, key: str) -> bool:
         """Whether the adapter changes tensor ``key``."""

@@ -56,7 +56,8 @@ reduced basis), `stats` (`DecoupleStats`, the so(in) skew sum and magnitude fact
 from .dense import decouple_merge
 from .given import BlockRotation
 from .paths import PATHS, decoupling_path
-from .rows import RowSource, TensorRows, decouple_merge_rows, decouple_merge_ta_rows, task_arithmetic_rows
+from .residual_rows import decouple_merge_rows
+from .rows import RowSource, TensorRows, decouple_merge_ta_rows, task_arithmetic_rows
 from .solve import iter_procrustes, procrustes_batch, procrustes_rotation
 from .stats import DecoupleStats
 from .targets import TARGETS

@@ -1,4 +1,4 @@
-"""Decoupled merging by row blocks (the Gram path): task arithmetic, and the other residual methods.
+"""Decoupled merging by row blocks (the Gram path): task arithmetic.
 
 Conventions as in `peft_orthomerge.ops.decouple`: torch layout, ``W`` is ``(out, in)``; a rotation ``P`` (``in x in``)
 acts on the input side, ``W0 @ P``. This path serves ``residual="ta"`` on weights with
@@ -31,11 +31,7 @@ memory at the ``in x in`` matrices (``G``, one ``E_i`` per task) plus a few row 
 ``out`` is: a 128k-row embedding costs no more memory than its blocks. Inputs are tensors or any
 `RowSource` (``shape`` and ``rows(start, stop)``), e.g. a reader over a safetensors file.
 
-`decouple_merge_rows` serves the residual methods with a row-block form (`streamed_rows`: TIES,
-DARE, TSV-M, Fisher-Rao) the same way: steps 1-3 as above keep ``D_i = P_i - I`` per task
-(``in x in``), the method makes its passes over ``rho_i = tau_i - W0 @ D_i`` recomputed block by
-block from the sources, and a last pass writes ``W0 + W0 @ (R - I) + merged(rho)``; with
-``target=None`` (``P_i = I``) it merges ``tau_i`` of a tensor of any shape.
+`residual_rows.decouple_merge_rows` serves the other residual methods with the same passes.
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ from ..cayley import inverse_cayley_lu
 from ..closest_polar import RANK_RTOL, closest_polar
 from ..euclidean import ta_coefficients
 from ..procrustes import PolarResult, check_solver, resolve_solver
-from ..streamed_rows import row_blocks, row_method, row_numel
+from ..streamed_rows import row_numel
 from .stats import DecoupleStats, magnitude_factor
 from .targets import conflict_rows
 
@@ -77,11 +73,11 @@ class TensorRows:
         return self.tensor[start:stop]
 
 
-def _source(x: torch.Tensor | RowSource) -> RowSource:
+def as_row_source(x: torch.Tensor | RowSource) -> RowSource:
     return TensorRows(x) if isinstance(x, torch.Tensor) else x
 
 
-def _block_rows(n_in: int, element_bytes: int, block_bytes: int | None) -> int:
+def block_rows(n_in: int, element_bytes: int, block_bytes: int | None) -> int:
     """Rows per block: ``block_bytes`` (default `BLOCK_BYTES`) of ``n_in`` elements each, at least one."""
     budget = BLOCK_BYTES if block_bytes is None else block_bytes
     return max(1, budget // max(1, n_in * element_bytes))
@@ -129,18 +125,18 @@ def task_arithmetic_rows(
     """Plain task arithmetic ``W0 + sum_i c_i (W_i - W0)`` of a tensor of any shape, by blocks along
     dim 0 (no rotation: ``target=None``, norms, biases; at least 1-D). Returns the merged tensor in ``out_dtype``
     (default ``dtype``) and ``||out - W0||_F`` before that cast."""
-    base = _source(w0)
-    sources = [_source(e) for e in experts]
-    _check_shapes(base, sources, name)
+    base = as_row_source(w0)
+    sources = [as_row_source(e) for e in experts]
+    check_row_shapes(base, sources, name)
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     device = torch.device(device if device is not None else (w0.device if isinstance(w0, torch.Tensor) else "cpu"))
     if not base.shape:
         raise ConfigError("task_arithmetic_rows needs a tensor of at least one dimension", tensor=name)
-    step = _block_rows(row_numel(base.shape), torch.finfo(dtype).bits // 8, block_bytes)
-    return _combine_rows(base, sources, coeffs, None, _loader(device, dtype, name), step, out_dtype or dtype)
+    step = block_rows(row_numel(base.shape), torch.finfo(dtype).bits // 8, block_bytes)
+    return _combine_rows(base, sources, coeffs, None, row_loader(device, dtype, name), step, out_dtype or dtype)
 
 
-def _check_shapes(base: RowSource, sources: list[RowSource], name: str | None) -> None:
+def check_row_shapes(base: RowSource, sources: list[RowSource], name: str | None) -> None:
     for src in sources:
         if tuple(src.shape) != tuple(base.shape):
             raise IncompatibleInputsError(
@@ -148,7 +144,7 @@ def _check_shapes(base: RowSource, sources: list[RowSource], name: str | None) -
             )
 
 
-def _loader(device: torch.device, dtype: torch.dtype, name: str | None):
+def row_loader(device: torch.device, dtype: torch.dtype, name: str | None):
     """``load(src, start, stop)``: rows of ``src`` in ``dtype`` on ``device``, NaN/Inf refused."""
 
     def load(src: RowSource, start: int, stop: int) -> torch.Tensor:
@@ -160,7 +156,7 @@ def _loader(device: torch.device, dtype: torch.dtype, name: str | None):
     return load
 
 
-def _check_rows_inputs(
+def check_rows_inputs(
     base: RowSource, sources: list[RowSource], weights: Sequence[float], target: str, solver: str, name: str | None
 ) -> None:
     if target not in ("global", "conflict"):
@@ -176,7 +172,7 @@ def _check_rows_inputs(
             )
 
 
-def _gram_pass(
+def gram_pass(
     base: RowSource,
     sources: list[RowSource],
     weights: list[float],
@@ -222,7 +218,7 @@ def _gram_pass(
     return gram, cross, masked, tau_sq
 
 
-def _task_rotations(
+def task_rotations(
     gram: torch.Tensor,
     cross: list,
     masked: list | None,
@@ -280,7 +276,7 @@ def _task_rotations(
     return skew_sum, total, d_sum
 
 
-def _merged_correction(
+def merged_correction(
     d_sum: torch.Tensor, skew_sum: torch.Tensor | None, total: float, stats: DecoupleStats
 ) -> torch.Tensor:
     """``X = (R - I) - sum_i c_i (P_i - I)`` with ``R = cayley(c S)``, ``R - I = 2 (I - Q)^-1 Q``
@@ -320,9 +316,9 @@ def decouple_merge_ta_rows(
     in ``out_dtype`` (default ``dtype``) and ``stats.merged_delta_norm`` is ``||out - W0||_F``
     before that cast. See the module docstring for the formulas.
     """
-    base = _source(w0)
-    sources = [_source(e) for e in experts]
-    _check_rows_inputs(base, sources, weights, target, solver, name)
+    base = as_row_source(w0)
+    sources = [as_row_source(e) for e in experts]
+    check_rows_inputs(base, sources, weights, target, solver, name)
     if device is None:
         device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -332,117 +328,16 @@ def decouple_merge_ta_rows(
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     # the conflict target holds every task vector of a block at once: smaller blocks
     share = len(sources) if target == "conflict" else 1
-    step = max(1, _block_rows(base.shape[1], torch.finfo(dtype).bits // 8, block_bytes) // share)
-    load = _loader(device, dtype, name)
+    step = max(1, block_rows(base.shape[1], torch.finfo(dtype).bits // 8, block_bytes) // share)
+    load = row_loader(device, dtype, name)
     stats = DecoupleStats()
-    gram, cross, masked, tau_sq = _gram_pass(
+    gram, cross, masked, tau_sq = gram_pass(
         base, sources, weights, target == "conflict", load, step, dtype, device, stats
     )
-    skew_sum, total, d_sum = _task_rotations(gram, cross, masked, tau_sq, weights, coeffs, solver, rtol, name, stats)
+    skew_sum, total, d_sum = task_rotations(gram, cross, masked, tau_sq, weights, coeffs, solver, rtol, name, stats)
     del cross, gram, masked
-    x = _merged_correction(d_sum, skew_sum, total, stats)
+    x = merged_correction(d_sum, skew_sum, total, stats)
     skew_sum = None
     # second pass: out = W0 + sum_i c_i tau_i + W0 @ X
     out, stats.merged_delta_norm = _combine_rows(base, sources, coeffs, x, load, step, out_dtype)
-    return out, stats
-
-
-class _ResidualRows:
-    """`streamed_rows.RowTasks` of ``rho_i = W_i - W0 @ P_i = tau_i - W0 @ D_i`` (``D_i = P_i - I``;
-    ``None``: ``rho_i = tau_i``) by blocks of ``step`` rows read from the sources; the last base
-    block is kept, since every task asks for the same block in turn."""
-
-    def __init__(self, base: RowSource, sources: list[RowSource], rotations: list, load, step: int) -> None:
-        self.base, self.sources, self.rotations, self.load = base, sources, rotations, load
-        self.shape, self.count, self.step = tuple(base.shape), len(sources), step
-        self.cached: tuple[int, int, torch.Tensor] | None = None
-
-    def base_rows(self, start: int, stop: int) -> torch.Tensor:
-        if self.cached is None or self.cached[:2] != (start, stop):
-            self.cached = (start, stop, self.load(self.base, start, stop))
-        return self.cached[2]
-
-    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
-        b0 = self.base_rows(start, stop)
-        rho = self.load(self.sources[i], start, stop).sub_(b0)
-        if self.rotations[i] is not None:
-            rho.sub_(b0 @ self.rotations[i])
-        return rho
-
-
-def decouple_merge_rows(
-    w0: torch.Tensor | RowSource,
-    experts: Sequence[torch.Tensor | RowSource],
-    weights: Sequence[float],
-    target: str | None,
-    residual: str,
-    residual_kwargs: Mapping[str, Any] | None = None,
-    solver: str = "auto",
-    *,
-    generator: torch.Generator | None = None,
-    name: str | None = None,
-    dtype: torch.dtype = torch.float64,
-    rtol: float = RANK_RTOL,
-    out_dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    block_bytes: int | None = None,
-) -> tuple[torch.Tensor, DecoupleStats]:
-    """``decouple_merge`` with a residual method that has a row-block form (`streamed_rows`), by row blocks.
-
-    ``target`` ``"global"`` / ``"conflict"`` (a 2-D weight; the rotations ``P_i`` from the Gram pass
-    as for task arithmetic, the merged ``R`` by magnitude-corrected so(in) merging) or ``None`` (a
-    tensor of any shape of at least one dimension, ``P_i = I``). The residual rows
-    ``rho_i = W_i - W0 @ P_i`` are recomputed from the sources on every pass of the method; the
-    result ``W0 @ R + merged(rho)`` is written block by block in ``out_dtype`` (default ``dtype``),
-    and ``stats.merged_delta_norm`` is ``||out - W0||_F`` before that cast. Memory: ``in x in``
-    matrices (``G``, one ``E_i`` and one ``D_i`` per task), a few row blocks per task and the output.
-    """
-    method = row_method(residual)
-    if method is None:
-        raise ConfigError(f"residual method {residual!r} has no row-block form")
-    base = _source(w0)
-    sources = [_source(e) for e in experts]
-    if device is None:
-        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    weights = [float(w) for w in weights]
-    step = max(1, _block_rows(row_numel(base.shape), torch.finfo(dtype).bits // 8, block_bytes) // len(sources))
-    load = _loader(device, dtype, name)
-    stats = DecoupleStats(solver="none")
-    x = None
-    rotations: list = [None] * len(sources)
-    if target is None:
-        _check_shapes(base, sources, name)
-        if len(sources) != len(weights) or not sources or not base.shape:
-            raise ConfigError(f"got {len(weights)} weights for {len(sources)} experts of shape {base.shape}")
-    else:
-        _check_rows_inputs(base, sources, weights, target, solver, name)
-        solver = resolve_solver(solver, device)
-        stats = DecoupleStats()
-        gram, cross, masked, tau_sq = _gram_pass(
-            base, sources, weights, target == "conflict", load, step, dtype, device, stats
-        )
-        rotations = []
-        zeros = [0.0] * len(sources)
-        skew_sum, total, d_sum = _task_rotations(
-            gram, cross, masked, tau_sq, weights, zeros, solver, rtol, name, stats, rotations
-        )
-        del cross, gram, masked
-        x = _merged_correction(d_sum, skew_sum, total, stats)  # R - I: the coefficients are 0
-        del skew_sum
-    tasks = _ResidualRows(base, sources, rotations, load, step)
-    merged = method(tasks, weights, generator=generator, dtype=dtype, **dict(residual_kwargs or {}))
-    out: torch.Tensor | None = None
-    delta_sq = 0.0
-    for start, stop in row_blocks(base.shape[0], step):
-        b0 = tasks.base_rows(start, stop)
-        delta = merged(start, stop)
-        if x is not None:
-            delta.add_(b0 @ x)
-        delta_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-        if out is None:
-            out = torch.empty(base.shape, dtype=out_dtype or dtype, device=device)
-        out[start:stop] = delta.add_(b0)
-        del delta, b0
-    stats.merged_delta_norm = delta_sq**0.5
     return out, stats

@@ -105,7 +105,8 @@ def merge_lora_adapters(
         residual: ``"ta"``, ``"ties"``, ``"dare_ta"``, ``"dare_ties"``, ``"tsvm"`` (defaults in
             `peft_orthomerge.ops.euclidean`; ``"ta"`` with ``{"lam": L}`` gives ``L * sum rho_i``
             for uniform weights, default ``L = 1/N``). ``seed`` seeds DARE.
-        solver: polar solver, ``"auto"``, ``"svd"`` or ``"newton_schulz"``.
+        solver: polar solver, ``"auto"`` (CPU: ``"eigh"`` in float64, else ``"svd"``; CUDA:
+            ``"newton_schulz"``), ``"svd"``, ``"eigh"`` or ``"newton_schulz"`` (`ops.procrustes`).
         export: ``"model"``: the transformers model with merged weights in place; ``"lora"``: a
             `PeftModel` whose adapter ``"default"`` (rank ``rank``, ``lora_alpha = rank``) is the
             truncated SVD of each merged delta; the relative approximation error is reported.

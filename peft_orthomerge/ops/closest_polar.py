@@ -10,8 +10,9 @@ identity**, ``Z = polar(U_2^T V_2)``, and returns it in SO(n): if ``det P = -1``
 
 - `closest_polar_svd`: one square ``M``, full SVD.
 - `thin_closest_polar_svd`: ``M = a^T b`` with ``a, b`` ``(out, m)``, ``out < m``, two ``out x out`` SVDs.
-- `reduced_closest_polar_svd`: the reduced-basis case ``a^T = [R0; 0]``, factored ``(P_c, Z, Y)``.
-- `closest_polar`: one square ``M`` by certified Newton-Schulz, else `closest_polar_svd`.
+- `reduced_closest_polar`: the reduced-basis case ``a^T = [R0; 0]``, factored ``(P_c, Z, Y)``.
+- `closest_polar_eigh`: one square nonsingular ``M`` from the eigendecomposition of ``M^T M``, certified.
+- `closest_polar`: one square ``M`` by certified Newton-Schulz or eigh, else `closest_polar_svd`.
 - `polar_near_orthogonal` / `polar_eigh`: ``polar`` of a block of an orthogonal matrix, certified.
 Generic polar factors (no rank rule) are in `procrustes`.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .orthogonality import probe_orthogonality_error
-from .procrustes import PolarResult, default_tol, newton_schulz
+from .procrustes import PolarResult, default_tol, eigh_tol, newton_schulz, polar_by_eigh
 
 RANK_RTOL = 1e-11  # singular values of M below this fraction of the largest count as zero
 
@@ -49,6 +50,23 @@ def closest_polar_svd(m: torch.Tensor, rtol: float) -> torch.Tensor:
         uz[:, -1] = -uz[:, -1]
         p = u1v1 + u2 @ (uz @ vzh) @ v2.T
     return p
+
+
+def closest_polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """Closest-to-identity optimal factor of one square ``m`` in SO(n) by `procrustes.polar_by_eigh`:
+    ``(P, ||P^T P - I||_F)``, or ``(None, error)`` when the error exceeds `procrustes.eigh_tol`
+    (then ``m`` is too ill-conditioned or singular for this route, and the rank rule of
+    `closest_polar_svd` may apply). Certified, ``m`` has full rank, so the optimum is unique up to
+    the det fix: ``det P = -1`` flips ``M``'s weakest direction (Kabsch), ``P (I - 2 v v^T)`` with
+    ``v`` the weakest right singular vector, as `closest_polar_svd` does."""
+    p, err, v = polar_by_eigh(m)
+    error = float(err)
+    if not error <= eigh_tol(m.dtype):
+        return None, error
+    if float(torch.linalg.det(p)) < 0:
+        weakest = v[:, :1]
+        p = p - 2 * (p @ weakest) @ weakest.T
+    return p, error
 
 
 def thin_closest_polar_svd(a: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor | None:
@@ -94,8 +112,8 @@ def complete_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return y, torch.triu(h[:r]), det
 
 
-def reduced_closest_polar_svd(
-    r0: torch.Tensor, bt: torch.Tensor, rtol: float
+def reduced_closest_polar(
+    r0: torch.Tensor, bt: torch.Tensor, rtol: float, solver: str = "svd"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """`thin_closest_polar_svd` for ``a^T = [r0; 0]`` (``r0`` ``(k, k)``, ``bt = b^T`` ``(2k, k)``), factored.
 
@@ -103,15 +121,21 @@ def reduced_closest_polar_svd(
     ``r0 R_b^T = U_c S V_c^T``, ``U_1 V_1^T = [P_c Y_1^T; 0]`` (``P_c = U_c V_c^T``) and the
     completion ``U_2 Z V_2^T = [0; Z Y_2^T]`` with ``Z = polar(Y[k:, k:])`` (closest to the
     identity, `polar_near_orthogonal` where certified), det-fixed on ``Z``'s weakest direction.
-    Returns ``(P_c, Z, Y)`` with ``P = blockdiag(P_c, Z) Y^T``, or ``None`` when ``rank(M) < k``.
+    ``solver="eigh"``: ``P_c`` by `procrustes.polar_by_eigh` where certified (then the core has
+    full rank), else the SVD. Returns ``(P_c, Z, Y)`` with ``P = blockdiag(P_c, Z) Y^T``, or
+    ``None`` when ``rank(M) < k``.
     """
     k = r0.shape[0]
     y, rb, det_y = complete_qr(bt)
-    uc, sc, vch = torch.linalg.svd(r0 @ rb.T)
-    if not float(sc[-1]) > rtol * float(sc[0]):
-        return None
-    pc = uc @ vch
-    del uc, vch
+    core = r0 @ rb.T
+    pc, err, _ = polar_by_eigh(core) if solver == "eigh" else (None, None, None)
+    if pc is None or not float(err) <= eigh_tol(core.dtype):
+        uc, sc, vch = torch.linalg.svd(core)
+        if not float(sc[-1]) > rtol * float(sc[0]):
+            return None
+        pc = uc @ vch
+        del uc, vch
+    del core
     sign = det_y * float(torch.linalg.det(pc))
     z = polar_near_orthogonal(y[k:, k:])
     if z is not None and sign * float(torch.linalg.det(z)) > 0:
@@ -186,9 +210,15 @@ def complement_projector(x: torch.Tensor) -> torch.Tensor:
 
 def closest_polar(m: torch.Tensor, solver: str, rtol: float) -> tuple[torch.Tensor, PolarResult]:
     """Closest-to-identity optimal ``P`` in SO(in) for one square ``M``: Newton-Schulz when
-    ``solver == "newton_schulz"`` and it is certified with ``det P > 0``, else `closest_polar_svd`
-    (its orthogonality error then estimated by probes)."""
+    ``solver == "newton_schulz"`` and it is certified with ``det P > 0``, `closest_polar_eigh` when
+    ``solver == "eigh"`` and it is certified, else `closest_polar_svd` (its orthogonality error
+    then estimated by probes)."""
     info = PolarResult(solver, 0.0)
+    if solver == "eigh":
+        p, info.orthogonality_error = closest_polar_eigh(m)
+        if p is not None:
+            return p, info
+        info.fallback = 1
     if solver == "newton_schulz":
         x, err, info.iterations = newton_schulz(m)
         if float(err) <= default_tol(m.dtype, m.shape[-1]) and float(torch.linalg.det(x)) > 0:

@@ -13,8 +13,14 @@ closest to ``A`` and the maximiser of ``tr(P^T A)`` over orthogonal ``P``. Solve
   Inverse-free (matrix products only), which makes it the fast choice on GPUs. It needs
   ``~log_1.5(cond(A))`` steps; matrices it cannot certify within ``max_iter`` steps
   (ill-conditioned or singular) fall back to the SVD, and the result says so.
-- ``"auto"``: ``"newton_schulz"`` (with its fallback) on CUDA, ``"svd"`` on the CPU, where LAPACK's
-  SVD beats the ~20-40 matrix products the iteration needs.
+- ``"eigh"``: ``polar(A) = A V diag(lambda)^-1/2 V^T`` from the symmetric eigendecomposition of
+  ``A^T A`` (one thread, n = 1024, float64: ``eigh`` 0.26 s against 0.70 s for the SVD; with the four matrix
+  products of the route about 0.4 s), for nonsingular ``A``; certified by its orthogonality error, which bounds the distance to the polar
+  factor to first order (`closest_polar.polar_eigh_certified`); matrices it cannot certify
+  (ill-conditioned or singular: the Gram product squares the condition number) fall back to the SVD.
+- ``"auto"``: ``"newton_schulz"`` (with its fallback) on CUDA; on the CPU ``"eigh"`` in float64 and
+  ``"svd"`` in other dtypes (where LAPACK beats the ~20-40 matrix products of the iteration, and
+  float32 cannot certify the eigh route for the condition numbers of real weights).
 
 Why not the published 5-step quintic? The reference code ships a fixed 5-step iteration
 ``X <- a X + b (X X^T) X + c (X X^T)^2 X`` with ``(a, b, c) = (3.4445, -4.7750, 2.0315)``, tuned
@@ -37,7 +43,7 @@ import torch
 from ..errors import ConfigError
 from .orthogonality import orthogonality_errors
 
-SOLVERS = ("auto", "svd", "newton_schulz")
+SOLVERS = ("auto", "svd", "eigh", "newton_schulz")
 
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -68,17 +74,53 @@ def check_solver(solver: str) -> str:
     return solver
 
 
-def resolve_solver(solver: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``"newton_schulz"`` on CUDA, ``"svd"`` elsewhere; others unchanged."""
+def resolve_solver(solver: str, device: torch.device | str, dtype: torch.dtype = torch.float64) -> str:
+    """``"auto"`` -> ``"newton_schulz"`` on CUDA, else ``"eigh"`` for float64 math and ``"svd"`` for
+    other dtypes; others unchanged."""
     check_solver(solver)
     if solver == "auto":
-        return "newton_schulz" if torch.device(device).type == "cuda" else "svd"
+        if torch.device(device).type == "cuda":
+            return "newton_schulz"
+        return "eigh" if dtype == torch.float64 else "svd"
     return solver
 
 
 def default_tol(dtype: torch.dtype, n: int) -> float:
     """Orthogonality tolerance: ``1e3 * sqrt(n) * eps`` (about 3e-12 for fp64, n = 1024)."""
     return 1e3 * (n**0.5) * torch.finfo(dtype).eps
+
+
+EIGH_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+"""Orthogonality error up to which an eigh polar factor is accepted, per compute dtype (see `polar_by_eigh`)."""
+
+
+def eigh_tol(dtype: torch.dtype) -> float:
+    """`EIGH_TOL` for ``dtype`` (other dtypes: the float32 value)."""
+    return EIGH_TOL.get(dtype, EIGH_TOL[torch.float32])
+
+
+def polar_by_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``P = A V diag(lambda)^-1/2 V^T`` from ``A^T A = V diag(lambda) V^T`` for each matrix of the
+    batch; returns ``(P, ||P^T P - I||_F, V)`` (``V``'s first column: the weakest right singular
+    direction). Not certified by itself: callers accept ``P`` when the error is small.
+
+    Why the orthogonality error certifies it: the computed ``(V, lambda)`` is the exact
+    eigendecomposition of ``A^T A + E`` for a small symmetric ``E`` (backward stability of the
+    symmetric eigensolver), so ``P = polar(A) K`` with ``K = H (H^2 + E)^-1/2``, ``H = (A^T A)^1/2``.
+    To first order in ``E``, in the eigenbasis of ``H``, ``K - I`` has symmetric part
+    ``-E_jk / (2 h_j h_k)`` and a skew part no larger entrywise (``|h_j - h_k| <= h_j + h_k``), while
+    ``P^T P - I = K^T K - I`` is twice the symmetric part. Hence
+    ``||P - polar(A)||_F <= 0.71 ||P^T P - I||_F`` up to second-order terms: an error in this
+    route always shows as a loss of orthogonality, unlike an SVD's (orthogonal to rounding
+    whatever its accuracy). Singular or ill-conditioned ``A`` (the Gram product squares the
+    condition number) gives a large error or non-positive ``lambda``, never a silent answer.
+    """
+    lam, v = torch.linalg.eigh(a.mT @ a)
+    inv_sqrt = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt()
+    p = a @ ((v * inv_sqrt[..., None, :]) @ v.mT)
+    err = orthogonality_errors(p)
+    err = torch.where(lam[..., 0] > 0, err, torch.full_like(err, float("inf")))
+    return p, err, v
 
 
 def polar_svd(a: torch.Tensor) -> torch.Tensor:
@@ -138,19 +180,25 @@ def quintic_newton_schulz(a: torch.Tensor, steps: int = 5) -> torch.Tensor:
 def polar(a: torch.Tensor, solver: str = "auto", *, tol: float | None = None, max_iter: int = 60) -> PolarResult:
     """Polar factor of each matrix of ``a`` (``(..., n, n)``), certified.
 
-    ``"newton_schulz"`` entries that miss ``tol`` within ``max_iter`` steps are recomputed with the
-    SVD (`PolarResult.fallback` counts them). Computation happens in ``a``'s dtype; pass fp64 for
-    an accuracy near 1e-12.
+    ``"newton_schulz"`` entries that miss ``tol`` (default `default_tol`) within ``max_iter`` steps,
+    and ``"eigh"`` entries whose orthogonality error exceeds ``tol`` (default `eigh_tol`: 1e-9 in
+    float64), are recomputed with the SVD (`PolarResult.fallback` counts them). Computation happens
+    in ``a``'s dtype; pass fp64 and ``solver="svd"`` for an accuracy near 1e-13.
     """
-    solver = resolve_solver(solver, a.device)
+    solver = resolve_solver(solver, a.device, a.dtype)
     n = a.shape[-1]
-    tol = default_tol(a.dtype, n) if tol is None else tol
     if solver == "svd" or n == 0:
         p = polar_svd(a)
         err = orthogonality_errors(p) if n else torch.zeros(a.shape[:-2], dtype=a.dtype)
         return PolarResult("svd", float(err.max()) if err.numel() else 0.0, factor=p)
-    x, err, steps = newton_schulz(a, tol=tol, max_iter=max_iter)
-    bad = err > tol
+    steps = 0
+    if solver == "eigh":
+        tol = eigh_tol(a.dtype) if tol is None else tol
+        x, err, _ = polar_by_eigh(a)
+    else:
+        tol = default_tol(a.dtype, n) if tol is None else tol
+        x, err, steps = newton_schulz(a, tol=tol, max_iter=max_iter)
+    bad = ~(err <= tol)
     n_bad = int(bad.sum())
     if n_bad:
         if x.dim() == 2:
@@ -159,4 +207,4 @@ def polar(a: torch.Tensor, solver: str = "auto", *, tol: float | None = None, ma
             x = x.clone()
             x[bad] = polar_svd(a[bad])
         err = orthogonality_errors(x)
-    return PolarResult("newton_schulz", float(err.max()) if err.numel() else 0.0, steps, n_bad, factor=x)
+    return PolarResult(solver, float(err.max()) if err.numel() else 0.0, steps, n_bad, factor=x)

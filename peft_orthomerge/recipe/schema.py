@@ -82,7 +82,7 @@ class DecoupleMethod(Strict):
     target: Literal["global", "conflict"] | None = "global"
     residual: str = "ta"
     residual_kwargs: dict[str, float | int | bool | str | None] | None = None
-    solver: Literal["auto", "svd", "newton_schulz"] = "auto"
+    solver: Literal["auto", "svd", "eigh", "newton_schulz"] = "auto"
 
     @field_validator("residual")
     @classmethod

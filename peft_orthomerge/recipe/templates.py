@@ -31,7 +31,7 @@ DECOUPLE_METHOD = """\
   target: global            # global | conflict
   residual: ta              # {euclidean}
   residual_kwargs: {{}}       # the residual method's parameters (peft-orthomerge methods), plus seed
-  solver: auto              # auto | svd | newton_schulz
+  solver: auto              # auto | svd | eigh | newton_schulz
   precision: float64        # float64 (the reference) | float32 (faster, half the memory)
 """
 

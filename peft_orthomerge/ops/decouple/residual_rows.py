@@ -17,7 +17,6 @@ import torch
 
 from ...errors import ConfigError
 from ..closest_polar import RANK_RTOL
-from ..procrustes import resolve_solver
 from ..streamed_rows import row_blocks, row_method, row_numel
 from .rows import (
     RowSource,
@@ -27,6 +26,7 @@ from .rows import (
     check_rows_inputs,
     gram_pass,
     merged_correction,
+    polar_solver,
     row_loader,
     task_rotations,
 )
@@ -103,7 +103,7 @@ def decouple_merge_rows(
             raise ConfigError(f"got {len(weights)} weights for {len(sources)} experts of shape {base.shape}")
     else:
         check_rows_inputs(base, sources, weights, target, solver, name)
-        solver = resolve_solver(solver, device)
+        solver = polar_solver(solver, device, dtype, base.shape)
         stats = DecoupleStats()
         gram, cross, masked, tau_sq = gram_pass(
             base, sources, weights, target == "conflict", load, step, dtype, device, stats

@@ -156,6 +156,13 @@ def row_loader(device: torch.device, dtype: torch.dtype, name: str | None):
     return load
 
 
+def polar_solver(solver: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    """`procrustes.resolve_solver` for a weight of torch shape ``(out, in)``: ``"eigh"`` only where
+    ``M = W0^T T_i`` can have full rank (``out >= in``; else the SVD's rank rule answers)."""
+    solver = resolve_solver(solver, device, dtype)
+    return "svd" if solver == "eigh" and shape[0] < shape[1] else solver
+
+
 def check_rows_inputs(
     base: RowSource, sources: list[RowSource], weights: Sequence[float], target: str, solver: str, name: str | None
 ) -> None:
@@ -322,7 +329,7 @@ def decouple_merge_ta_rows(
     if device is None:
         device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    solver = resolve_solver(solver, device)
+    solver = polar_solver(solver, device, dtype, base.shape)
     out_dtype = dtype if out_dtype is None else out_dtype
     weights = [float(w) for w in weights]
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))

@@ -17,9 +17,10 @@ import torch
 from ...errors import IncompatibleInputsError
 from ..closest_polar import (
     RANK_RTOL,
+    closest_polar_eigh,
     closest_polar_svd,
     complement_projector,
-    reduced_closest_polar_svd,
+    reduced_closest_polar,
     thin_closest_polar_svd,
 )
 from ..frame import Frame, Rotation
@@ -82,7 +83,7 @@ def iter_procrustes(
     shortcut for ``T_i = W0``: the formula itself returns ``P = I`` there (to rounding).
     Yields ``(rotation, info)``; ``info.factor`` is ``None`` (the rotation is the factor).
     """
-    solver = resolve_solver(check_solver(solver), w0.device)
+    solver = resolve_solver(check_solver(solver), w0.device, w0.dtype)
     out, n = w0.shape
     reduced = 2 * out < n
     if reduced:
@@ -100,16 +101,22 @@ def iter_procrustes(
         del target  # not held across the yield (bt may still view it)
         size = bt.shape[0]
         info = PolarResult(solver, 0.0)
-        if solver != "svd":
+        if solver == "newton_schulz":
             a = _padded_base(r0, out, w0) if a is None else a
             rot.core = _newton_schulz_core(a, bt, info, tol, max_iter)
         if rot.core is None and reduced:
-            rot.factors = reduced_closest_polar_svd(r0, bt, rtol)
+            rot.factors = reduced_closest_polar(r0, bt, rtol, solver)
         if rot.core is None and rot.factors is None:
             a = _padded_base(r0, out, w0) if a is None else a
             rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
             if rot.core is None:
-                rot.core = closest_polar_svd(a.T @ bt.T, rtol)
+                m = a.T @ bt.T
+                if solver == "eigh" and out >= size:  # M can have full rank only when out >= in
+                    rot.core, _ = closest_polar_eigh(m)
+                    info.fallback = int(rot.core is None)
+                if rot.core is None:
+                    rot.core = closest_polar_svd(m, rtol)
+                del m
         info.orthogonality_error = rot.orthogonality_bound()
         del bt, a
         yield rot, info
@@ -123,7 +130,7 @@ def procrustes_batch(
     for rot, info in iter_procrustes(w0, targets, **kwargs):
         rotations.append(rot)
         total = info if total is None else _combine(total, info)
-    return rotations, total or PolarResult(resolve_solver(kwargs.get("solver", "auto"), w0.device), 0.0)
+    return rotations, total or PolarResult(resolve_solver(kwargs.get("solver", "auto"), w0.device, w0.dtype), 0.0)
 
 
 def _combine(a: PolarResult, b: PolarResult) -> PolarResult:

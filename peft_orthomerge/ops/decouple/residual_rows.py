@@ -20,15 +20,12 @@ from ..closest_polar import RANK_RTOL
 from ..streamed_rows import row_blocks, row_method, row_numel
 from .rows import (
     RowSource,
-    as_row_source,
     block_rows,
     check_row_shapes,
     check_rows_inputs,
-    gram_pass,
-    merged_correction,
-    polar_solver,
     row_loader,
-    task_rotations,
+    row_sources,
+    rows_correction,
 )
 from .stats import DecoupleStats
 
@@ -86,11 +83,7 @@ def decouple_merge_rows(
     method = row_method(residual)
     if method is None:
         raise ConfigError(f"residual method {residual!r} has no row-block form")
-    base = as_row_source(w0)
-    sources = [as_row_source(e) for e in experts]
-    if device is None:
-        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
+    base, sources, device = row_sources(w0, experts, device)
     weights = [float(w) for w in weights]
     step = max(1, block_rows(row_numel(base.shape), torch.finfo(dtype).bits // 8, block_bytes) // len(sources))
     load = row_loader(device, dtype, name)
@@ -103,19 +96,12 @@ def decouple_merge_rows(
             raise ConfigError(f"got {len(weights)} weights for {len(sources)} experts of shape {base.shape}")
     else:
         check_rows_inputs(base, sources, weights, target, solver, name)
-        solver = polar_solver(solver, device, dtype, base.shape)
         stats = DecoupleStats()
-        gram, cross, masked, tau_sq = gram_pass(
-            base, sources, weights, target == "conflict", load, step, dtype, device, stats
-        )
         rotations = []
-        zeros = [0.0] * len(sources)
-        skew_sum, total, d_sum = task_rotations(
-            gram, cross, masked, tau_sq, weights, zeros, solver, rtol, name, stats, rotations
+        zeros = [0.0] * len(sources)  # R - I alone: the residual method merges the rest
+        x = rows_correction(
+            base, sources, weights, zeros, target, solver, rtol, name, load, step, dtype, device, stats, rotations
         )
-        del cross, gram, masked
-        x = merged_correction(d_sum, skew_sum, total, stats)  # R - I: the coefficients are 0
-        del skew_sum
     tasks = _ResidualRows(base, sources, rotations, load, step)
     merged = method(tasks, weights, generator=generator, dtype=dtype, **dict(residual_kwargs or {}))
     out: torch.Tensor | None = None

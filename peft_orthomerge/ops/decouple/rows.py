@@ -73,7 +73,7 @@ class TensorRows:
         return self.tensor[start:stop]
 
 
-def as_row_source(x: torch.Tensor | RowSource) -> RowSource:
+def _as_row_source(x: torch.Tensor | RowSource) -> RowSource:
     return TensorRows(x) if isinstance(x, torch.Tensor) else x
 
 
@@ -125,8 +125,8 @@ def task_arithmetic_rows(
     """Plain task arithmetic ``W0 + sum_i c_i (W_i - W0)`` of a tensor of any shape, by blocks along
     dim 0 (no rotation: ``target=None``, norms, biases; at least 1-D). Returns the merged tensor in ``out_dtype``
     (default ``dtype``) and ``||out - W0||_F`` before that cast."""
-    base = as_row_source(w0)
-    sources = [as_row_source(e) for e in experts]
+    base = _as_row_source(w0)
+    sources = [_as_row_source(e) for e in experts]
     check_row_shapes(base, sources, name)
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
     device = torch.device(device if device is not None else (w0.device if isinstance(w0, torch.Tensor) else "cpu"))
@@ -156,7 +156,7 @@ def row_loader(device: torch.device, dtype: torch.dtype, name: str | None):
     return load
 
 
-def polar_solver(solver: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+def _polar_solver(solver: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     """`procrustes.resolve_solver` for a weight of torch shape ``(out, in)``: ``"eigh"`` only where
     ``M = W0^T T_i`` can have full rank (``out >= in``; else the SVD's rank rule answers)."""
     solver = resolve_solver(solver, device, dtype)
@@ -179,7 +179,7 @@ def check_rows_inputs(
             )
 
 
-def gram_pass(
+def _gram_pass(
     base: RowSource,
     sources: list[RowSource],
     weights: list[float],
@@ -225,7 +225,7 @@ def gram_pass(
     return gram, cross, masked, tau_sq
 
 
-def task_rotations(
+def _task_rotations(
     gram: torch.Tensor,
     cross: list,
     masked: list | None,
@@ -283,7 +283,7 @@ def task_rotations(
     return skew_sum, total, d_sum
 
 
-def merged_correction(
+def _merged_correction(
     d_sum: torch.Tensor, skew_sum: torch.Tensor | None, total: float, stats: DecoupleStats
 ) -> torch.Tensor:
     """``X = (R - I) - sum_i c_i (P_i - I)`` with ``R = cayley(c S)``, ``R - I = 2 (I - Q)^-1 Q``
@@ -299,6 +299,46 @@ def merged_correction(
         x.add_(torch.linalg.solve(eye_minus_q, q.mul_(2)))  # R - I = 2 (I - Q)^-1 Q
         del q, eye_minus_q
     return x
+
+
+def row_sources(
+    w0: torch.Tensor | RowSource, experts: Sequence[torch.Tensor | RowSource], device: torch.device | str | None
+) -> tuple[RowSource, list[RowSource], torch.device]:
+    """The base and the experts as `RowSource`s, and the device the math runs on (default: ``w0``'s
+    device for a tensor, else the CPU)."""
+    if device is None:
+        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
+    return _as_row_source(w0), [_as_row_source(e) for e in experts], torch.device(device)
+
+
+def rows_correction(
+    base: RowSource,
+    sources: list[RowSource],
+    weights: list[float],
+    coeffs: list[float],
+    target: str,
+    solver: str,
+    rtol: float,
+    name: str | None,
+    load,
+    step: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    stats: DecoupleStats,
+    kept: list | None = None,
+) -> torch.Tensor:
+    """Both passes' shared middle: the Gram pass (`_gram_pass`), the per-task rotations
+    (`_task_rotations`, ``D_i`` appended to ``kept`` when given) and the merged correction
+    ``X = (R - I) - sum_i c_i (P_i - I)`` (`_merged_correction`), which it returns."""
+    solver = _polar_solver(solver, device, dtype, base.shape)
+    gram, cross, masked, tau_sq = _gram_pass(
+        base, sources, weights, target == "conflict", load, step, dtype, device, stats
+    )
+    skew_sum, total, d_sum = _task_rotations(
+        gram, cross, masked, tau_sq, weights, coeffs, solver, rtol, name, stats, kept
+    )
+    del cross, gram, masked
+    return _merged_correction(d_sum, skew_sum, total, stats)
 
 
 def decouple_merge_ta_rows(
@@ -323,13 +363,8 @@ def decouple_merge_ta_rows(
     in ``out_dtype`` (default ``dtype``) and ``stats.merged_delta_norm`` is ``||out - W0||_F``
     before that cast. See the module docstring for the formulas.
     """
-    base = as_row_source(w0)
-    sources = [as_row_source(e) for e in experts]
+    base, sources, device = row_sources(w0, experts, device)
     check_rows_inputs(base, sources, weights, target, solver, name)
-    if device is None:
-        device = w0.device if isinstance(w0, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    solver = polar_solver(solver, device, dtype, base.shape)
     out_dtype = dtype if out_dtype is None else out_dtype
     weights = [float(w) for w in weights]
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))
@@ -338,13 +373,7 @@ def decouple_merge_ta_rows(
     step = max(1, block_rows(base.shape[1], torch.finfo(dtype).bits // 8, block_bytes) // share)
     load = row_loader(device, dtype, name)
     stats = DecoupleStats()
-    gram, cross, masked, tau_sq = gram_pass(
-        base, sources, weights, target == "conflict", load, step, dtype, device, stats
-    )
-    skew_sum, total, d_sum = task_rotations(gram, cross, masked, tau_sq, weights, coeffs, solver, rtol, name, stats)
-    del cross, gram, masked
-    x = merged_correction(d_sum, skew_sum, total, stats)
-    skew_sum = None
+    x = rows_correction(base, sources, weights, coeffs, target, solver, rtol, name, load, step, dtype, device, stats)
     # second pass: out = W0 + sum_i c_i tau_i + W0 @ X
     out, stats.merged_delta_norm = _combine_rows(base, sources, coeffs, x, load, step, out_dtype)
     return out, stats

@@ -162,3 +162,19 @@ def test_decouple_merge_dispatches_ta_here():
     a, sa = decouple_merge(w0, experts, [0.5, 0.5], "global", "ta")
     b, sb = decouple_merge_ta_rows(w0, experts, [0.5, 0.5], "global")
     assert torch.equal(a, b) and sa.residual_norms == sb.residual_norms
+
+
+@pytest.mark.parametrize("residual", ["ta", "ties", "tsvm"])
+@pytest.mark.parametrize("shape", [(40, 64), (24, 64), (96, 64)])  # rows out < in, reduced, tall
+def test_float32_default_rank_threshold_leaves_the_null_space_alone(shape, residual):
+    """float32 math with the default rank threshold (`closest_polar.rank_rtol`): a rank-deficient
+    ``M = W0^T W_i`` (``out < in``) has float32 noise on its null space, which the float64 threshold
+    (1e-11) would count as rank, rotating that null space arbitrarily (a 16% error on an embedding
+    with vocabulary < hidden before the threshold depended on the dtype)."""
+    w0, experts = _experts(*shape, 3, seed=11, noise=0.05)
+    weights = [0.5, 0.25, 0.25]
+    exact, _ = decouple_merge(w0, experts, weights, "global", residual, solver="svd")
+    fast, _ = decouple_merge(
+        w0.float(), [e.float() for e in experts], weights, "global", residual, dtype=torch.float32
+    )
+    assert float((fast.double() - exact).norm() / exact.norm()) < 1e-5

@@ -24,7 +24,16 @@ import torch
 from .orthogonality import probe_orthogonality_error
 from .procrustes import PolarResult, default_tol, eigh_tol, newton_schulz, polar_by_eigh
 
-RANK_RTOL = 1e-11  # singular values of M below this fraction of the largest count as zero
+RANK_RTOL = 1e-11  # float64: singular values of M below this fraction of the largest count as zero
+
+
+def rank_rtol(dtype: torch.dtype) -> float:
+    """The rank threshold for math in ``dtype``: `RANK_RTOL`, or ``100 eps`` where that is larger
+    (float32: 1.2e-5). Singular values of ``M`` computed in ``dtype`` carry an absolute error of a
+    few ``eps ||M||``; a threshold below that would count rounding noise on the null space of a
+    rank-deficient ``M`` (``out < in``) as rank, and the rotation then turns that null space
+    arbitrarily instead of leaving it alone (the closest-to-identity rule)."""
+    return max(RANK_RTOL, 100 * torch.finfo(dtype).eps)
 
 
 def closest_polar_svd(m: torch.Tensor, rtol: float) -> torch.Tensor:

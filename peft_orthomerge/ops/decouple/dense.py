@@ -17,7 +17,6 @@ import torch
 
 from ...errors import ConfigError, NumericalError
 from ..cayley import cayley_apply, cayley_apply_leading
-from ..closest_polar import RANK_RTOL
 from ..euclidean import ta_coefficients
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
@@ -158,7 +157,7 @@ def decouple_merge(
     generator: torch.Generator | None = None,
     name: str | None = None,
     dtype: torch.dtype = torch.float64,
-    rtol: float = RANK_RTOL,
+    rtol: float | None = None,
     given: Sequence[BlockRotation | None] | None = None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
     """Merge the expert weights ``experts`` (full weights ``W_i``, torch layout) of one 2-D tensor.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError
-from ..closest_polar import RANK_RTOL
+from ..closest_polar import rank_rtol
 from ..streamed_rows import row_blocks, row_method, row_numel
 from .rows import (
     RowSource,
@@ -65,7 +65,7 @@ def decouple_merge_rows(
     generator: torch.Generator | None = None,
     name: str | None = None,
     dtype: torch.dtype = torch.float64,
-    rtol: float = RANK_RTOL,
+    rtol: float | None = None,
     out_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     block_bytes: int | None = None,
@@ -96,6 +96,7 @@ def decouple_merge_rows(
             raise ConfigError(f"got {len(weights)} weights for {len(sources)} experts of shape {base.shape}")
     else:
         check_rows_inputs(base, sources, weights, target, solver, name)
+        rtol = rank_rtol(dtype) if rtol is None else rtol
         stats = DecoupleStats()
         rotations = []
         zeros = [0.0] * len(sources)  # R - I alone: the residual method merges the rest

@@ -43,7 +43,7 @@ import torch
 
 from ...errors import ConfigError, IncompatibleInputsError, NumericalError
 from ..cayley import inverse_cayley_lu
-from ..closest_polar import RANK_RTOL, closest_polar
+from ..closest_polar import closest_polar, rank_rtol
 from ..euclidean import ta_coefficients
 from ..procrustes import PolarResult, check_solver, resolve_solver
 from ..streamed_rows import row_numel
@@ -351,7 +351,7 @@ def decouple_merge_ta_rows(
     *,
     name: str | None = None,
     dtype: torch.dtype = torch.float64,
-    rtol: float = RANK_RTOL,
+    rtol: float | None = None,
     out_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     block_bytes: int | None = None,
@@ -365,6 +365,7 @@ def decouple_merge_ta_rows(
     """
     base, sources, device = row_sources(w0, experts, device)
     check_rows_inputs(base, sources, weights, target, solver, name)
+    rtol = rank_rtol(dtype) if rtol is None else rtol
     out_dtype = dtype if out_dtype is None else out_dtype
     weights = [float(w) for w in weights]
     coeffs = ta_coefficients(weights, **dict(residual_kwargs or {}))

@@ -16,10 +16,10 @@ import torch
 
 from ...errors import IncompatibleInputsError
 from ..closest_polar import (
-    RANK_RTOL,
     closest_polar_eigh,
     closest_polar_svd,
     complement_projector,
+    rank_rtol,
     reduced_closest_polar,
     thin_closest_polar_svd,
 )
@@ -72,7 +72,7 @@ def iter_procrustes(
     targets: Iterable[torch.Tensor],
     *,
     solver: str = "auto",
-    rtol: float = RANK_RTOL,
+    rtol: float | None = None,
     tol: float | None = None,
     max_iter: int = 60,
 ) -> Iterator[tuple[Rotation, PolarResult]]:
@@ -84,6 +84,7 @@ def iter_procrustes(
     Yields ``(rotation, info)``; ``info.factor`` is ``None`` (the rotation is the factor).
     """
     solver = resolve_solver(check_solver(solver), w0.device, w0.dtype)
+    rtol = rank_rtol(w0.dtype) if rtol is None else rtol
     out, n = w0.shape
     reduced = 2 * out < n
     if reduced:
@@ -143,7 +144,7 @@ def _combine(a: PolarResult, b: PolarResult) -> PolarResult:
 
 
 def procrustes_rotation(
-    w0: torch.Tensor, w_target: torch.Tensor, *, solver: str = "auto", rtol: float = RANK_RTOL
+    w0: torch.Tensor, w_target: torch.Tensor, *, solver: str = "auto", rtol: float | None = None
 ) -> torch.Tensor:
     """Dense orthogonal ``P`` (``in x in``, det +1) minimising ``||w_target - w0 @ P||_F``, closest to I.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -59,23 +58,20 @@ class CanonicalInputs:
         self.plan = plan
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
-    def _stack(self, shape: tuple[int, int, int], dtype: torch.dtype, slot: int) -> torch.Tensor:
+    def _stack(self, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
         numel = shape[0] * shape[1] * shape[2]
-        flat = self.buffers.get((dtype, slot))
+        flat = self.buffers.get(dtype)
         if flat is None or flat.numel() < numel:
-            flat = self.buffers[(dtype, slot)] = torch.empty(numel, dtype=dtype)
+            flat = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
         return flat[:numel].view(shape)
 
-    def read(self, mp: ModulePlan, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
-        on the plan's device, in buffer ``slot`` (valid until the next read into that slot);
-        `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
+        on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
         plan = self.plan
         n = mp.b * (mp.b - 1) // 2
         stored = {a.tensors.dtype(src.key) for a, src in zip(plan.adapters, mp.sources) if src is not None}
-        stack = self._stack(
-            (len(plan.adapters), mp.r, n), torch.float64 if torch.float64 in stored else torch.float32, slot
-        )
+        stack = self._stack((len(plan.adapters), mp.r, n), torch.float64 if torch.float64 in stored else torch.float32)
         converted = {}  # row -> norms of the inputs that went through adapter_canonical
         for i, (a, src) in enumerate(zip(plan.adapters, mp.sources)):
             if src is None:
@@ -96,8 +92,9 @@ class CanonicalInputs:
         return stack, norms
 
 
-def merge_stack(plan: OftPlan, stack: torch.Tensor, norms: torch.Tensor) -> ModuleMerge:
-    """Merge one module's stacked canonical inputs (`CanonicalInputs.read`) with the plan's method."""
+def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:
+    """Merge module ``mp`` with the plan's method, its inputs read by ``inputs``."""
+    stack, norms = inputs.read(mp)
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
     return merge_module(
         list(stack.unbind(0)),
@@ -110,27 +107,11 @@ def merge_stack(plan: OftPlan, stack: torch.Tensor, norms: torch.Tensor) -> Modu
     )
 
 
-def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:
-    """Merge module ``mp`` with the plan's method, its inputs read by ``inputs``."""
-    return merge_stack(plan, *inputs.read(mp))
-
-
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:
-    """Merge the modules one at a time, in plan order. One reader thread reads module ``k + 1``'s
-    inputs (file reads release the GIL) while module ``k`` is merged and written, into the other of
-    two buffers: two modules' inputs in memory at most. A read error surfaces when that module's
-    turn comes, after every module before it was yielded, as without the thread."""
+    """Merge the modules one at a time (only one module's tensors are in memory)."""
     inputs = CanonicalInputs(plan)
-    modules = plan.modules
-    if not modules:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthomerge-read") as reader:
-        pending = reader.submit(inputs.read, modules[0], 0)
-        for k, mp in enumerate(modules):
-            stack, norms = pending.result()
-            if k + 1 < len(modules):
-                pending = reader.submit(inputs.read, modules[k + 1], (k + 1) % 2)
-            yield mp, merge_stack(plan, stack, norms)
+    for mp in plan.modules:
+        yield mp, merge_one(plan, mp, inputs)
 
 
 def merged_passthrough(plan: OftPlan, key: str, base: torch.Tensor | None = None) -> torch.Tensor:

@@ -228,6 +228,24 @@ def test_float32_precision_is_close_to_float64(experts, tmp_path):
     assert differs
 
 
+@pytest.mark.parametrize("residual", ["ta", "ties"])
+def test_float32_agrees_with_float64_on_rank_deficient_weights(tmp_path, residual):
+    """A vocabulary below the hidden size makes ``M = W0^T W_i`` of the embeddings rank-deficient
+    on the row-block path (``out < in <= 2 out``), as GQA k/v are on the reduced path: float32 must
+    leave their null space alone (`closest_polar.rank_rtol`), not rotate its rounding noise."""
+    base = tmp_path / "base"
+    build_tiny_llama(vocab_size=40).save_pretrained(base)
+    paths = [_save_expert(tmp_path / f"e{i}", i, vocab_size=40) for i in (1, 2, 3)]
+    merge_models(base, paths, tmp_path / "m64", target="global", residual=residual)
+    merge_models(base, paths, tmp_path / "m32", target="global", residual=residual, precision="float32")
+    m64, m32 = _load(tmp_path / "m64"), _load(tmp_path / "m32")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.k_proj.weight"):
+        rel = torch.linalg.vector_norm(m32[name].double() - m64[name].double()) / torch.linalg.vector_norm(
+            m64[name].double()
+        )
+        assert float(rel) < 1e-5, (name, float(rel))
+
+
 def test_invalid_precision_writes_nothing(experts, tmp_path):
     base, paths = experts
     with pytest.raises(ConfigError, match="precision"):

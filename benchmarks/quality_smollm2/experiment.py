@@ -73,6 +73,19 @@ FIRST = [
     ("lora", "tsvm"),
     ("lora", "tsvm+C"),
     ("oft", "orthomerge/block"),
+    # then every residual of the library plain, +G and +C (the paper's Table 2 rows), before the
+    # mergekit definitions
+    ("lora", "ties+G"),
+    ("lora", "tsvm+G"),
+    ("lora", "dare_ties"),
+    ("lora", "dare_ties+C"),
+    ("lora", "dare_ta"),
+    ("lora", "dare_ta+C"),
+    ("lora", "fisher_rao"),
+    ("lora", "fisher_rao+C"),
+    ("lora", "dare_ties+G"),
+    ("lora", "dare_ta+G"),
+    ("lora", "fisher_rao+G"),
 ]
 
 

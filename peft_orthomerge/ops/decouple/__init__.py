@@ -36,7 +36,7 @@ For expert weights ``W_i`` and the base ``W0``:
    no inverse, `cayley.cayley_apply`).
 5. Residuals ``rho_i = W_i - W0 @ P_i`` merged with a Euclidean method (`registry`); the result
    is ``W0 @ P + rho_merged``. ``target=None`` skips 1-4: ``W0 + merge(tau_i)``. Task arithmetic
-   never forms ``rho_i``: with ``2 out >= in`` `decouple_merge` hands it to the row-block path
+   never forms ``rho_i``: with ``out >= in`` `decouple_merge` hands it to the row-block path
    (`rows`: ``W0 + sum_i c_i tau_i + W0 X`` from ``in x in`` Gram matrices); in the
    reduced basis `reduced.merge_ta_reduced` sums ``c_i rho_i F`` in frame coordinates from the small
    per-task matrices and applies ``(W0 P F + sum_i c_i rho_i F) F^T`` once.

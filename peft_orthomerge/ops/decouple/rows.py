@@ -1,8 +1,9 @@
 """Decoupled merging by row blocks (the Gram path): task arithmetic.
 
 Conventions as in `peft_orthomerge.ops.decouple`: torch layout, ``W`` is ``(out, in)``; a rotation ``P`` (``in x in``)
-acts on the input side, ``W0 @ P``. This path serves ``residual="ta"`` on weights with
-``2 out >= in`` (square and tall matrices: q/o projections, gate/up, embeddings, ``lm_head``).
+acts on the input side, ``W0 @ P``. `decouple_merge` sends it ``residual="ta"`` on weights with
+``out >= in`` (square and tall matrices: q/o projections, gate/up, embeddings, ``lm_head``; see
+`paths`); called directly it accepts any 2-D weight.
 
 Task arithmetic is linear, so the merged weight needs no per-task residual::
 

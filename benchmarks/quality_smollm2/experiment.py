@@ -49,13 +49,18 @@ def _plan(adapters: dict[str, dict[str, Path]], tasks: tuple[str, ...]) -> Itera
         for task in tasks:
             yield kind, "single", (task,)
     merges = [(kind, method) for kind in adapters for method in available_methods(kind)]
-    for kind, method in sorted(merges, key=lambda km: FIRST.index(km) if km in FIRST else len(FIRST)):
-        yield kind, method, tasks
+    merges.sort(key=lambda km: FIRST.index(km) if km in FIRST else len(FIRST))
+    late = [km for km in merges if km[0] == "lora" and km[1].startswith("mergekit_")]  # after Figure 5
+    for kind, method in merges:
+        if (kind, method) not in late:
+            yield kind, method, tasks
     for size in range(2, len(tasks)):
         for subset in dict.fromkeys((tasks[:size], tasks[-size:])):
             for kind in adapters:
                 for method in SCALING[kind]:
                     yield kind, method, subset
+    for kind, method in late:
+        yield kind, method, tasks
 
 
 # The N-task merges scored first (the paper's headline comparisons), so that an interrupted run

@@ -167,3 +167,15 @@ def test_decoupling_with_eigh_matches_the_svd(shape):
                 else (got, None)
             )
             assert float((rows - ref).norm() / ref.norm()) < 1e-10, (target, residual)
+
+
+def test_eigh_that_does_not_converge_falls_back_to_the_svd(monkeypatch):
+    a = _conditioned(16, 1.0, seed=7)
+
+    def fail(_x):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    res = polar(a, "eigh")
+    assert res.fallback == 1 and torch.allclose(res.factor, _svd_polar(a), atol=1e-12)
+    assert closest_polar_eigh(a)[0] is None

@@ -204,7 +204,10 @@ def polar_eigh(a: torch.Tensor, floor: float = 0.25) -> torch.Tensor | None:
     """``polar(a) = a V diag(lambda)^-1/2 V^T`` from ``a^T a = V diag(lambda) V^T``; ``None`` when
     ``lambda_min < floor`` (the Gram matrix squares the condition number: with ``lambda`` in
     ``[floor, 1]`` it costs at most a factor ``1 / floor`` of accuracy, below that the SVD answers)."""
-    lam, v = torch.linalg.eigh(a.T @ a)
+    try:
+        lam, v = torch.linalg.eigh(a.T @ a)
+    except torch.linalg.LinAlgError:  # did not converge: the caller's SVD answers
+        return None
     if not float(lam[0]) >= floor:
         return None
     return a @ ((v * lam.rsqrt()) @ v.T)

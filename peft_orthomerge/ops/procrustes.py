@@ -114,9 +114,13 @@ def polar_by_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     ``||P - polar(A)||_F <= 0.71 ||P^T P - I||_F`` up to second-order terms: an error in this
     route always shows as a loss of orthogonality, unlike an SVD's (orthogonal to rounding
     whatever its accuracy). Singular or ill-conditioned ``A`` (the Gram product squares the
-    condition number) gives a large error or non-positive ``lambda``, never a silent answer.
+    condition number) gives a large error or non-positive ``lambda``, never a silent answer; an
+    eigensolver that does not converge gives an infinite error.
     """
-    lam, v = torch.linalg.eigh(a.mT @ a)
+    try:
+        lam, v = torch.linalg.eigh(a.mT @ a)
+    except torch.linalg.LinAlgError:  # LAPACK did not converge: not certified, the SVD answers
+        return a.clone(), torch.full(a.shape[:-2], float("inf"), dtype=a.dtype, device=a.device), a.clone()
     inv_sqrt = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt()
     p = a @ ((v * inv_sqrt[..., None, :]) @ v.mT)
     err = orthogonality_errors(p)

@@ -8,9 +8,9 @@ Rows (baseline and ours measured in the same run, one thread):
 - *decoupled merge time*: `merge_models` (``target="global"``, ``residual="ta"``, float64, file to
   file, in a fresh child) of full fine-tunes made by `real_model.write_finetunes` (per 2-D weight a
   small input-side rotation, an own low-rank update and a shared low-rank update with random row
-  signs) against `bench_decouple.baseline_merge` (the same mathematics written straightforwardly
-  in fp32: full ``in x in`` SVDs, explicit inverses) applied in memory to every 2-D tensor (TA on
-  the norms), inputs already loaded. ratio = baseline / ours (speed-up); notes: max relative
+  signs) against `bench_decouple.baseline_merge` (the paper's Algorithm 2 written plainly in fp32:
+  an SVD polar factor per task and weight, linear solves) applied in memory to every 2-D tensor (TA
+  on the norms), inputs already loaded. ratio = baseline / ours (speed-up); notes: max relative
   difference of the 2-D weights (on layer 0's real ``q_proj`` the fp32 baseline is 1.5e-2 from a
   float64 dense reference, ours 2e-12).
 - *merge_models peak RSS*, for ``residual`` ta / ties / tsvm and ``target`` global / conflict:

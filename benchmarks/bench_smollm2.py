@@ -26,12 +26,15 @@ Rows (baseline and ours measured in the same run, one thread):
   / max abs logit, against 1e-4 (ratio <= 1 is good).
 
 Run: ``python benchmarks/bench_smollm2.py [--quick]``; builds the model cache on first use.
+``--memory-only --residuals=ta,ties,... --targets=global,conflict,none`` measures only the peak
+RSS rows, for every residual x target, on all 30 layers (``--quick``: 2), printing each row.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -230,6 +233,31 @@ def bench_oft(base: Path, tmp: Path, quick: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+def memory_grid(residuals: list[str], targets: list[str | None], layers: int | None = None) -> list[dict]:
+    """Peak RSS of `merge_models` (fresh child per configuration) of 5 full fine-tunes of SmolLM2
+    (``layers`` decoder layers; default all 30) for every residual x target (``None``: no
+    decoupling), against one checkpoint; each row is printed as it is measured."""
+    base = smollm2_dir(num_hidden_layers=layers)
+    size_mb = (base / "model.safetensors").stat().st_size / 2**20
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-smollm2-memory-") as tmp:
+        experts = [str(e) for e in write_finetunes(base, Path(tmp) / "ft", 5, seed=0)]
+        for target in targets:
+            for residual in residuals:
+                out = Path(tmp) / f"out-{target}-{residual}"
+                res = run_child(
+                    {"base": str(base), "experts": experts, "output": str(out), "target": target, "residual": residual}
+                )
+                rows.append(row := {
+                    "name": f"merge_models peak RSS, {target}+{residual} (SmolLM2-135M, fp32, 5 fine-tunes)",
+                    "baseline": size_mb, "ours": res["rss_mb"], "ratio": res["rss_mb"] / size_mb, "unit": "MB",
+                    "notes": f"peak anonymous {res['anon_mb']:.0f} MB; {res['seconds']:.1f} s",
+                })  # fmt: skip
+                print(f"{row['name']}: ratio {row['ratio']:.2f} ({row['ours']:.0f} MB); {row['notes']}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def run(quick: bool = True) -> list[dict]:
     from peft_orthomerge.progress import quiet
 
@@ -244,6 +272,13 @@ def run(quick: bool = True) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         print(json.dumps(child(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    if (
+        "--memory-only" in sys.argv
+    ):  # python benchmarks/bench_smollm2.py --memory-only --residuals=ta,ties --targets=global,none
+        picks = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in sys.argv if "=" in a}
+        chosen_targets = [None if t == "none" else t for t in picks.get("--targets", ["global"])]
+        memory_grid(picks.get("--residuals", ["ta"]), chosen_targets, 2 if "--quick" in sys.argv else None)
         sys.exit(0)
     for row in run(quick="--quick" in sys.argv):
         print(

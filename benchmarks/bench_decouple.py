@@ -171,33 +171,24 @@ def bench_layer(quick: bool, repeats: int = 3, cheap_s: float = 8.0) -> list[dic
         for k in runs:
             per_module[k].append(f"{name.split('.')[-1]} {med['baseline'] / med[k]:.1f}x")
     shape = f"hidden {hidden}, inter {inter}, GQA 4:1, {count} experts"
+    labels = {
+        "default": (
+            "default fp64",
+            f"baseline: plain fp32 Algorithm 2 (max rel. error {worst['baseline']:.1e}); ours",
+        ),
+        "svd": ("float64 with solver='svd'", "the default before the eigh route; max rel. error"),
+        "fp32": ("precision float32", "max rel. error"),
+    }
     return [
         dict(
-            name=f"decouple one layer in memory, default fp64 ({shape})",
+            name=f"decouple one layer in memory, {label} ({shape})",
             baseline=total["baseline"],
-            ours=total["default"],
-            ratio=total["baseline"] / total["default"],
+            ours=total[key],
+            ratio=total["baseline"] / total[key],
             unit="s",
-            notes=f"baseline: plain fp32 Algorithm 2 (max rel. error {worst['baseline']:.1e}); ours {worst['default']:.1e} "
-            f"from the float64 SVD answer; per projection: {', '.join(per_module['default'])}",
-        ),
-        dict(
-            name=f"decouple one layer in memory, float64 with solver='svd' ({shape})",
-            baseline=total["baseline"],
-            ours=total["svd"],
-            ratio=total["baseline"] / total["svd"],
-            unit="s",
-            notes=f"the default before the eigh route; max rel. error {worst['svd']:.1e}; per projection: "
-            f"{', '.join(per_module['svd'])}",
-        ),
-        dict(
-            name=f"decouple one layer in memory, precision float32 ({shape})",
-            baseline=total["baseline"],
-            ours=total["fp32"],
-            ratio=total["baseline"] / total["fp32"],
-            unit="s",
-            notes=f"max rel. error {worst['fp32']:.1e}; per projection: {', '.join(per_module['fp32'])}",
-        ),
+            notes=f"{lead} {worst[key]:.1e} from the float64 SVD answer; per projection: {', '.join(per_module[key])}",
+        )
+        for key, (label, lead) in labels.items()
     ]
 
 

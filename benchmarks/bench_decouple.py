@@ -192,26 +192,31 @@ def bench_layer(quick: bool, repeats: int = 3, cheap_s: float = 8.0) -> list[dic
     ]
 
 
+def _llama_config(hidden: int, inter: int, layers: int, vocab: int, dtype: str) -> dict:
+    """``config.json`` of the benchmark's Llama checkpoints: heads of 64, 4:1 GQA, untied embeddings."""
+    heads = hidden // 64
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+    )
+
+
 def _write_layer_checkpoints(root: Path, hidden: int, inter: int, vocab: int, count: int) -> tuple[Path, list[Path]]:
     """One-layer Llama checkpoints in float32 (base and ``count`` dense fine-tunes, spectra as in
     `_weight`): every 2-D weight (embeddings and ``lm_head`` included) is decoupled."""
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(2)
-    heads = hidden // 64
-    config = dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=1,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
+    config = _llama_config(hidden, inter, 1, vocab, "float32")
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
     shapes.update({f"model.layers.0.{k}.weight": v for k, v in _shapes(hidden, inter).items()})
     base = {k: _weight(*v, gen) for k, v in shapes.items()}
@@ -293,20 +298,7 @@ def _write_checkpoints(root: Path, quick: bool, experts: int) -> tuple[Path, lis
     from safetensors.torch import save_file
 
     hidden, inter, layers, vocab = (256, 704, 2, 4000) if quick else (1024, 2816, 8, 32000)
-    heads = hidden // 64
-    config = dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-    )
+    config = _llama_config(hidden, inter, layers, vocab, "bfloat16")
     gen = torch.Generator().manual_seed(1)
     shapes = {
         "model.embed_tokens.weight": (vocab, hidden),

@@ -13,6 +13,9 @@ Rows (baseline and ours measured in the same run, one thread):
   on the norms), inputs already loaded. ratio = baseline / ours (speed-up); notes: max relative
   difference of the 2-D weights (on layer 0's real ``q_proj`` the fp32 baseline is 1.5e-2 from a
   float64 dense reference, ours 2e-12).
+- *decoupled merge per projection*: the same two implementations in memory on the first 2 layers
+  and the embedding, interleaved per tensor, summed per projection kind (notes: each kind's ratio
+  and how many of its polar factors the eigh route handed to the SVD).
 - *merge_models peak RSS*, for ``residual`` ta / ties / tsvm and ``target`` global / conflict:
   peak RSS (``VmHWM``, file pages included) of the child above its RSS after imports, against
   one checkpoint's size; ratio = ours / baseline; notes: peak anonymous memory and seconds.
@@ -25,7 +28,8 @@ Rows (baseline and ours measured in the same run, one thread):
   chat-templated prompt against the merged adapter's through PEFT (unmerged): max abs difference
   / max abs logit, against 1e-4 (ratio <= 1 is good).
 
-Run: ``python benchmarks/bench_smollm2.py [--quick]``; builds the model cache on first use.
+Run: ``python benchmarks/bench_smollm2.py [--quick] [--time-only]``; builds the model cache on first
+use; ``--time-only`` runs of the peak-RSS merges only global+ta (which the timing row needs).
 ``--memory-only --residuals=ta,ties,... --targets=global,conflict,none`` measures only the peak
 RSS rows, for every residual x target, on all 30 layers (``--quick``: 2), printing each row.
 """
@@ -135,15 +139,65 @@ def dense_baseline(base: Path, experts: list[Path], merged_dir: Path) -> tuple[f
     return seconds, worst
 
 
-def bench_decoupled(base: Path, tmp: Path, quick: bool) -> list[dict]:
+def projection_kind(name: str) -> str:
+    """``q_proj`` ... ``down_proj``, or ``embed_tokens``, of a 2-D weight's name."""
+    return name.rsplit(".", 2)[-2]
+
+
+def bench_projections(base: Path, experts: list[Path], layers: int = 2) -> dict:
+    """In memory, one thread: per projection kind (the first ``layers`` decoder layers, and the
+    embedding) seconds of `bench_decouple.baseline_merge` against `decouple_merge` with its
+    defaults (float64, ``solver="auto"``), interleaved per tensor; also the SVD fallbacks of the
+    eigh route. Returns ``{kind: (baseline s, ours s, fallbacks, experts solved)}``."""
+    from safetensors.torch import load_file
+
+    from peft_orthomerge.ops.decouple import decouple_merge
+
+    w0s = load_file(base / "model.safetensors")
+    states = [load_file(e / "model.safetensors") for e in experts]
+    weights = [1.0 / len(experts)] * len(experts)
+    keep = [f"layers.{i}." for i in range(layers)]
+    totals: dict[str, list[float]] = {}
+    for name, w0 in w0s.items():
+        if w0.dim() != 2 or not ("embed" in name or any(k in name for k in keep)):
+            continue
+        ws = [s[name] for s in states]
+        start = time.perf_counter()
+        baseline_merge(w0, ws, weights)
+        mid = time.perf_counter()
+        _, stats = decouple_merge(w0.double(), [w.double() for w in ws], weights)
+        end = time.perf_counter()
+        row = totals.setdefault(projection_kind(name), [0.0, 0.0, 0, 0])
+        row[0] += mid - start
+        row[1] += end - mid
+        row[2] += stats.solver_fallback
+        row[3] += len(ws)
+    return {kind: tuple(v) for kind, v in totals.items()}
+
+
+def projections_row(per_kind: dict, label: str) -> dict:
+    """One result row from `bench_projections`: the summed ratio, notes with every kind's."""
+    baseline = sum(v[0] for v in per_kind.values())
+    ours = sum(v[1] for v in per_kind.values())
+    parts = ", ".join(f"{kind} {b / o:.2f}x ({fb}/{n} to the SVD)" for kind, (b, o, fb, n) in sorted(per_kind.items()))
+    return {
+        "name": f"decoupled merge per projection, in memory, global+ta vs dense fp32 reference ({label})",
+        "baseline": baseline, "ours": ours, "ratio": baseline / ours, "unit": "s",
+        "notes": "baseline: bench_decouple.baseline_merge; ours: decouple_merge defaults (float64, eigh polar "
+        f"factors where certified, else the SVD); first 2 layers + embedding; per kind: {parts}",
+    }  # fmt: skip
+
+
+def bench_decoupled(base: Path, tmp: Path, quick: bool, memory: bool = True) -> list[dict]:
+    """The decoupled rows; ``memory=False``: only the global+ta merge the timing rows need."""
     count = 2 if quick else 5
     experts = write_finetunes(base, tmp / "ft", count, seed=0)
     size_mb = (base / "model.safetensors").stat().st_size / 2**20
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     label = f"SmolLM2-135M, {layers} layers, fp32, {count} fine-tunes"
     rows, results = [], {}
-    for residual in ("ta",) if quick else ("ta", "ties", "tsvm"):
-        for target in ("global", "conflict"):
+    for residual in ("ta",) if quick or not memory else ("ta", "ties", "tsvm"):
+        for target in ("global", "conflict") if memory else ("global",):
             out = tmp / f"out-{target}-{residual}"
             args = {"base": str(base), "experts": [str(e) for e in experts], "output": str(out)}
             res = results[target, residual] = run_child({**args, "target": target, "residual": residual})
@@ -163,7 +217,8 @@ def bench_decoupled(base: Path, tmp: Path, quick: bool) -> list[dict]:
         f"file to file (fp64, includes reading and writing); max rel. diff {worst:.1e} (the fp32 baseline's error: "
         "tests/test_smollm2.py checks ours against a float64 dense reference)",
     }  # fmt: skip
-    return [timing, *rows]
+    per_kind = projections_row(bench_projections(base, experts), label)
+    return [timing, per_kind, *rows]
 
 
 def write_oft_adapters(base: Path, root: Path, count: int, magnitude: float = 0.01) -> list[Path]:
@@ -258,7 +313,8 @@ def memory_grid(residuals: list[str], targets: list[str | None], layers: int | N
     return rows
 
 
-def run(quick: bool = True) -> list[dict]:
+def run(quick: bool = True, memory: bool = True) -> list[dict]:
+    """Every row; ``memory=False`` (``--time-only``) skips the peak-RSS merges but global+ta."""
     from peft_orthomerge.progress import quiet
 
     torch.set_num_threads(1)
@@ -266,7 +322,7 @@ def run(quick: bool = True) -> list[dict]:
     decouple_base = base if quick else smollm2_dir(int(os.environ.get(LAYERS_ENV, "30")))
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as tmp, quiet():
         tmp = Path(tmp)
-        return bench_decoupled(decouple_base, tmp / "decouple", quick) + bench_oft(base, tmp / "oft", quick)
+        return bench_decoupled(decouple_base, tmp / "decouple", quick, memory) + bench_oft(base, tmp / "oft", quick)
 
 
 if __name__ == "__main__":
@@ -280,7 +336,7 @@ if __name__ == "__main__":
         chosen_targets = [None if t == "none" else t for t in picks.get("--targets", ["global"])]
         memory_grid(picks.get("--residuals", ["ta"]), chosen_targets, 2 if "--quick" in sys.argv else None)
         sys.exit(0)
-    for row in run(quick="--quick" in sys.argv):
+    for row in run(quick="--quick" in sys.argv, memory="--time-only" not in sys.argv):
         print(
             f"{row['name']:<80} baseline {row['baseline']:.4g}  ours {row['ours']:.4g}  ratio {row['ratio']:.3g}  {row['notes']}"
         )

@@ -178,3 +178,41 @@ def test_float32_default_rank_threshold_leaves_the_null_space_alone(shape, resid
         w0.float(), [e.float() for e in experts], weights, "global", residual, dtype=torch.float32
     )
     assert float((fast.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+def _conditioned(out: int, n: int, count: int, seed: int, decades: float):
+    """A base with singular values from 1 down to ``10^-decades`` and ``count`` experts near it
+    (5 decades: ``cond(M = W0^T W_i)`` near ``1e10``, which the eigh route cannot certify)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = min(out, n)
+    u = torch.linalg.qr(torch.randn(out, r, generator=gen, dtype=F64)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=F64)).Q
+    w0 = (u * torch.logspace(0, -decades, r, dtype=F64)) @ v.T
+    return w0, [w0 + 0.01 * torch.randn(out, n, generator=gen, dtype=F64) / n**0.5 for _ in range(count)]
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (120, 40), (16, 48)])  # rows path, tall rows path, reduced basis
+def test_one_failed_eigh_sends_the_other_experts_to_the_svd(monkeypatch, shape):
+    from peft_orthomerge.ops import closest_polar as cp
+
+    calls = []
+    real = cp.polar_by_eigh
+    monkeypatch.setattr(cp, "polar_by_eigh", lambda a: calls.append(a.shape) or real(a))
+    w0, experts = _conditioned(*shape, 4, seed=5, decades=5)
+    weights = [0.25] * 4
+    got, stats = decouple_merge(w0, experts, weights, solver="eigh")
+    assert len(calls) == 1  # tried once; the other three experts share W0's conditioning
+    assert stats.solver == "eigh" and stats.solver_fallback == 4  # every expert counted as answered by the SVD
+    want, _ = decouple_merge(w0, experts, weights, solver="svd")
+    assert torch.allclose(got, want, atol=1e-12 * float(want.abs().max()), rtol=0)
+
+
+def test_a_certified_eigh_is_kept_for_every_expert(monkeypatch):
+    from peft_orthomerge.ops import closest_polar as cp
+
+    calls = []
+    real = cp.polar_by_eigh
+    monkeypatch.setattr(cp, "polar_by_eigh", lambda a: calls.append(a.shape) or real(a))
+    w0, experts = _conditioned(48, 48, 3, seed=2, decades=0.5)
+    _, stats = decouple_merge(w0, experts, [0.2, 0.3, 0.5], solver="eigh")
+    assert len(calls) == 3 and stats.solver_fallback == 0

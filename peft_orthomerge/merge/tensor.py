@@ -25,6 +25,7 @@ from ..ops.decouple import (
     decouple_merge_ta_rows,
     task_arithmetic_rows,
 )
+from ..ops.finite import all_finite
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.streamed import FreshTasks, streamed_method
 from ..plan.options import DecoupleOptions
@@ -33,7 +34,7 @@ from ..report import ModuleStats
 
 def finite_output(tensor: torch.Tensor, name: str, path: Any = None) -> torch.Tensor:
     """``tensor``, or `NumericalError` naming it when a merged value is not finite."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise NumericalError("merged tensor is not finite (overflow in the output dtype?)", path=path, tensor=name)
     return tensor
 

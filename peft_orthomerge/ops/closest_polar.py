@@ -122,7 +122,7 @@ def complete_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 def reduced_closest_polar(
-    r0: torch.Tensor, bt: torch.Tensor, rtol: float, solver: str = "svd"
+    r0: torch.Tensor, bt: torch.Tensor, rtol: float, solver: str = "svd", info: PolarResult | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """`thin_closest_polar_svd` for ``a^T = [r0; 0]`` (``r0`` ``(k, k)``, ``bt = b^T`` ``(2k, k)``), factored.
 
@@ -131,14 +131,16 @@ def reduced_closest_polar(
     completion ``U_2 Z V_2^T = [0; Z Y_2^T]`` with ``Z = polar(Y[k:, k:])`` (closest to the
     identity, `polar_near_orthogonal` where certified), det-fixed on ``Z``'s weakest direction.
     ``solver="eigh"``: ``P_c`` by `procrustes.polar_by_eigh` where certified (then the core has
-    full rank), else the SVD. Returns ``(P_c, Z, Y)`` with ``P = blockdiag(P_c, Z) Y^T``, or
-    ``None`` when ``rank(M) < k``.
+    full rank), else the SVD (counted in ``info.fallback`` when ``info`` is given). Returns
+    ``(P_c, Z, Y)`` with ``P = blockdiag(P_c, Z) Y^T``, or ``None`` when ``rank(M) < k``.
     """
     k = r0.shape[0]
     y, rb, det_y = complete_qr(bt)
     core = r0 @ rb.T
     pc, err, _ = polar_by_eigh(core) if solver == "eigh" else (None, None, None)
     if pc is None or not float(err) <= eigh_tol(core.dtype):
+        if info is not None and solver == "eigh":
+            info.fallback = 1
         uc, sc, vch = torch.linalg.svd(core)
         if not float(sc[-1]) > rtol * float(sc[0]):
             return None

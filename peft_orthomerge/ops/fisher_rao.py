@@ -61,6 +61,7 @@ from typing import Annotated, Literal
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
+from .finite import all_finite
 from .karcher import angle_over_sin
 from .registry import Range, register_euclidean
 from .weights import normalize_weights
@@ -201,7 +202,7 @@ def fisher_rao_merge(
         row.copy_(t.reshape(-1))
         if base is not None:
             row.add_(base)
-    if not bool(torch.isfinite(flat).all()):
+    if not all_finite(flat):
         raise NumericalError("non-finite values (NaN or Inf) in an input tensor")
     kept_w = torch.tensor([wi for _, wi in kept], dtype=compute_dtype, device=device)
     norms = torch.linalg.vector_norm(flat, dim=1)

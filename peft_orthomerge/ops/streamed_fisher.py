@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import ConfigError, NumericalError
+from .finite import all_finite
 from .fisher_rao import default_tol, sphere_exp
 from .karcher import angle_over_sin
 from .weights import normalize_weights
@@ -58,7 +59,7 @@ def _norms(
         device = tau.device
         if w[i] <= 0:
             continue
-        if not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise NumericalError("non-finite values (NaN or Inf) in an input tensor")
         norms[i] = float(torch.linalg.vector_norm(v))
         if first is None:

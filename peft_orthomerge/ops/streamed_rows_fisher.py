@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError, NumericalError
+from .finite import all_finite
 from .fisher_rao import default_tol
 from .karcher import angle_over_sin
 from .weights import normalize_weights
@@ -52,7 +53,7 @@ def _gram_pass(tasks: RowTasks, kept: list[int], on_weights: bool, dtype: torch.
             for t in taus:
                 t.add_(b0)
         flat = torch.stack([t.reshape(-1) for t in taus]).to(dtype)
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise NumericalError("non-finite values (NaN or Inf) in an input tensor")
         gram += (flat @ flat.T).to(device="cpu", dtype=torch.float64)
         del taus, flat

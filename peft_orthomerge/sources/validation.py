@@ -7,24 +7,13 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, NumericalError, UnsafeInputError
-
-_ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..ops.finite import all_finite
 
 
 def ensure_finite(tensor: torch.Tensor, *, path: str | Path | None, name: str) -> torch.Tensor:
-    """Raise `NumericalError` naming the file and tensor if ``tensor`` holds NaN or Inf.
-
-    Float and complex dtypes are checked; those ``torch.isfinite`` does not implement (some
-    float8 variants) are checked after an exact upcast to float32.
-    """
-    if not (tensor.is_floating_point() or tensor.is_complex()) or not tensor.numel():
-        return tensor
-    check = tensor if tensor.dtype in _ISFINITE_DTYPES or tensor.is_complex() else tensor.float()
-    if check.is_complex():
-        finite = bool(torch.isfinite(check).all())
-    else:  # min and max in one reduction, no temporary: NaN propagates into both, Inf shows in one
-        finite = bool(torch.isfinite(torch.stack(torch.aminmax(check))).all())
-    if not finite:
+    """Raise `NumericalError` naming the file and tensor if ``tensor`` holds NaN or Inf
+    (`ops.finite.all_finite`: one reduction, every float and complex dtype)."""
+    if not all_finite(tensor):
         raise NumericalError("tensor contains NaN or Inf values", path=path, tensor=name)
     return tensor
 

@@ -23,7 +23,7 @@ For expert weights ``W_i`` and the base ``W0``:
    ``in x in`` matrix, products by ``ormqr``); ``P = I + B (C - I) B^T`` with an ``m x m``
    core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
    coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``
-   from an ``out x out`` SVD, ``Z = polar(Y[out:, out:])`` by certified Newton-Schulz, a block of
+   from an ``out x out`` SVD (or certified eigh), ``Z = polar(Y[out:, out:])`` by certified Newton-Schulz, a block of
    an orthogonal matrix, or an SVD where that is not certified or the det fix is needed;
    `closest_polar.reduced_closest_polar_svd`), kept factored. The skew
    matrices are summed in frame coordinates (``F^T Q_i F``, no ``in x in`` product per task) and

@@ -18,6 +18,7 @@ import torch
 from ...errors import ConfigError, NumericalError
 from ..cayley import cayley_apply, cayley_apply_leading
 from ..euclidean import ta_coefficients
+from ..finite import all_finite
 from ..procrustes import check_solver
 from ..registry import get_euclidean, merge_iter
 from ..streamed import FreshTasks, streamed_method
@@ -49,12 +50,12 @@ def _first_pass(
     target the weighted mean task vector. Returns ``(stats, mean)``."""
     stats = DecoupleStats()
     mean = base.new_zeros(base.shape) if target == "conflict" else None
-    finite = bool(torch.isfinite(base).all())
+    finite = all_finite(base)
     for i in range(count):
         if not finite:
             break
         f = full(i)
-        finite = bool(torch.isfinite(f).all())
+        finite = all_finite(f)
         tau = f - base
         del f
         stats.task_vector_norms.append(float(torch.linalg.matrix_norm(tau)))

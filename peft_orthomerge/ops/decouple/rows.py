@@ -46,8 +46,10 @@ from ...errors import ConfigError, IncompatibleInputsError, NumericalError
 from ..cayley import inverse_cayley_lu
 from ..closest_polar import closest_polar, rank_rtol
 from ..euclidean import ta_coefficients
+from ..finite import all_finite
 from ..procrustes import PolarResult, check_solver, resolve_solver
 from ..streamed_rows import row_numel
+from .solve import demoted
 from .stats import DecoupleStats, magnitude_factor
 from .targets import conflict_rows
 
@@ -149,10 +151,10 @@ def row_loader(device: torch.device, dtype: torch.dtype, name: str | None):
     """``load(src, start, stop)``: rows of ``src`` in ``dtype`` on ``device``, NaN/Inf refused."""
 
     def load(src: RowSource, start: int, stop: int) -> torch.Tensor:
-        block = src.rows(start, stop).to(device=device, dtype=dtype, copy=True)  # ours: in-place ops are safe
-        if not bool(torch.isfinite(block).all()):
+        block = src.rows(start, stop)
+        if not all_finite(block):  # in the storage dtype: half the bytes of a float64 copy
             raise NumericalError("base or expert weight contains NaN or Inf", tensor=name)
-        return block
+        return block.to(device=device, dtype=dtype, copy=True)  # ours: in-place ops are safe
 
     return load
 
@@ -241,11 +243,13 @@ def _task_rotations(
 ) -> tuple[torch.Tensor | None, float, torch.Tensor]:
     """Per task: ``P_i``, ``Q_i``, the statistics; returns ``(sum_i w_i Q_i or None,
     sum_i w_i ||Q_i||_F, sum_i c_i (P_i - I))``. Frees ``cross[i]`` / ``masked[i]`` as it goes.
-    With ``kept`` (a list), ``D_i = P_i - I`` (``None`` for ``P_i = I``) is appended to it per task."""
+    With ``kept`` (a list), ``D_i = P_i - I`` (``None`` for ``P_i = I``) is appended to it per task.
+    After one task falls back to the SVD the others go to it directly (`solve.demoted`)."""
     skew_sum: torch.Tensor | None = None
     total = 0.0
     d_sum = torch.zeros_like(gram)
     infos: list[PolarResult] = []
+    requested = solver
     count = len(cross)
     stats.skew_norms = [0.0] * count
     stats.orth_part_norms = [0.0] * count
@@ -262,6 +266,9 @@ def _task_rotations(
             masked[i] = None
         p, info = closest_polar(m, solver, rtol)
         del m
+        if solver != requested:  # demoted: answered by the SVD instead of the requested solver
+            info.solver, info.fallback = requested, 1
+        solver = demoted(solver, info)
         infos.append(info)
         q = inverse_cayley_lu(p, name=name)
         norm = float(torch.linalg.matrix_norm(q))

@@ -82,8 +82,13 @@ def iter_procrustes(
     targets (the QR of ``W0^T``) is done once; only one target's basis is alive at a time. No
     shortcut for ``T_i = W0``: the formula itself returns ``P = I`` there (to rounding).
     Yields ``(rotation, info)``; ``info.factor`` is ``None`` (the rotation is the factor).
+
+    The targets share ``W0``, and with it the conditioning that decides whether the fast solvers
+    (``"eigh"``, ``"newton_schulz"``) can be certified: after one target falls back to the SVD,
+    the rest go to the SVD directly (`demoted`; each still counts in ``info.fallback``).
     """
-    solver = resolve_solver(check_solver(solver), w0.device, w0.dtype)
+    requested = resolve_solver(check_solver(solver), w0.device, w0.dtype)
+    solver = requested
     rtol = rank_rtol(w0.dtype) if rtol is None else rtol
     out, n = w0.shape
     reduced = 2 * out < n
@@ -101,12 +106,12 @@ def iter_procrustes(
             a, bt = w0, target.T
         del target  # not held across the yield (bt may still view it)
         size = bt.shape[0]
-        info = PolarResult(solver, 0.0)
+        info = PolarResult(requested, 0.0, fallback=int(solver != requested))
         if solver == "newton_schulz":
             a = _padded_base(r0, out, w0) if a is None else a
             rot.core = _newton_schulz_core(a, bt, info, tol, max_iter)
         if rot.core is None and reduced:
-            rot.factors = reduced_closest_polar(r0, bt, rtol, solver)
+            rot.factors = reduced_closest_polar(r0, bt, rtol, solver, info)
         if rot.core is None and rot.factors is None:
             a = _padded_base(r0, out, w0) if a is None else a
             rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
@@ -119,8 +124,16 @@ def iter_procrustes(
                     rot.core = closest_polar_svd(m, rtol)
                 del m
         info.orthogonality_error = rot.orthogonality_bound()
+        solver = demoted(solver, info)
         del bt, a
         yield rot, info
+
+
+def demoted(solver: str, info: PolarResult) -> str:
+    """The solver for the next target of the same ``W0``: ``"svd"`` once ``info`` records a fallback
+    (the targets of one weight share its conditioning, so the next fast attempt would fail too and
+    cost its work twice), else ``solver``."""
+    return "svd" if info.fallback else solver
 
 
 def procrustes_batch(

@@ -21,7 +21,9 @@ def test_matches_isfinite(dtype, bad, where):
 
 
 def test_nan_next_to_inf_and_extreme_finite_values():
-    x = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny])
+    x = torch.tensor(
+        [torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny]
+    )
     assert all_finite(x)
     x[1] = float("nan")
     assert not all_finite(x)

@@ -77,7 +77,7 @@ def test_base_that_is_not_a_checkpoint(tmp_path, inputs):
 def test_full_dry_run_counts_match_plan_checkpoint(tmp_path, inputs):
     from peft_orthomerge.plan.checkpoint import compile_patterns, plan_checkpoint
     from peft_orthomerge.plan.options import DecoupleOptions
-    from peft_orthomerge.recipe.preview import module_type
+    from peft_orthomerge.recipe.preview_facts import module_type
     from peft_orthomerge.sources.checkpoint import open_checkpoint
 
     method = {"residual": "ties", "exclude": "lm_head"}

@@ -13,6 +13,7 @@ from test_streamed import _no_streaming
 from peft_orthomerge import merge_models
 from peft_orthomerge.ops import euclidean, fisher_rao, streamed_rows
 from peft_orthomerge.ops.decouple import decouple_merge, decouple_merge_rows
+from peft_orthomerge.ops.row_tasks import row_blocks
 
 F64 = torch.float64
 METHODS = {
@@ -30,7 +31,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Rows:
-    """`streamed_rows.RowTasks` over in-memory task vectors (fresh copies of the row slices)."""
+    """`row_tasks.RowTasks` over in-memory task vectors (fresh copies of the row slices)."""
 
     def __init__(self, taus, step, base=None):
         self.taus, self.shape, self.count, self.step = taus, tuple(taus[0].shape), len(taus), step
@@ -46,7 +47,7 @@ class _Rows:
 def _merged(method, taus, weights, step, base=None, **kwargs):
     rows = _Rows(taus, step, base)
     merged = streamed_rows.row_method(method)(rows, weights, dtype=taus[0].dtype, **kwargs)
-    return torch.cat([merged(a, b) for a, b in streamed_rows.row_blocks(rows.shape[0], step)])
+    return torch.cat([merged(a, b) for a, b in row_blocks(rows.shape[0], step)])
 
 
 @pytest.fixture

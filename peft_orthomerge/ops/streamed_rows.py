@@ -1,6 +1,6 @@
 """Residual methods by blocks of rows: a few row blocks of each task vector alive, never a whole one.
 
-A *row task source* (`RowTasks`) gives the rows ``[start, stop)`` of task ``i``'s vector ``tau_i`` (a
+A *row task source* (`row_tasks.RowTasks`) gives the rows ``[start, stop)`` of task ``i``'s vector ``tau_i`` (a
 task vector or a decoupled residual ``W_i - W0 @ P_i``) of ONE tensor of shape ``(rows, ...)``, as a
 new tensor in the compute dtype, the same values on every call. Each ``prepare`` function here runs
 its method's whole-tensor statistics in passes over the source and returns ``merged(start, stop)``:
@@ -38,7 +38,7 @@ quantities are exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import torch
 
@@ -55,39 +55,10 @@ from .euclidean import (
     trim_to_threshold_,
 )
 from .procrustes import polar_svd
+from .row_tasks import MergedRows, RowTasks, row_blocks, row_numel
 
 SELECT_BITS = 16  # bits of the magnitudes' patterns histogrammed per selection pass (512 KB of counts per task)
 COLLECT_LIMIT = 1 << 20  # entries per task collected for the final exact selection
-
-MergedRows = Callable[[int, int], torch.Tensor]
-
-
-class RowTasks(Protocol):
-    """The task vectors of one tensor by blocks of rows (module docstring)."""
-
-    shape: tuple[int, ...]
-    count: int
-    step: int  # rows per block
-
-    def rows(self, i: int, start: int, stop: int) -> torch.Tensor: ...
-
-    def base_rows(self, start: int, stop: int) -> torch.Tensor:
-        """The base tensor's rows (not to be modified): `streamed_rows_fisher` on the full weights."""
-        ...
-
-
-def row_blocks(rows: int, step: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive blocks of ``step`` rows covering ``rows``."""
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
-def row_numel(shape: Sequence[int]) -> int:
-    """Entries per row (dim 0) of a tensor of ``shape``."""
-    n = 1
-    for size in shape[1:]:
-        n *= int(size)
-    return n
 
 
 def _magnitude_keys(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ normalised weighted Euclidean mean, result ``(sum_i w_i ||v_i||) m`` (minus ``ba
 
 Every iterate lies in the span of the points: ``m = sum_j a_j x_j``, and each step needs only inner
 products, ``<x_i, m> = (C a)_i`` with the ``N x N`` Gram matrix ``C`` of the points, so one pass
-over the row blocks (`streamed_rows.RowTasks`) computes the norms, the Gram matrix and whether all
+over the row blocks (`row_tasks.RowTasks`) computes the norms, the Gram matrix and whether all
 kept inputs are equal; the iteration runs on the coefficients ``a``:
 
     c = C a,   b_i = w_i theta_i / sin(theta_i),   g = sum_i b_i (x_i - c_i m)  ->  gamma = b - (b . c) a,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,10 +31,8 @@ from ..errors import ConfigError, NumericalError
 from .finite import all_finite
 from .fisher_rao import default_tol
 from .karcher import angle_over_sin
+from .row_tasks import MergedRows, RowTasks
 from .weights import normalize_weights
-
-if TYPE_CHECKING:  # `streamed_rows` registers this method: no import at run time
-    from .streamed_rows import MergedRows, RowTasks
 
 ANTIPODAL_HINT = "Change the weights or leave out one of the opposing experts."
 

@@ -17,7 +17,8 @@ import torch
 
 from ...errors import ConfigError
 from ..closest_polar import rank_rtol
-from ..streamed_rows import row_blocks, row_method, row_numel
+from ..row_tasks import row_blocks, row_numel
+from ..streamed_rows import row_method
 from .rows import (
     RowSource,
     block_rows,
@@ -31,7 +32,7 @@ from .stats import DecoupleStats
 
 
 class _ResidualRows:
-    """`streamed_rows.RowTasks` of ``rho_i = W_i - W0 @ P_i = tau_i - W0 @ D_i`` (``D_i = P_i - I``;
+    """`row_tasks.RowTasks` of ``rho_i = W_i - W0 @ P_i = tau_i - W0 @ D_i`` (``D_i = P_i - I``;
     ``None``: ``rho_i = tau_i``) by blocks of ``step`` rows read from the sources; the last base
     block is kept, since every task asks for the same block in turn."""
 

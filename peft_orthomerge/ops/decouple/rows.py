@@ -48,7 +48,7 @@ from ..closest_polar import closest_polar, rank_rtol
 from ..euclidean import ta_coefficients
 from ..finite import all_finite
 from ..procrustes import PolarResult, check_solver, resolve_solver
-from ..streamed_rows import row_numel
+from ..row_tasks import row_numel
 from .solve import demoted
 from .stats import DecoupleStats, magnitude_factor
 from .targets import conflict_rows

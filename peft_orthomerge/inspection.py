@@ -28,6 +28,7 @@ from .progress import progress
 from .sources.jsonfile import read_json_object
 from .sources.resolve import resolve_source
 from .sources.tensors import TensorReader
+from .units import human_bytes
 
 MAX_TEXT_ROWS = 20
 
@@ -298,14 +299,6 @@ def _why_unrelated(kind: str, infos: list[dict[str, Any]], exc: Exception) -> st
 
 
 # -- text -----------------------------------------------------------------------------------------
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_inspection(result: dict[str, Any]) -> str:
     """Human-readable text of `inspect_sources`' result."""
     lines: list[str] = []
@@ -321,7 +314,7 @@ def format_inspection(result: dict[str, Any]) -> str:
                 lines.append(f"    ranks {info['ranks']}")
             lines.append("    flags " + ", ".join(f"{k}={v}" for k, v in info["flags"].items()))
         lines.append(
-            f"    {info['tensors']} tensors, {info['parameters']:,} parameters, {_human_bytes(info['bytes'])}, dtypes {', '.join(info['dtypes'])}"
+            f"    {info['tensors']} tensors, {info['parameters']:,} parameters, {human_bytes(info['bytes'])}, dtypes {', '.join(info['dtypes'])}"
         )
     if "hint" in result:
         lines.append(f"hint: {result['hint']}")

@@ -181,3 +181,12 @@ def test_lora_dry_run_refuses_tied_embeddings(tmp_path):
 
     with pytest.raises(IncompatibleInputsError, match="tied"):  # the real run refuses it as well
         merge_lora_adapters(build_tiny_llama(tie_word_embeddings=True), [str(tmp_path / "lora")])
+
+
+def test_human_bytes_uses_binary_units():
+    from peft_orthomerge.units import human_bytes
+
+    sizes = [0, 1023, 1024, 1536, 5 * 2**20, 3 * 2**30, 2**40, 5 * 2**50]
+    assert [human_bytes(n) for n in sizes] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "1.0 TiB", "5120.0 TiB",
+    ]  # fmt: skip

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..sources.resolve import resolve_source
+from ..units import human_bytes
 from .plan import MergePlan
-from .preview_facts import KIND_NAMES, check_kind, human_bytes
+from .preview_facts import KIND_NAMES, check_kind
 from .preview_kinds import preview_full, preview_lora, preview_oft
 
 OUTPUT_LAYOUTS = {

@@ -1,6 +1,6 @@
 """The small facts both halves of ``merge --dry-run`` share (`preview` and `preview_kinds`): each
-input's kind against the recipe's, tensor names grouped by module type and path, polar-factor
-counts, and byte sizes written for people."""
+input's kind against the recipe's, tensor names grouped by module type and path, and polar-factor
+counts."""
 
 from __future__ import annotations
 
@@ -60,11 +60,3 @@ def polar_factors(sizes: list[int], experts: int) -> dict[str, Any]:
         "count": len(sizes) * experts,
         "sizes": [{"size": s, "weights": c, "count": c * experts} for s, c in sorted(counts.items())],
     }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -14,8 +14,9 @@ from typing import Any
 from ..errors import IncompatibleInputsError
 from ..sources.checkpoint import open_checkpoint, open_expert, rotated_tensors, validate_checkpoints
 from ..sources.tensors import TensorReader
+from ..units import human_bytes
 from .plan import MergePlan
-from .preview_facts import check_kind, group_paths, human_bytes, module_type, polar_factors
+from .preview_facts import check_kind, group_paths, module_type, polar_factors
 
 COMPUTE_BYTES = {"float64": 8, "float32": 4}
 

@@ -15,7 +15,9 @@ Rows (baseline and ours measured in the same run, one thread):
   float64 dense reference, ours 2e-12).
 - *decoupled merge per projection*: the same two implementations in memory on the first 2 layers
   and the embedding, interleaved per tensor, summed per projection kind (notes: each kind's ratio
-  and how many of its polar factors the eigh route handed to the SVD).
+  and how many of its polar factors the eigh route handed to the SVD); and the same on as many
+  synthetic rank-8 LoRA experts of those layers (`lora_states`: ``W0 + B A``), where the reduced
+  basis of ``down_proj`` and k/v shrinks to ``out + 8`` columns.
 - *merge_models peak RSS*, for ``residual`` ta / ties / tsvm and ``target`` global / conflict:
   peak RSS (``VmHWM``, file pages included) of the child above its RSS after imports, against
   one checkpoint's size; ratio = ours / baseline; notes: peak anonymous memory and seconds.
@@ -144,24 +146,35 @@ def projection_kind(name: str) -> str:
     return name.rsplit(".", 2)[-2]
 
 
-def bench_projections(base: Path, experts: list[Path], layers: int = 2) -> dict:
-    """In memory, one thread: per projection kind (the first ``layers`` decoder layers, and the
-    embedding) seconds of `bench_decouple.baseline_merge` against `decouple_merge` with its
-    defaults (float64, ``solver="auto"``), interleaved per tensor; also the SVD fallbacks of the
-    eigh route. Returns ``{kind: (baseline s, ours s, fallbacks, experts solved)}``."""
-    from safetensors.torch import load_file
+def lora_states(w0s: dict, count: int, rank: int, layers: int, seed: int = 0) -> list[dict]:
+    """``count`` synthetic LoRA experts of the projections of the first ``layers`` decoder layers:
+    ``W0 + B A`` with ``B A`` of rank ``rank`` and norm ``0.05 ||W0||`` (the size of a trained
+    adapter's update on this model), Gaussian factors, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = [f"layers.{i}." for i in range(layers)]
+    names = [n for n, w in w0s.items() if w.dim() == 2 and any(k in n for k in keep)]
+    states = []
+    for _ in range(count):
+        state = {}
+        for name in names:
+            w0 = w0s[name]
+            delta = torch.randn(w0.shape[0], rank, generator=gen) @ torch.randn(rank, w0.shape[1], generator=gen)
+            state[name] = w0 + delta * (0.05 * float(w0.norm()) / float(delta.norm()))
+        states.append(state)
+    return states
 
+
+def bench_projections(w0s: dict, states: list[dict]) -> dict:
+    """In memory, one thread: per projection kind, seconds of `bench_decouple.baseline_merge`
+    against `decouple_merge` with its defaults (float64, ``solver="auto"``), interleaved per tensor,
+    over the 2-D tensors the expert ``states`` hold; also the SVD fallbacks of the eigh route.
+    Returns ``{kind: (baseline s, ours s, fallbacks, experts solved)}``."""
     from peft_orthomerge.ops.decouple import decouple_merge
 
-    w0s = load_file(base / "model.safetensors")
-    states = [load_file(e / "model.safetensors") for e in experts]
-    weights = [1.0 / len(experts)] * len(experts)
-    keep = [f"layers.{i}." for i in range(layers)]
+    weights = [1.0 / len(states)] * len(states)
     totals: dict[str, list[float]] = {}
-    for name, w0 in w0s.items():
-        if w0.dim() != 2 or not ("embed" in name or any(k in name for k in keep)):
-            continue
-        ws = [s[name] for s in states]
+    for name in states[0]:
+        w0, ws = w0s[name], [s[name] for s in states]
         start = time.perf_counter()
         baseline_merge(w0, ws, weights)
         mid = time.perf_counter()
@@ -175,6 +188,22 @@ def bench_projections(base: Path, experts: list[Path], layers: int = 2) -> dict:
     return {kind: tuple(v) for kind, v in totals.items()}
 
 
+def projections_rows(base: Path, experts: list[Path], layers: int = 2) -> list[dict]:
+    """The per-projection rows: the full fine-tunes on the first ``layers`` layers and the embedding,
+    and synthetic rank-8 LoRA experts (as many) on the same layers."""
+    from safetensors.torch import load_file
+
+    w0s = load_file(base / "model.safetensors")
+    keep = [f"layers.{i}." for i in range(layers)]
+    chosen = [n for n, w in w0s.items() if w.dim() == 2 and ("embed" in n or any(k in n for k in keep))]
+    full = [{n: s[n] for n in chosen} for s in (load_file(e / "model.safetensors") for e in experts)]
+    return [
+        projections_row(bench_projections(w0s, full), f"{len(experts)} full fine-tunes, first {layers} layers + embedding"),
+        projections_row(bench_projections(w0s, lora_states(w0s, len(experts), 8, layers)),
+                        f"{len(experts)} rank-8 LoRA experts, first {layers} layers"),
+    ]  # fmt: skip
+
+
 def projections_row(per_kind: dict, label: str) -> dict:
     """One result row from `bench_projections`: the summed ratio, notes with every kind's."""
     baseline = sum(v[0] for v in per_kind.values())
@@ -184,7 +213,7 @@ def projections_row(per_kind: dict, label: str) -> dict:
         "name": f"decoupled merge per projection, in memory, global+ta vs dense fp32 reference ({label})",
         "baseline": baseline, "ours": ours, "ratio": baseline / ours, "unit": "s",
         "notes": "baseline: bench_decouple.baseline_merge; ours: decouple_merge defaults (float64, eigh polar "
-        f"factors where certified, else the SVD); first 2 layers + embedding; per kind: {parts}",
+        f"factors where certified, else the SVD); per kind: {parts}",
     }  # fmt: skip
 
 
@@ -217,8 +246,7 @@ def bench_decoupled(base: Path, tmp: Path, quick: bool, memory: bool = True) -> 
         f"file to file (fp64, includes reading and writing); max rel. diff {worst:.1e} (the fp32 baseline's error: "
         "tests/test_smollm2.py checks ours against a float64 dense reference)",
     }  # fmt: skip
-    per_kind = projections_row(bench_projections(base, experts), label)
-    return [timing, per_kind, *rows]
+    return [timing, *projections_rows(base, experts), *rows]
 
 
 def write_oft_adapters(base: Path, root: Path, count: int, magnitude: float = 0.01) -> list[Path]:

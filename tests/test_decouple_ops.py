@@ -493,3 +493,61 @@ def test_conflict_target_with_an_expert_that_keeps_no_row(shape):
     got, stats = decouple_merge(w0, experts, [0.5, 0.5], "conflict", "ta", {"lam": 0.9})
     assert stats.rows_kept == [out // 2, 0]
     assert torch.allclose(got, ref_merge(w0, experts, [0.5, 0.5], "conflict", lam=0.9), atol=1e-12, rtol=0)
+
+
+def _lora_experts(out, n, ranks, seed, scale=0.3):
+    """``W0`` and experts ``W0 + B_i A_i`` of the given ranks (a LoRA expert's rows add only
+    ``rank(A_i)`` directions to ``W0``'s); rank ``None``: a dense fine-tune."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
+    experts = []
+    for r in ranks:
+        if r is None:
+            delta = torch.randn(out, n, generator=gen, dtype=F64)
+        else:
+            delta = torch.randn(out, r, generator=gen, dtype=F64) @ torch.randn(r, n, generator=gen, dtype=F64)
+        experts.append(w0 + scale * delta / float(delta.norm()) * float(w0.norm()))
+    return w0, experts
+
+
+@pytest.mark.parametrize("solver", ["svd", "eigh", "newton_schulz"])
+def test_low_rank_targets_get_a_smaller_reduced_core(solver):
+    """LoRA experts in the reduced basis (``2 out < in``): the core is ``out + rank`` (a certified
+    randomized probe), a dense expert's ``2 out``; every rotation is the dense reference's."""
+    w0, experts = _lora_experts(64, 200, [3, 5, None, 4], seed=21)
+    rots = list(iter_procrustes(w0, experts, solver=solver))
+    sizes = [rot.coeff.shape[1] for rot, _ in rots]
+    assert sizes == [3, 5, 64, 64]  # after the dense expert, the fourth is not probed
+    for (rot, _), wt in zip(rots, experts):
+        assert torch.allclose(rot.dense(), ref_rotation(w0, wt), atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+@pytest.mark.parametrize("residual", ["ta", "ties"])
+def test_low_rank_experts_merge_like_the_dense_reference(target, residual):
+    w0, experts = _lora_experts(64, 200, [2, 6, 3], seed=22)
+    weights = [0.5, 0.3, 0.2]
+    got, _ = decouple_merge(w0, experts, weights, target, residual, solver="svd")
+    if residual == "ta":
+        want = ref_merge(w0, experts, weights, target)
+    else:  # the same merge with the probe off: the QR basis of 2 out columns
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("peft_orthomerge.ops.decouple.solve.PROBE_COLUMNS", 0)
+            want, _ = decouple_merge(w0, experts, weights, target, residual, solver="svd")
+    assert torch.allclose(got, want, atol=1e-10 * float(want.abs().max()), rtol=0)
+
+
+def test_a_target_inside_the_base_rows_is_not_probed_away():
+    """A target whose rows lie in ``W0``'s (here ``R W0`` for a small ``out x out`` rotation ``R``:
+    rank 0 outside) keeps the QR basis and still gets the reference rotation; probing goes on.
+    (``R`` near the identity: a far one can make the optimum's det -1 on ``W0``'s rows, and the
+    det fix then flips one of the complement's directions, all equally weak: a tie.)"""
+    w0, experts = _lora_experts(64, 200, [3], seed=23)
+    gen = torch.Generator().manual_seed(24)
+    a = torch.randn(64, 64, generator=gen, dtype=F64)
+    left = torch.linalg.matrix_exp(0.05 * (a - a.T))
+    inside = left @ w0
+    rots = list(iter_procrustes(w0, [inside, experts[0]], solver="svd"))
+    assert [rot.coeff.shape[1] for rot, _ in rots] == [64, 3]
+    for (rot, _), wt in zip(rots, [inside, experts[0]]):
+        assert torch.allclose(rot.dense(), ref_rotation(w0, wt), atol=1e-10)

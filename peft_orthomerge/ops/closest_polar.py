@@ -124,7 +124,7 @@ def complete_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
 def reduced_closest_polar(
     r0: torch.Tensor, bt: torch.Tensor, rtol: float, solver: str = "svd", info: PolarResult | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """`thin_closest_polar_svd` for ``a^T = [r0; 0]`` (``r0`` ``(k, k)``, ``bt = b^T`` ``(2k, k)``), factored.
+    """`thin_closest_polar_svd` for ``a^T = [r0; 0]`` (``r0`` ``(k, k)``, ``bt = b^T`` ``(k + r, k)``, ``r <= k``), factored.
 
     ``rows(a)`` is the first ``k`` coordinates, so ``Q_a = I``: with ``b^T = Y [R_b; 0]`` the core is
     ``r0 R_b^T = U_c S V_c^T``, ``U_1 V_1^T = [P_c Y_1^T; 0]`` (``P_c = U_c V_c^T``) and the

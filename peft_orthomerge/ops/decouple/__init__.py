@@ -16,16 +16,18 @@ For expert weights ``W_i`` and the base ``W0``:
    itself gives ``P = I``, and a rank-deficient layer (``out < in``: GQA k/v, ``down_proj``) gets
    no arbitrary rotation on its null space. If ``det P = -1`` the sign of ``Z``'s weakest
    direction is flipped (free when ``k < in``), else of ``M``'s weakest (Kabsch), so ``P`` is in SO(in).
-2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = 2 out`` dimensional span
+2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = out + r`` dimensional span
    ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)`` of the rows of ``W0`` (``Q0``) and of ``T_i``
-   (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``), with the frame ``F = [Q0, Q0c]`` from
+   (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``: ``r = out``; or, where a randomized
+   probe certifies that ``T_i`` adds only ``r < out`` directions, as a LoRA expert ``W0 + B A``
+   does, its ``r``-column range basis, `solve`), with the frame ``F = [Q0, Q0c]`` from
    one complete QR of ``W0^T`` shared by all tasks, kept as Householder reflectors (`frame.Frame`: no
    ``in x in`` matrix, products by ``ormqr``); ``P = I + B (C - I) B^T`` with an ``m x m``
    core ``C``. Since ``W0 B_i = [R0^T, 0]`` the range side of ``M`` is the first ``out``
    coordinates and ``C = blockdiag(P_c, Z) Y^T`` (``Y`` from one complete QR of ``b_i^T``, ``P_c``
    from an ``out x out`` SVD (or certified eigh), ``Z = polar(Y[out:, out:])`` by certified Newton-Schulz, a block of
    an orthogonal matrix, or an SVD where that is not certified or the det fix is needed;
-   `closest_polar.reduced_closest_polar_svd`), kept factored. The skew
+   `closest_polar.reduced_closest_polar`), kept factored. The skew
    matrices are summed in frame coordinates (``F^T Q_i F``, no ``in x in`` product per task) and
    the merged rotation is applied as ``W0 P = (W0 F) cayley(c S_F) F^T``. Tasks are processed one
    at a time, so one task's basis is alive at a time.

@@ -26,24 +26,65 @@ from ..closest_polar import (
 from ..frame import Frame, Rotation
 from ..procrustes import PolarResult, check_solver, default_tol, newton_schulz, resolve_solver
 
+PROBE_COLUMNS = 128  # at most this many random probes of a target's new rows (a LoRA rank up to ~100)
 
-def _reduced_target(rot: Rotation, frame: Frame, r0: torch.Tensor, target: torch.Tensor, out: int) -> torch.Tensor:
-    """Fills ``rot``'s basis for ``target`` in the frame; returns ``b_i^T`` ``(2 out, out)`` with ``T_i = b_i B_i^T``."""
-    # G_i from a QR inside the complement of Q0, so Q_i stays orthogonal to Q0 even where
-    # T_i adds nothing to the rows of W0 (LoRA updates of rank < out, T_i ~ W0)
+
+def _probe_width(out: int) -> int:
+    """Probe columns for a target of ``out`` rows: ``out // 8`` up to `PROBE_COLUMNS` (a failed probe
+    then costs at most about a fifth of the QR it precedes); 0 (no probe) below 8."""
+    width = min(PROBE_COLUMNS, out // 8)
+    return width if width >= 8 else 0
+
+
+def _low_rank_rows(x: torch.Tensor, width: int, rtol: float, scale: float) -> tuple[torch.Tensor, torch.Tensor] | bool:
+    """``(G, R)`` with ``x^T = G R`` (``G`` ``(m, r)`` orthonormal columns, ``R`` ``(r, out)``) when ``x``
+    (``(out, m)``) has numerical rank ``1 <= r < width``; else ``False`` when the rank is larger
+    (the caller stops probing this weight's targets), ``True`` when it is 0.
+
+    A randomized range finder: ``Y = x^T Omega`` for ``width`` seeded Gaussian probes, ``Q`` its
+    orthonormal basis, ``Z = x Q``; accepted only when the residual ``||x - Z Q^T||_F`` is at most
+    ``rtol * scale`` (``scale``: the target's norm; certified, not assumed: a full-rank ``x`` is
+    refused and the caller's QR answers). The rank is then the number of singular values of ``Z``
+    above ``rtol * scale``, and
+    ``G = Q V_r``, ``R = (U_r S_r)^T``. What is left out (at most ``rtol`` relative, with the
+    same meaning as the rank rule's threshold) is rounding noise where the target's rows lie in
+    ``W0``'s: a LoRA expert ``W0 + B A`` adds only ``rank(A)`` rows."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    omega = torch.randn(x.shape[0], width, dtype=x.dtype, device=x.device, generator=gen)
+    q = torch.linalg.qr(x.T @ omega).Q
+    z = x @ q
+    if not float(torch.linalg.matrix_norm(torch.addmm(x, z, q.T, alpha=-1))) <= rtol * scale:
+        return False
+    u, sv, vh = torch.linalg.svd(z, full_matrices=False)
+    rank = int((sv > rtol * scale).sum())
+    if rank >= width:
+        return False
+    return (q @ vh[:rank].T, (u[:, :rank] * sv[:rank]).T) if rank else True
+
+
+def _reduced_target(
+    rot: Rotation, frame: Frame, r0: torch.Tensor, target: torch.Tensor, out: int, probe: int, rtol: float
+) -> tuple[torch.Tensor, bool]:
+    """Fills ``rot``'s basis for ``target`` in the frame; returns ``b_i^T`` ``(out + r, out)`` with
+    ``T_i = b_i B_i^T`` (``r = out`` from a QR, or the numerical rank of the target's rows outside
+    ``W0``'s when ``probe`` columns certify that it is smaller, `_low_rank_rows`; ``probe = 0``: no
+    probe) and whether probing the next target is worth it (``False`` after a full-rank one)."""
     tf = frame.right(target)  # T_i F = [T_i Q0, T_i Q0c], one product
-    # Q0c^T T_i^T (n - out, out) is a column-major view, as LAPACK wants it;
-    # Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
-    g, ri = torch.linalg.qr(tf[:, out:].T)
-    bt = torch.cat([tf[:, :out].T, ri], dim=0)  # b_i^T, (2 out, out)
+    # G_i inside the complement of Q0, so Q_i stays orthogonal to Q0 even where T_i adds nothing
+    # to the rows of W0 (T_i ~ W0); Q_i^T T_i^T = G^T Q0c^T T_i^T = R_i
+    found = _low_rank_rows(tf[:, out:], probe, rtol, float(torch.linalg.matrix_norm(tf))) if probe else False
+    # else a QR of Q0c^T T_i^T ((n - out, out), a column-major view, as LAPACK wants it)
+    g, ri = found if isinstance(found, tuple) else torch.linalg.qr(tf[:, out:].T)
+    bt = torch.cat([tf[:, :out].T, ri], dim=0)  # b_i^T
     del ri, tf
     rot.frame, rot.coeff, rot.base_coords, rot.target_coords = frame, g, r0.T, bt
-    return bt
+    return bt, found is not False
 
 
-def _padded_base(r0: torch.Tensor, out: int, w0: torch.Tensor) -> torch.Tensor:
-    """``a = [R0^T, 0]`` (``(out, 2 out)``): ``W0 = a B_i^T`` in the reduced basis."""
-    return torch.cat([r0.T, torch.zeros(out, out, dtype=w0.dtype, device=w0.device)], dim=-1)
+def _padded_base(r0: torch.Tensor, size: int) -> torch.Tensor:
+    """``a = [R0^T, 0]`` (``(out, size)``): ``W0 = a B_i^T`` in a reduced basis of ``size`` columns."""
+    out = r0.shape[0]
+    return torch.cat([r0.T, r0.new_zeros(out, size - out)], dim=-1)
 
 
 def _newton_schulz_core(
@@ -86,6 +127,11 @@ def iter_procrustes(
     The targets share ``W0``, and with it the conditioning that decides whether the fast solvers
     (``"eigh"``, ``"newton_schulz"``) can be certified: after one target falls back to the SVD,
     the rest go to the SVD directly (`demoted`; each still counts in ``info.fallback``).
+
+    Reduced basis: a target whose rows add only ``r < out`` directions to ``W0``'s (a LoRA
+    expert ``W0 + B A``: ``r = rank(A)``) gets a core of ``out + r`` instead of ``2 out``
+    (`_low_rank_rows`, certified by its residual); after one target of full rank the others skip
+    that probe.
     """
     requested = resolve_solver(check_solver(solver), w0.device, w0.dtype)
     solver = requested
@@ -97,10 +143,12 @@ def iter_procrustes(
         # W0^T shared by all tasks): Q0 spans the rows of W0, Q_i the part of the rows of T_i
         # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
         frame, r0 = Frame.of(w0)
+        probe = _probe_width(out)
     for target in targets:
         rot = Rotation(n)
         if reduced:
-            bt = _reduced_target(rot, frame, r0, target, out)
+            bt, keep_probing = _reduced_target(rot, frame, r0, target, out, probe, rtol)
+            probe = probe if keep_probing else 0  # a full-rank target: the others of this W0 likely too
             a = None
         else:
             a, bt = w0, target.T
@@ -108,12 +156,12 @@ def iter_procrustes(
         size = bt.shape[0]
         info = PolarResult(requested, 0.0, fallback=int(solver != requested))
         if solver == "newton_schulz":
-            a = _padded_base(r0, out, w0) if a is None else a
+            a = _padded_base(r0, bt.shape[0]) if a is None else a
             rot.core = _newton_schulz_core(a, bt, info, tol, max_iter)
         if rot.core is None and reduced:
             rot.factors = reduced_closest_polar(r0, bt, rtol, solver, info)
         if rot.core is None and rot.factors is None:
-            a = _padded_base(r0, out, w0) if a is None else a
+            a = _padded_base(r0, bt.shape[0]) if a is None else a
             rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
             if rot.core is None:
                 m = a.T @ bt.T

@@ -149,7 +149,9 @@ def projection_kind(name: str) -> str:
 def lora_states(w0s: dict, count: int, rank: int, layers: int, seed: int = 0) -> list[dict]:
     """``count`` synthetic LoRA experts of the projections of the first ``layers`` decoder layers:
     ``W0 + B A`` with ``B A`` of rank ``rank`` and norm ``0.05 ||W0||`` (the size of a trained
-    adapter's update on this model), Gaussian factors, seeded."""
+    adapter's update on this model), Gaussian factors, seeded; in float64, as `merge_lora_adapters`
+    folds an adapter (a fold rounded to float32 adds full-rank noise at 6e-8 relative, which the
+    reduced basis rightly keeps)."""
     gen = torch.Generator().manual_seed(seed)
     keep = [f"layers.{i}." for i in range(layers)]
     names = [n for n, w in w0s.items() if w.dim() == 2 and any(k in n for k in keep)]
@@ -157,8 +159,9 @@ def lora_states(w0s: dict, count: int, rank: int, layers: int, seed: int = 0) ->
     for _ in range(count):
         state = {}
         for name in names:
-            w0 = w0s[name]
-            delta = torch.randn(w0.shape[0], rank, generator=gen) @ torch.randn(rank, w0.shape[1], generator=gen)
+            w0 = w0s[name].double()
+            delta = torch.randn(w0.shape[0], rank, generator=gen, dtype=torch.float64)
+            delta = delta @ torch.randn(rank, w0.shape[1], generator=gen, dtype=torch.float64)
             state[name] = w0 + delta * (0.05 * float(w0.norm()) / float(delta.norm()))
         states.append(state)
     return states

@@ -216,3 +216,15 @@ def test_a_certified_eigh_is_kept_for_every_expert(monkeypatch):
     w0, experts = _conditioned(48, 48, 3, seed=2, decades=0.5)
     _, stats = decouple_merge(w0, experts, [0.2, 0.3, 0.5], solver="eigh")
     assert len(calls) == 3 and stats.solver_fallback == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, F64])
+def test_a_non_finite_entry_in_any_block_is_refused_in_the_storage_dtype(value, dtype):
+    """The row loader checks each block as stored (before the float64 copy), base and experts alike."""
+    w0, experts = _experts(40, 32, 2, seed=9)
+    for victim in (0, 2):  # the base, the second expert
+        inputs = [t.to(dtype) for t in (w0, *experts)]
+        inputs[victim][37, 5] = value  # in the last block
+        with pytest.raises(NumericalError, match="NaN or Inf"):
+            decouple_merge_ta_rows(inputs[0], inputs[1:], [0.5, 0.5], name="q_proj", block_bytes=8 * 32 * 8)

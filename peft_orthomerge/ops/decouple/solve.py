@@ -45,9 +45,8 @@ def _low_rank_rows(x: torch.Tensor, width: int, rtol: float, scale: float) -> tu
     orthonormal basis, ``Z = x Q``; accepted only when the residual ``||x - Z Q^T||_F`` is at most
     ``rtol * scale`` (``scale``: the target's norm; certified, not assumed: a full-rank ``x`` is
     refused and the caller's QR answers). The rank is then the number of singular values of ``Z``
-    above ``rtol * scale``, and
-    ``G = Q V_r``, ``R = (U_r S_r)^T``. What is left out (at most ``rtol`` relative, with the
-    same meaning as the rank rule's threshold) is rounding noise where the target's rows lie in
+    above ``rtol * scale``, and ``G = Q V_r``, ``R = (U_r S_r)^T``. What is left out (at most
+    ``rtol`` relative, the rank rule's threshold) is rounding noise where the target's rows lie in
     ``W0``'s: a LoRA expert ``W0 + B A`` adds only ``rank(A)`` rows."""
     gen = torch.Generator(device=x.device).manual_seed(0)
     omega = torch.randn(x.shape[0], width, dtype=x.dtype, device=x.device, generator=gen)
@@ -156,12 +155,12 @@ def iter_procrustes(
         size = bt.shape[0]
         info = PolarResult(requested, 0.0, fallback=int(solver != requested))
         if solver == "newton_schulz":
-            a = _padded_base(r0, bt.shape[0]) if a is None else a
+            a = _padded_base(r0, size) if a is None else a
             rot.core = _newton_schulz_core(a, bt, info, tol, max_iter)
         if rot.core is None and reduced:
             rot.factors = reduced_closest_polar(r0, bt, rtol, solver, info)
         if rot.core is None and rot.factors is None:
-            a = _padded_base(r0, bt.shape[0]) if a is None else a
+            a = _padded_base(r0, size) if a is None else a
             rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
             if rot.core is None:
                 m = a.T @ bt.T

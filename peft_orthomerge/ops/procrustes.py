@@ -86,6 +86,13 @@ def resolve_solver(solver: str, device: torch.device | str, dtype: torch.dtype =
     return solver
 
 
+def demoted(solver: str, info: PolarResult) -> str:
+    """The solver for the next target of the same ``W0``: ``"svd"`` once ``info`` records a fallback
+    (the targets of one weight share its conditioning, so the next fast attempt would fail too and
+    cost its work twice), else ``solver``."""
+    return "svd" if info.fallback else solver
+
+
 def default_tol(dtype: torch.dtype, n: int) -> float:
     """Orthogonality tolerance: ``1e3 * sqrt(n) * eps`` (about 3e-12 for fp64, n = 1024)."""
     return 1e3 * (n**0.5) * torch.finfo(dtype).eps

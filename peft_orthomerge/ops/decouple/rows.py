@@ -47,9 +47,8 @@ from ..cayley import inverse_cayley_lu
 from ..closest_polar import closest_polar, rank_rtol
 from ..euclidean import ta_coefficients
 from ..finite import all_finite
-from ..procrustes import PolarResult, check_solver, resolve_solver
+from ..procrustes import PolarResult, check_solver, demoted, resolve_solver
 from ..row_tasks import row_numel
-from .solve import demoted
 from .stats import DecoupleStats, magnitude_factor
 from .targets import conflict_rows
 
@@ -244,7 +243,7 @@ def _task_rotations(
     """Per task: ``P_i``, ``Q_i``, the statistics; returns ``(sum_i w_i Q_i or None,
     sum_i w_i ||Q_i||_F, sum_i c_i (P_i - I))``. Frees ``cross[i]`` / ``masked[i]`` as it goes.
     With ``kept`` (a list), ``D_i = P_i - I`` (``None`` for ``P_i = I``) is appended to it per task.
-    After one task falls back to the SVD the others go to it directly (`solve.demoted`)."""
+    After one task falls back to the SVD the others go to it directly (`procrustes.demoted`)."""
     skew_sum: torch.Tensor | None = None
     total = 0.0
     d_sum = torch.zeros_like(gram)

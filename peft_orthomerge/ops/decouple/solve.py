@@ -24,7 +24,7 @@ from ..closest_polar import (
     thin_closest_polar_svd,
 )
 from ..frame import Frame, Rotation
-from ..procrustes import PolarResult, check_solver, default_tol, newton_schulz, resolve_solver
+from ..procrustes import PolarResult, check_solver, default_tol, demoted, newton_schulz, resolve_solver
 
 PROBE_COLUMNS = 128  # at most this many random probes of a target's new rows (a LoRA rank up to ~100)
 
@@ -125,7 +125,7 @@ def iter_procrustes(
 
     The targets share ``W0``, and with it the conditioning that decides whether the fast solvers
     (``"eigh"``, ``"newton_schulz"``) can be certified: after one target falls back to the SVD,
-    the rest go to the SVD directly (`demoted`; each still counts in ``info.fallback``).
+    the rest go to the SVD directly (`procrustes.demoted`; each still counts in ``info.fallback``).
 
     Reduced basis: a target whose rows add only ``r < out`` directions to ``W0``'s (a LoRA
     expert ``W0 + B A``: ``r = rank(A)``) gets a core of ``out + r`` instead of ``2 out``
@@ -174,13 +174,6 @@ def iter_procrustes(
         solver = demoted(solver, info)
         del bt, a
         yield rot, info
-
-
-def demoted(solver: str, info: PolarResult) -> str:
-    """The solver for the next target of the same ``W0``: ``"svd"`` once ``info`` records a fallback
-    (the targets of one weight share its conditioning, so the next fast attempt would fail too and
-    cost its work twice), else ``solver``."""
-    return "svd" if info.fallback else solver
 
 
 def procrustes_batch(

@@ -121,10 +121,12 @@ def write_plot(results: dict, tasks: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    # the bar panels hold up to ~40 methods: a taller top row keeps their labels apart
+    fig, axes = plt.subplots(2, 2, figsize=(15, 14), gridspec_kw={"height_ratios": [1.7, 1]})
     for ax, kind in zip(axes[0], KINDS, strict=True):
         rows = [(label, row) for label, row in _rows(results, kind, tasks) if not row.get("error")]
         ax.barh([label for label, _ in rows], [_average(row, tasks) for _, row in rows], color="tab:blue")
+        ax.tick_params(axis="y", labelsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"mean exact match over {len(tasks)} tasks")
@@ -132,7 +134,9 @@ def write_plot(results: dict, tasks: list[str], path: Path) -> None:
     ax = axes[1][0]
     for kind in KINDS:
         for method, by_k in scaling(results, kind, tasks).items():
-            ax.plot(list(by_k), list(by_k.values()), marker="o", label=f"{kind}: {method}")
+            dashed = method.endswith(("+C", "+G"))  # drawn over its plain method where they are equal
+            style = {"ls": "--", "zorder": 3} if dashed else {"ls": "-", "zorder": 2}
+            ax.plot(list(by_k), list(by_k.values()), marker="o", label=f"{kind}: {method}", **style)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("exact match gain over the base (merged tasks)")

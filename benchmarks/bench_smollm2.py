@@ -25,7 +25,8 @@ Rows (baseline and ours measured in the same run, one thread):
   random blocks of size 0.01) merged and folded into SmolLM2 by ``merge_oft_checkpoints(...,
   fold_into=base)`` (file to file) against PEFT folding the already merged adapter:
   ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
-  (PEFT cannot merge OFT adapters). ratio = ours / PEFT.
+  (PEFT cannot merge OFT adapters); after one untimed merge, 3 alternating runs each (``--quick``:
+  1), medians. ratio = ours / PEFT.
 - *OFT folded logits*: the folded output loads with ``AutoModelForCausalLM``; its logits on a
   chat-templated prompt against the merged adapter's through PEFT (unmerged): max abs difference
   / max abs logit, against 1e-4 (ratio <= 1 is good).
@@ -41,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -280,6 +282,18 @@ def _prompt_ids(base: Path) -> torch.Tensor:
     return tok(text, return_tensors="pt").input_ids
 
 
+def _peft_fold_seconds(base: Path, merged: Path, out: Path) -> float:
+    """PEFT folding an OFT adapter, file to file: load + ``PeftModel`` + ``merge_and_unload`` + save."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), merged)
+    model.merge_and_unload().save_pretrained(out)
+    return time.perf_counter() - start
+
+
 def bench_oft(base: Path, tmp: Path, quick: bool) -> list[dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -288,31 +302,30 @@ def bench_oft(base: Path, tmp: Path, quick: bool) -> list[dict]:
 
     count = 2 if quick else 5
     adapters = write_oft_adapters(base, tmp / "adapters", count)
-    start = time.perf_counter()
-    merge_oft_checkpoints(adapters, tmp / "folded", fold_into=base)
-    ours = time.perf_counter() - start
-    merge_oft_checkpoints(adapters, tmp / "merged")
-    start = time.perf_counter()
+    merge_oft_checkpoints(adapters, tmp / "merged")  # also warms the page cache and the imports
+    ours, peft_runs = [], []
+    for _ in range(1 if quick else 3):  # alternating, medians: the first run of either pays cold caches
+        shutil.rmtree(tmp / "folded", ignore_errors=True)
+        start = time.perf_counter()
+        merge_oft_checkpoints(adapters, tmp / "folded", fold_into=base)
+        ours.append(time.perf_counter() - start)
+        peft_runs.append(_peft_fold_seconds(base, tmp / "merged", tmp / "peft-folded"))
+    ours_s, peft_seconds = statistics.median(ours), statistics.median(peft_runs)
+    ids = _prompt_ids(base)
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp / "merged"
     )
-    loaded = time.perf_counter() - start
-    ids = _prompt_ids(base)
     with torch.no_grad():
-        adapter_logits = peft_model.eval()(ids).logits  # not timed
-    start = time.perf_counter()
-    peft_model.merge_and_unload().save_pretrained(tmp / "peft-folded")
-    peft_seconds = loaded + time.perf_counter() - start
-    with torch.no_grad():
+        adapter_logits = peft_model.eval()(ids).logits
         folded_logits = AutoModelForCausalLM.from_pretrained(tmp / "folded", dtype=torch.float32).eval()(ids).logits
     rel = float((folded_logits - adapter_logits).abs().max() / adapter_logits.abs().max())
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     label = f"{count} OFT adapters, b=32, all projections, SmolLM2-135M {layers} layers"
     return [
         {"name": f"OFT merge + fold into the base vs PEFT fold of the merged adapter ({label})", "baseline": peft_seconds,
-         "ours": ours, "ratio": ours / peft_seconds, "unit": "s",
+         "ours": ours_s, "ratio": ours_s / peft_seconds, "unit": "s",
          "notes": "ours: merge_oft_checkpoints(fold_into=base), file to file; PEFT: load + PeftModel + merge_and_unload "
-         "+ save_pretrained of the already merged adapter; ours/PEFT"},
+         f"+ save_pretrained of the already merged adapter; ours/PEFT; medians of {len(ours)} alternating runs"},
         {"name": "OFT folded model logits vs the merged adapter through PEFT", "baseline": 1e-4, "ours": rel,
          "ratio": rel / 1e-4, "notes": f"max |folded - PEFT adapter| / max |logit| on a chat prompt of {ids.shape[1]} "
          "tokens, vs 1e-4; folded loads with AutoModelForCausalLM"},

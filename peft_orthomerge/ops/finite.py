@@ -1,7 +1,7 @@
 """Whether a tensor holds NaN or Inf, for the price of one reduction.
 
-``torch.isfinite(x).all()`` runs three elementwise kernels and a boolean temporary of ``x``'s size
-(one thread, 2M float64 values: 12.8 ms); ``aminmax`` reads ``x`` once (0.5 ms in float32), and a
+``torch.isfinite(x).all()`` runs three elementwise kernels with temporaries of ``x``'s size
+(one thread, 2M float64 values: 12.8 ms; 192 MB of peak memory for a 113 MB float32 tensor); ``aminmax`` reads ``x`` once (0.5 ms in float32), and a
 NaN anywhere propagates into both its results while an Inf shows in one of them. The row-block
 drivers check every block they read, so this is on their hot path.
 """

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
+from .finite import all_finite
 from .weights import normalize_weights
 
 _ZERO_FACTOR = 10.0  # magnitude correction: logs below _ZERO_FACTOR * tol count as zero
@@ -57,7 +58,7 @@ def angle_over_sin(cos: torch.Tensor) -> torch.Tensor:
 def _check_square(x: torch.Tensor, what: str) -> None:
     if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
         raise IncompatibleInputsError(f"{what} must have shape (..., b, b), got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise NumericalError(f"non-finite values (NaN or Inf) in the {what}")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import IncompatibleInputsError, InputError, NumericalError, OrthoMergeError
+from ..ops.finite import all_finite
 from ..ops.skew import block_norms, block_size_from_n, skew_to_vec, to_canonical
 from .in_memory import DictSource
 from .jsonfile import read_json_object
@@ -92,7 +93,7 @@ class OftAdapter:
         work = dtype or (raw.dtype if raw.dtype in (torch.float32, torch.float64) else torch.float32)
         vec = raw.to(work)
         if self.legacy or self.config.get("coft", False):  # rare formats: check the raw entries, then transform
-            if not bool(torch.isfinite(vec).all()):
+            if not all_finite(vec):
                 raise NumericalError(
                     "tensor contains NaN or Inf values", path=self.tensors.file_of(mod.key), tensor=mod.key
                 )

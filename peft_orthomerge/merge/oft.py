@@ -97,12 +97,12 @@ def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleM
     stack, norms = inputs.read(mp)
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
     return merge_module(
-        list(stack.unbind(0)),
+        stack,
         plan.weights,
         method=plan.options.method,
         granularity=plan.options.granularity,
         scale=plan.options.scale,
-        norms=list(norms.unbind(0)),
+        norms=norms,
         applied=applied,
     )
 

@@ -78,16 +78,20 @@ def closest_polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     return p, error
 
 
-def thin_closest_polar_svd(a: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor | None:
+def thin_closest_polar_svd(
+    a: torch.Tensor, b: torch.Tensor, rtol: float, base_qr: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor | None:
     """Same answer as `closest_polar_svd` of ``M = a^T b`` for ``a, b`` of shape ``(out, m)``,
     ``out < m``, when ``rank(M) = out``; two ``out x out`` SVDs instead of one ``m x m``.
 
     ``range(M) = rows(a)`` and ``corange(M) = rows(b)``, so ``U_1 V_1^T`` comes from the SVD of the
     core ``Q_a^T M Q_b`` and the completion from the polar factor of ``U_2^T V_2`` with ``U_2, V_2``
     the orthogonal complements from complete QRs. Returns ``None`` when ``rank(M) < out``.
+    ``base_qr``: ``torch.linalg.qr(a.T, mode="complete")`` when the caller already has it (one
+    ``a`` against many ``b``: the base against every expert).
     """
     out = a.shape[0]
-    qa, ra = torch.linalg.qr(a.T, mode="complete")
+    qa, ra = torch.linalg.qr(a.T, mode="complete") if base_qr is None else base_qr
     qb, rb = torch.linalg.qr(b.T, mode="complete")
     core = ra[:out] @ rb[:out].T  # Q_a^T (a^T b) Q_b
     uc, sc, vch = torch.linalg.svd(core)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .cayley import inverse_cayley_lu
-from .orthogonality import orthogonality_errors, probe_orthogonality_error
+from .orthogonality import probe_orthogonality_error
 
 
 @dataclass
@@ -154,13 +154,15 @@ class Rotation:
         acc[k:, k:].add_((g @ qc[k:, k:]) @ g.T, alpha=alpha)
 
     def orthogonality_bound(self) -> float:
-        """``||C^T C - I||_F`` of the core; for a factored core ``C = blockdiag(P_c, Z) Y^T`` (SVD
-        products, a Newton-Schulz factor certified on its own, a Householder product: all orthogonal
-        to rounding) the bound ``||D^T D - I||_F + ||Y^T Y - I||_F``, each term estimated from 8
-        random probes (`orthogonality.probe_orthogonality_error`) instead of ``m x m`` products."""
+        """``||C^T C - I||_F`` of the core, estimated from 8 random probes
+        (`orthogonality.probe_orthogonality_error`) instead of an ``m x m`` product: every core is
+        orthogonal to rounding or certified by its solver before it gets here (SVD products,
+        an eigh or Newton-Schulz factor whose own orthogonality error was checked, a Householder
+        product). For a factored core ``C = blockdiag(P_c, Z) Y^T`` the bound
+        ``||D^T D - I||_F + ||Y^T Y - I||_F``, each term so estimated."""
         if self.factors is None:
             c = self.core
-            return float(orthogonality_errors(c)) if c.shape[-1] else 0.0
+            return probe_orthogonality_error(c) if c.shape[-1] else 0.0
         pc, z, y = self.factors
         err_d = (probe_orthogonality_error(pc) ** 2 + probe_orthogonality_error(z) ** 2) ** 0.5
         return err_d + probe_orthogonality_error(y)

@@ -143,6 +143,7 @@ def iter_procrustes(
         # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
         frame, r0 = Frame.of(w0)
         probe = _probe_width(out)
+    base_qr = None  # the complete QR of W0^T for the thin SVD route (out < in), made once
     for target in targets:
         rot = Rotation(n)
         if reduced:
@@ -161,7 +162,9 @@ def iter_procrustes(
             rot.factors = reduced_closest_polar(r0, bt, rtol, solver, info)
         if rot.core is None and rot.factors is None:
             a = _padded_base(r0, size) if a is None else a
-            rot.core = thin_closest_polar_svd(a, bt.T, rtol) if out < size else None
+            if out < size and not reduced and base_qr is None:
+                base_qr = torch.linalg.qr(w0.T, mode="complete")
+            rot.core = thin_closest_polar_svd(a, bt.T, rtol, None if reduced else base_qr) if out < size else None
             if rot.core is None:
                 m = a.T @ bt.T
                 if solver == "eigh" and out >= size:  # M can have full rank only when out >= in

@@ -30,8 +30,9 @@ Rows:
   process's peak RSS (``VmHWM``, file pages included) above its RSS after imports (MB),
   ``ratio`` = ours / baseline (goal < 1.5). Notes add the peak anonymous memory and the time.
 
-Run: ``python benchmarks/bench_decouple.py [--quick] [--memory-only] [--residuals=ta,ties,...]
-[--targets=global,conflict,none]`` (one thread); ``--memory-only`` skips the timing rows, ``--residuals``
+Run: ``python benchmarks/bench_decouple.py [--quick] [--memory-only | --time-only] [--residuals=ta,ties,...]
+[--targets=global,conflict,none]`` (one thread); ``--memory-only`` skips the timing rows, ``--time-only``
+the memory rows, ``--residuals``
 and ``--targets`` choose the methods and decoupling targets measured (``none``: no decoupling).
 """
 
@@ -451,6 +452,10 @@ if __name__ == "__main__":
     if "--memory-only" in sys.argv:  # rows printed as they are measured
         chosen_targets = [None if t == "none" else t for t in targets[0]] if targets else ["global"]
         bench_memory("--quick" in sys.argv, chosen[0] if chosen else None, echo=True, targets=chosen_targets)
+    elif "--time-only" in sys.argv:  # the timing rows, no memory children
+        torch.set_num_threads(1)
+        for row in bench_layer("--quick" in sys.argv) + bench_file_to_file("--quick" in sys.argv):
+            _print_row(row)
     else:
         for row in run(quick="--quick" in sys.argv):
             _print_row(row)

@@ -14,6 +14,9 @@ Matrices (the kind decoupling solves: cross-Gram matrices ``X^T Y``):
   `decouple_merge` runs it (float32: unscaled certified Newton-Schulz; float64: the Gram eigh
   route; SVD added to the time if it declines).
 
+Last, the CPU floor of one polar factor (`floor_rows`): the float32 SVD against the float64
+eigh route, the float64 SVD and the float32 eigh route, with their accuracy.
+
 ``baseline`` = seconds of the SVD polar factor, ``ours`` = seconds of
 ``polar(a, "newton_schulz")`` including any fallback, ``ratio`` = baseline / ours (> 1: the
 iteration is faster). Notes: steps, fallbacks, orthogonality error ``||P^T P - I||_F``, distance
@@ -36,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from peft_orthomerge.ops.closest_polar import complete_qr, polar_near_orthogonal
-from peft_orthomerge.ops.procrustes import polar, polar_svd, quintic_newton_schulz
+from peft_orthomerge.ops.procrustes import polar, polar_by_eigh, polar_svd, quintic_newton_schulz
 
 F64 = torch.float64
 
@@ -116,7 +119,46 @@ def run(quick: bool = True) -> list[dict]:
                     ),
                 )
             )
-    return rows + completion_rows(quick)
+    return rows + completion_rows(quick) + floor_rows(quick)
+
+
+def floor_rows(quick: bool) -> list[dict]:
+    """What one polar factor costs on the CPU, for the synthetic cross-Gram matrix ``W0^T W`` of the
+    decoupling benchmark (condition number near 1e3): ``baseline`` = the float32 SVD polar factor
+    (the step that dominates the plain fp32 Algorithm 2 of `bench_decouple`), ``ours`` = each
+    alternative, with its distance to the float64 SVD answer. The float64 eigh route is what the
+    default runs (certified by its orthogonality error); the float32 eigh route is about 2.5x cheaper
+    but squares the condition number in float32, so its error is far above any useful bound."""
+    gen = torch.Generator().manual_seed(3)
+    n = 256 if quick else 1024
+    w0 = _spectrum_matrix(n, -1.5, gen)
+    tau = 0.05 * w0.pow(2).mean().sqrt() * torch.randn(n, n, generator=gen, dtype=F64)
+    a = w0.T @ (w0 + tau)
+    exact = polar_svd(a)
+    a32 = a.float()
+    t_base, p_base = _time(lambda: polar_svd(a32), repeat=3)
+    variants = {
+        "float32 SVD (itself)": lambda: polar_svd(a32),
+        "float64 eigh route, certified (the default)": lambda: polar(a, "eigh").factor,
+        "float64 SVD": lambda: polar_svd(a),
+        "float32 eigh route (not certifiable)": lambda: polar_by_eigh(a32)[0],
+    }
+    rows = []
+    for label, fn in variants.items():
+        t, p = _time(fn, repeat=3)
+        dist = float(torch.linalg.matrix_norm(p.to(F64) - exact) / torch.linalg.matrix_norm(exact))
+        rows.append(
+            dict(
+                name=f"polar floor d={n} (cond ~1e3): {label}",
+                baseline=t_base,
+                ours=t,
+                ratio=t_base / t,
+                unit="s",
+                notes=f"baseline: float32 SVD polar factor; rel. distance to the float64 SVD answer {dist:.1e}",
+            )
+        )
+    del p_base
+    return rows
 
 
 def completion_block(quick: bool) -> torch.Tensor:

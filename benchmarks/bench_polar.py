@@ -67,6 +67,14 @@ def _spectrum_matrix(n: int, low: float, gen: torch.Generator) -> torch.Tensor:
     return (u * torch.logspace(0, low, n, dtype=F64)) @ v.T
 
 
+def _cross_gram(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``W0^T (W0 + tau)``: ``W0`` with a spectrum over 1.5 decades, ``tau`` dense at 5% of its RMS
+    (the experts of `bench_decouple`); condition number near 1e3."""
+    w0 = _spectrum_matrix(n, -1.5, gen)
+    tau = 0.05 * w0.pow(2).mean().sqrt() * torch.randn(n, n, generator=gen, dtype=F64)
+    return w0.T @ (w0 + tau)
+
+
 def cases(quick: bool) -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     out: list[tuple[str, torch.Tensor]] = []
@@ -79,9 +87,7 @@ def cases(quick: bool) -> list[tuple[str, torch.Tensor]]:
             y = torch.cat([_find(state, i, "intermediate.dense.weight") for i in range(2, 6)], dim=1)
             out.append(("MiniLM d=1536 (inter. layers 0-3 vs 2-5)", x.T @ y))
     for n in (256, 512) if quick else (1024, 2048):
-        w0 = _spectrum_matrix(n, -1.5, gen)
-        tau = 0.05 * w0.pow(2).mean().sqrt() * torch.randn(n, n, generator=gen, dtype=F64)
-        out.append((f"synthetic d={n} (W0^T W)", w0.T @ (w0 + tau)))
+        out.append((f"synthetic d={n} (W0^T W)", _cross_gram(n, gen)))
     out.append(
         (f"ill-conditioned d={128 if quick else 512} (cond 1e10)", _spectrum_matrix(128 if quick else 512, -10, gen))
     )
@@ -127,16 +133,13 @@ def floor_rows(quick: bool) -> list[dict]:
     decoupling benchmark (condition number near 1e3): ``baseline`` = the float32 SVD polar factor
     (the step that dominates the plain fp32 Algorithm 2 of `bench_decouple`), ``ours`` = each
     alternative, with its distance to the float64 SVD answer. The float64 eigh route is what the
-    default runs (certified by its orthogonality error); the float32 eigh route is about 2.5x cheaper
+    default runs (certified by its orthogonality error); the float32 eigh route is about 1.5x cheaper
     but squares the condition number in float32, so its error is far above any useful bound."""
-    gen = torch.Generator().manual_seed(3)
     n = 256 if quick else 1024
-    w0 = _spectrum_matrix(n, -1.5, gen)
-    tau = 0.05 * w0.pow(2).mean().sqrt() * torch.randn(n, n, generator=gen, dtype=F64)
-    a = w0.T @ (w0 + tau)
+    a = _cross_gram(n, torch.Generator().manual_seed(3))
     exact = polar_svd(a)
     a32 = a.float()
-    t_base, p_base = _time(lambda: polar_svd(a32), repeat=3)
+    t_base, _ = _time(lambda: polar_svd(a32), repeat=3)
     variants = {
         "float32 SVD (itself)": lambda: polar_svd(a32),
         "float64 eigh route, certified (the default)": lambda: polar(a, "eigh").factor,
@@ -157,7 +160,6 @@ def floor_rows(quick: bool) -> list[dict]:
                 notes=f"baseline: float32 SVD polar factor; rel. distance to the float64 SVD answer {dist:.1e}",
             )
         )
-    del p_base
     return rows
 
 

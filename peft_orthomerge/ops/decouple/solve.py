@@ -143,7 +143,7 @@ def iter_procrustes(
         # outside it; then W0 = a B_i^T with a = [R0^T, 0] and T_i = b_i B_i^T exactly.
         frame, r0 = Frame.of(w0)
         probe = _probe_width(out)
-    base_qr = None  # the complete QR of W0^T for the thin SVD route (out < in), made once
+    base_qr = None  # the complete QR of W0^T for the thin SVD route (out < in, unreduced), made once
     for target in targets:
         rot = Rotation(n)
         if reduced:
@@ -164,7 +164,7 @@ def iter_procrustes(
             a = _padded_base(r0, size) if a is None else a
             if out < size and not reduced and base_qr is None:
                 base_qr = torch.linalg.qr(w0.T, mode="complete")
-            rot.core = thin_closest_polar_svd(a, bt.T, rtol, None if reduced else base_qr) if out < size else None
+            rot.core = thin_closest_polar_svd(a, bt.T, rtol, base_qr) if out < size else None
             if rot.core is None:
                 m = a.T @ bt.T
                 if solver == "eigh" and out >= size:  # M can have full rank only when out >= in

@@ -94,6 +94,11 @@ def cases(quick: bool) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _timing_row(name: str, baseline: float, ours: float, notes: str) -> dict:
+    """A row of seconds: ``ratio`` = baseline / ours (> 1: ours is faster)."""
+    return dict(name=name, baseline=baseline, ours=ours, ratio=baseline / ours, unit="s", notes=notes)
+
+
 def _time(fn, repeat: int = 1):
     fn()  # warm-up
     start = time.perf_counter()
@@ -113,16 +118,12 @@ def run(quick: bool = True) -> list[dict]:
             dist = float(torch.linalg.matrix_norm(res.factor.to(F64) - ref.to(F64)))
             quint = float((torch.linalg.svdvals(quintic_newton_schulz(x)).to(F64) - 1).abs().max())
             rows.append(
-                dict(
-                    name=f"polar {name}{'' if dtype == F64 else ' fp32'}",
-                    baseline=t_svd,
-                    ours=t_ns,
-                    ratio=t_svd / t_ns,
-                    unit="s",
-                    notes=(
-                        f"NS steps {res.iterations}, fallback {res.fallback}, orth err {res.orthogonality_error:.1e}, "
-                        f"|P-P_svd| {dist:.1e}; quintic max|s-1| {quint:.2f}"
-                    ),
+                _timing_row(
+                    f"polar {name}{'' if dtype == F64 else ' fp32'}",
+                    t_svd,
+                    t_ns,
+                    f"NS steps {res.iterations}, fallback {res.fallback}, orth err {res.orthogonality_error:.1e}, "
+                    f"|P-P_svd| {dist:.1e}; quintic max|s-1| {quint:.2f}",
                 )
             )
     return rows + completion_rows(quick) + floor_rows(quick)
@@ -151,13 +152,11 @@ def floor_rows(quick: bool) -> list[dict]:
         t, p = _time(fn, repeat=3)
         dist = float(torch.linalg.matrix_norm(p.to(F64) - exact) / torch.linalg.matrix_norm(exact))
         rows.append(
-            dict(
-                name=f"polar floor d={n} (cond ~1e3): {label}",
-                baseline=t_base,
-                ours=t,
-                ratio=t_base / t,
-                unit="s",
-                notes=f"baseline: float32 SVD polar factor; rel. distance to the float64 SVD answer {dist:.1e}",
+            _timing_row(
+                f"polar floor d={n} (cond ~1e3): {label}",
+                t_base,
+                t,
+                f"baseline: float32 SVD polar factor; rel. distance to the float64 SVD answer {dist:.1e}",
             )
         )
     return rows
@@ -191,14 +190,12 @@ def completion_rows(quick: bool) -> list[dict]:
         err = float(torch.linalg.matrix_norm(factor.T @ factor - torch.eye(x.shape[-1], dtype=dtype)))
         ours = t_ns + (t_svd if fallback else 0.0)
         rows.append(
-            {
-                "name": f"polar completion block d={x.shape[-1]}{'' if dtype == F64 else ' fp32'}",
-                "baseline": t_svd,
-                "ours": ours,
-                "ratio": t_svd / ours,
-                "unit": "s",
-                "notes": f"fallback {int(fallback)}, orth err {err:.1e}, |P-P_svd(fp64)| {dist:.1e}",
-            }
+            _timing_row(
+                f"polar completion block d={x.shape[-1]}{'' if dtype == F64 else ' fp32'}",
+                t_svd,
+                ours,
+                f"fallback {int(fallback)}, orth err {err:.1e}, |P-P_svd(fp64)| {dist:.1e}",
+            )
         )
     return rows
 

@@ -6,7 +6,10 @@
     byte of every tensor into memory (``get_tensor`` maps the file lazily, so one ``sum`` per tensor
     touches it: the cheapest full read), and write one output of one input's size with
     ``save_file``. Floor and merge run alternately in fresh child processes (same page-cache state:
-    inputs cached), timed after imports; each figure is the median of ``REPS`` runs (``--quick``: one). Also the merge
+    inputs cached and written back before the first run; after each run its output is removed and
+    every dirty page written back, outside the timing, so that no run competes with the writeback
+    of an earlier one), timed after imports; each figure is the median of ``REPS`` runs
+    (``--quick``: one). Also the merge
     with ``orthogonality_blocks=None`` (the report's orthogonality error measured on every block
     instead of the 4 largest per module). Memory of the merge child above its footprint after
     imports: peak anonymous memory (sampled ``RssAnon``: what the merge holds) and peak RSS
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +150,15 @@ def _child(task: str, args: dict) -> dict:
     return {"seconds": seconds, "anon_mb": (sampler.peak - anon0) / 1024, "rss_mb": (rss - rss0) / 1024}
 
 
+def _settled_child(task: str, args: dict) -> dict:
+    """`_run_child`, then its output removed and every dirty page written back (outside the timing):
+    each timed run starts with no writeback of an earlier run's output competing for the disk."""
+    result = _run_child(task, args)
+    shutil.rmtree(args["output"], ignore_errors=True)
+    os.sync()
+    return result
+
+
 def _run_child(task: str, args: dict) -> dict:
     env = {
         **os.environ,
@@ -170,14 +183,15 @@ def bench_merge(tmp: Path, quick: bool, reps: int | None = None) -> list[dict]:
     reps = reps or (1 if quick else REPS)
     inputs = [tmp / f"adapter{i}" for i in range(5)]
     sizes = [write_synthetic_adapter(d, MODULES_8B, layers, seed=i) for i, d in enumerate(inputs)]
+    os.sync()  # the inputs on disk (and in the page cache) before any timed run
     size = sizes[0]
     args = {"inputs": [str(d) for d in inputs]}
     floors, ours, exhaustive = [], [], []
     for rep in range(reps):  # alternate (same page-cache state for all), report medians
-        floors.append(_run_child("floor", {**args, "output": str(tmp / f"floor{rep}")}))
-        ours.append(_run_child("merge", {**args, "output": str(tmp / f"merged{rep}")}))
+        floors.append(_settled_child("floor", {**args, "output": str(tmp / f"floor{rep}")}))
+        ours.append(_settled_child("merge", {**args, "output": str(tmp / f"merged{rep}")}))
         exhaustive.append(
-            _run_child(
+            _settled_child(
                 "merge", {**args, "output": str(tmp / f"exhaustive{rep}"), "kwargs": {"orthogonality_blocks": None}}
             )
         )

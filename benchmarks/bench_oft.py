@@ -150,16 +150,9 @@ def _child(task: str, args: dict) -> dict:
     return {"seconds": seconds, "anon_mb": (sampler.peak - anon0) / 1024, "rss_mb": (rss - rss0) / 1024}
 
 
-def _settled_child(task: str, args: dict) -> dict:
-    """`_run_child`, then its output removed and every dirty page written back (outside the timing):
-    each timed run starts with no writeback of an earlier run's output competing for the disk."""
-    result = _run_child(task, args)
-    shutil.rmtree(args["output"], ignore_errors=True)
-    os.sync()
-    return result
-
-
 def _run_child(task: str, args: dict) -> dict:
+    """One timed child; afterwards (outside its timing) its output is removed and every dirty page
+    written back, so that no later run competes with this one's writeback for the disk."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -174,6 +167,8 @@ def _run_child(task: str, args: dict) -> dict:
     )
     if out.returncode != 0:
         raise RuntimeError(f"child {task} failed:\n{out.stderr[-3000:]}")
+    shutil.rmtree(args["output"], ignore_errors=True)
+    os.sync()
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -188,10 +183,10 @@ def bench_merge(tmp: Path, quick: bool, reps: int | None = None) -> list[dict]:
     args = {"inputs": [str(d) for d in inputs]}
     floors, ours, exhaustive = [], [], []
     for rep in range(reps):  # alternate (same page-cache state for all), report medians
-        floors.append(_settled_child("floor", {**args, "output": str(tmp / f"floor{rep}")}))
-        ours.append(_settled_child("merge", {**args, "output": str(tmp / f"merged{rep}")}))
+        floors.append(_run_child("floor", {**args, "output": str(tmp / f"floor{rep}")}))
+        ours.append(_run_child("merge", {**args, "output": str(tmp / f"merged{rep}")}))
         exhaustive.append(
-            _settled_child(
+            _run_child(
                 "merge", {**args, "output": str(tmp / f"exhaustive{rep}"), "kwargs": {"orthogonality_blocks": None}}
             )
         )

@@ -94,20 +94,20 @@ def neumann_rotation(q: torch.Tensor, terms: int, *, dtype: torch.dtype = torch.
     """PEFT's Cayley-Neumann map (>= 0.18) of canonical blocks ``q``, term for term as PEFT computes it.
 
     ``terms`` = ``num_cayley_neumann_terms`` = t: ``I`` (t = 1), ``I + 2Q`` (t = 2), and for
-    t >= 3 ``I + 2(Q + ... + Q^m) + Q^(m+1)`` with ``m = max(2, t - 2)``.
+    t >= 3 ``I + 2(Q + ... + Q^m) + Q^(m+1)`` with ``m = max(2, t - 2)``, accumulated in place in
+    PEFT's order (``R.add_(Q^k, alpha=2)``).
     """
     q = q.to(dtype)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    r = eye.clone()
+    r = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q).clone()
     if terms > 1:
-        r = r + 2.0 * q
+        r.add_(q, alpha=2.0)
         if terms > 2:
             power = q @ q
-            r = r + 2.0 * power
+            r.add_(power, alpha=2.0)
             for _ in range(3, terms - 1):
                 power = power @ q
-                r = r + 2.0 * power
-            r = r + power @ q
+                r.add_(power, alpha=2.0)
+            r.add_(power @ q)
     return r
 
 

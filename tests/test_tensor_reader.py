@@ -8,6 +8,7 @@ reader of the same file); for the pickle opt-in path it is the saved tensor itse
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -300,3 +301,103 @@ def test_reading_every_tensor_leaves_no_file_pages_resident(tmp_path):
 
     assert control > 0.5 * file_kib, (control, file_kib)  # the measurement sees resident pages
     assert ours < 0.25 * file_kib, (ours, file_kib)
+
+
+# -- vectored reads ----------------------------------------------------------------------------
+def _offsets(path: Path) -> dict[str, list[int]]:
+    """Each tensor's ``data_offsets`` from the file's header, read independently of `TensorReader`."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _file_order(reader: TensorReader, keys) -> list[str]:
+    """The keys in the order their data lies in the file."""
+    offsets = _offsets(reader.files[0])
+    return sorted(keys, key=lambda k: offsets[k][0])
+
+
+def _runs(path: Path, keys) -> int:
+    """How many runs of byte-adjacent, non-empty tensors the request ``keys`` (in its order) has."""
+    offsets = _offsets(path)
+    runs, end = 0, None
+    for key in keys:
+        begin, stop = offsets[key]
+        if begin == stop:
+            continue
+        runs += begin != end
+        end = stop
+    return runs
+
+
+def _buffers(reader, keys):
+    return [(k, torch.empty(math.prod(reader.shape(k)), dtype=reader.dtype(k))) for k in keys]
+
+
+def test_read_many_into_equals_get_and_coalesces_adjacent_tensors(tmp_path, monkeypatch):
+    """Tensors back to back in the file are read by one ``preadv`` into all their buffers; the values
+    equal `get` bit for bit, in any order of the request (a gap or a reversal starts a new call)."""
+    state = {f"t{i}": torch.randn(3 + i, 5, dtype=torch.float64 if i % 2 else torch.float32) for i in range(6)}
+    state["empty"] = torch.empty(0, 4)
+    save_file(state, str(tmp_path / "t.safetensors"))
+    reader = TensorReader.from_file(tmp_path / "t.safetensors")
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(tensors_mod.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    order = _file_order(reader, state)
+    assert _runs(reader.files[0], order) == 1 and _runs(reader.files[0], order[::-1]) == 6
+    for keys in (order, order[::-1], order[::2], order[1:4]):
+        expected_calls = _runs(reader.files[0], keys)
+        calls.clear()
+        items = _buffers(reader, keys)
+        reader.read_many_into(items)
+        for key, out in items:
+            assert _same(out, state[key].reshape(-1)), key
+        assert len(calls) == expected_calls, (keys, calls)
+
+
+def test_read_many_into_resumes_short_reads_across_buffers(tmp_path, monkeypatch):
+    """A vectored read that returns short (here: 7 bytes at a time) is resumed at the exact byte, also in
+    the middle of a buffer."""
+    state = {f"t{i}": torch.randn(4, 3) for i in range(4)}
+    save_file(state, str(tmp_path / "t.safetensors"))
+    reader = TensorReader.from_file(tmp_path / "t.safetensors")
+    real = os.preadv
+
+    def short(fd, bufs, off):
+        first = memoryview(bufs[0])[:7]
+        return real(fd, [first], off)
+
+    monkeypatch.setattr(tensors_mod.os, "preadv", short)
+    items = _buffers(reader, _file_order(reader, state))
+    reader.read_many_into(items)
+    for key, out in items:
+        assert _same(out, state[key].reshape(-1)), key
+
+
+def test_read_many_into_of_a_truncated_file_names_the_tensor_cut_short(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(4, 4), "b": torch.ones(64, 64)}, str(path))
+    reader = TensorReader.from_file(path)
+    os.truncate(path, path.stat().st_size - 100)
+    items = _buffers(reader, _file_order(reader, ["a", "b"]))
+    with pytest.raises(InputError) as info:
+        reader.read_many_into(items)
+    assert str(info.value) == f"{path}: b: file ends 100 bytes short of the data its header promises (truncated?)"
+
+
+@pytest.mark.parametrize("mode", ["no-positional-reads", "dtype-not-mapped"])
+def test_read_many_into_falls_back_like_read_into(tmp_path, monkeypatch, mode):
+    state = {"a": torch.randn(3, 2), "b": torch.randn(2, 2).bfloat16(), "c": torch.arange(5)}
+    save_file(state, str(tmp_path / "t.safetensors"))
+    reader = TensorReader.from_file(tmp_path / "t.safetensors")
+    if mode == "dtype-not-mapped":
+        monkeypatch.setattr(tensors_mod, "_DTYPES", {k: v for k, v in tensors_mod._DTYPES.items() if k != "BF16"})
+    else:
+        monkeypatch.setattr(tensors_mod, "POSITIONAL_READS", False)
+    items = [(k, torch.empty(v.numel(), dtype=v.dtype)) for k, v in state.items()]
+    reader.read_many_into(items)
+    for key, out in items:
+        assert _same(out, state[key].reshape(-1)), key
+    assert reader.positional is (mode != "no-positional-reads")

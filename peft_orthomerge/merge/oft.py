@@ -11,7 +11,9 @@ tensors in order, each module folded, each pass-through tensor merged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -41,45 +43,116 @@ def adapter_canonical(
     return vec, norms
 
 
+GROUP_BYTES = 16 * 2**20  # stacked input bytes of the consecutive modules read together
+
+
+@dataclass
+class _ReadRows:
+    """One module's stack as `CanonicalInputs` filled it from the files: rows in ``negated`` hold the
+    stored vectors of an exact-Cayley adapter (to be negated); rows in ``other`` are not filled yet
+    (no source: zeros; another layout: `adapter_canonical`)."""
+
+    mp: ModulePlan
+    stack: torch.Tensor
+    negated: list[int] = field(default_factory=list)
+    other: list[int] = field(default_factory=list)
+
+
 class CanonicalInputs:
-    """Every adapter's canonical vectors of one module at a time, stacked ``(N, r, n)`` in one buffer
-    reused from module to module (so reading allocates nothing once the largest module is seen).
+    """Every adapter's canonical vectors of one module at a time, stacked ``(N, r, n)`` in buffers
+    reused from module to module (so reading allocates nothing once the largest group is seen).
 
     Row ``i`` holds adapter ``i``'s ``(r, n)`` vectors at the plan's block size: zeros where it does
     not target the module, a ``block_share`` single block repeated to ``r`` rows. The stack is in
     float64 if any of the module's inputs is stored in float64, else float32 (half precisions are
     widened). A stored tensor that is already canonical up to its sign is read straight into its
-    row (`OftAdapter.read_canonical_into`); others (legacy, ``coft``, a smaller block size, another
-    dtype) go through `adapter_canonical` and are copied in. The stack and its norms are valid until
-    the next `read`: merge methods return new tensors, never views of it.
+    row (`OftAdapter.stored_canonical_key`) and negated in place where the adapter stores it
+    negated; others (legacy, ``coft``, a smaller block size, another dtype) go through
+    `adapter_canonical` and are copied in.
+
+    `prefetched` reads consecutive modules in groups of about `GROUP_BYTES` of stacks, one vectored
+    read per input file and group (`TensorReader.read_many_into`), the next group's file reads
+    running in a background thread while the caller merges this one. That thread only reads files
+    (which releases the GIL); every computation runs in the caller's thread, so results do not
+    depend on it. A stack is valid until the group after the next one is read: merge methods
+    return new tensors, never views of it. `read` reads one module, in the caller's thread.
     """
 
     def __init__(self, plan: OftPlan) -> None:
         self.plan = plan
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        self.device = torch.device(plan.options.device)
+        self.buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}  # (dtype, slot) -> flat buffer
 
-    def _stack(self, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-        numel = shape[0] * shape[1] * shape[2]
-        flat = self.buffers.get(dtype)
-        if flat is None or flat.numel() < numel:
-            flat = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
-        return flat[:numel].view(shape)
+    def _dtype(self, mp: ModulePlan) -> torch.dtype:
+        stored = {a.tensors.dtype(src.key) for a, src in zip(self.plan.adapters, mp.sources) if src is not None}
+        return torch.float64 if torch.float64 in stored else torch.float32
 
-    def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
-        on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
+    def _shape(self, mp: ModulePlan) -> tuple[int, int, int]:
+        return len(self.plan.adapters), mp.r, mp.b * (mp.b - 1) // 2
+
+    def _groups(self, modules: Sequence[ModulePlan]) -> list[list[ModulePlan]]:
+        """Consecutive modules in groups of at most `GROUP_BYTES` of stacks (a larger module alone)."""
+        groups: list[list[ModulePlan]] = []
+        size = GROUP_BYTES
+        for mp in modules:
+            nbytes = math.prod(self._shape(mp)) * self._dtype(mp).itemsize
+            if size + nbytes > GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(mp)
+            size += nbytes
+        return groups
+
+    def _fill(self, group: Sequence[ModulePlan], slot: int) -> list[_ReadRows]:
+        """The stacks of ``group``'s modules in buffer ``slot``, their directly readable rows read from
+        the files (one `read_many_into` per adapter); nothing else is computed."""
         plan = self.plan
-        n = mp.b * (mp.b - 1) // 2
-        stored = {a.tensors.dtype(src.key) for a, src in zip(plan.adapters, mp.sources) if src is not None}
-        stack = self._stack((len(plan.adapters), mp.r, n), torch.float64 if torch.float64 in stored else torch.float32)
+        dtypes = [self._dtype(mp) for mp in group]
+        stacks, used = [], dict.fromkeys(dtypes, 0)
+        for mp, dtype in zip(group, dtypes):
+            used[dtype] += math.prod(self._shape(mp))
+        for dtype, numel in used.items():
+            flat = self.buffers.get((dtype, slot))
+            if flat is None or flat.numel() < numel:
+                self.buffers[(dtype, slot)] = torch.empty(numel, dtype=dtype)
+        offsets = dict.fromkeys(dtypes, 0)
+        for mp, dtype in zip(group, dtypes):
+            shape, start = self._shape(mp), offsets[dtype]
+            offsets[dtype] += math.prod(shape)
+            stacks.append(_ReadRows(mp, self.buffers[(dtype, slot)][start : offsets[dtype]].view(shape)))
+        for i, a in enumerate(plan.adapters):
+            direct = []
+            for rows in stacks:
+                src, row = rows.mp.sources[i], rows.stack[i]
+                key = (
+                    None
+                    if src is None or src.b != rows.mp.b
+                    else a.stored_canonical_key(rows.mp.name, row.shape, row.dtype)
+                )
+                if key is None:
+                    rows.other.append(i)
+                    continue
+                direct.append((key, row))
+                if a.stores_negated:
+                    rows.negated.append(i)
+            a.tensors.read_many_into(direct)
+        return stacks
+
+    def _finish(self, rows: _ReadRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complete a filled stack (signs, zeros, converted rows), move it to the plan's device and
+        check it: the stack and its per-block norms (float64 ``(N, r)``, `block_norms`)."""
+        plan, mp, stack = self.plan, rows.mp, rows.stack
+        for i in rows.negated:
+            stack[i].neg_()
         converted = {}  # row -> norms of the inputs that went through adapter_canonical
-        for i, (a, src) in enumerate(zip(plan.adapters, mp.sources)):
+        for i in rows.other:
+            a, src = plan.adapters[i], mp.sources[i]
             if src is None:
                 stack[i].zero_()
-            elif not (src.b == mp.b and a.read_canonical_into(mp.name, stack[i])):
+            else:
                 vec, converted[i] = adapter_canonical(a, src, mp)
-                stack[i].copy_(vec.expand(mp.r, n))
-        stack = stack.to(plan.options.device)
+                stack[i].copy_(vec.expand(mp.r, stack.shape[-1]))
+        stack = stack.to(self.device)
         norms = block_norms(stack)
         for i, norm in converted.items():
             norms[i] = norm.to(norms.device)  # as computed in the input's own precision
@@ -91,10 +164,39 @@ class CanonicalInputs:
             )
         return stack, norms
 
+    def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
+        on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
+        return self._finish(self._fill([mp], 0)[0])
+
+    def prefetched(
+        self, modules: Sequence[ModulePlan]
+    ) -> Iterator[tuple[ModulePlan, tuple[torch.Tensor, torch.Tensor]]]:
+        """`read` of each module in turn, by groups, the next group's file reads running in a
+        background thread (when every input is read from files; else in this thread)."""
+        groups = self._groups(modules)
+        if len(groups) < 2 or not all(a.tensors.positional for a in self.plan.adapters):
+            for group in groups:
+                for rows in self._fill(group, 0):
+                    yield rows.mp, self._finish(rows)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthomerge-read") as pool:
+            ahead = pool.submit(self._fill, groups[0], 0)
+            for k in range(len(groups)):
+                filled = ahead.result()
+                if k + 1 < len(groups):
+                    ahead = pool.submit(self._fill, groups[k + 1], (k + 1) % 2)
+                for rows in filled:
+                    yield rows.mp, self._finish(rows)
+
 
 def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:
     """Merge module ``mp`` with the plan's method, its inputs read by ``inputs``."""
-    stack, norms = inputs.read(mp)
+    return merge_read(plan, *inputs.read(mp))
+
+
+def merge_read(plan: OftPlan, stack: torch.Tensor, norms: torch.Tensor) -> ModuleMerge:
+    """Merge one module's stack ``(N, r, n)`` with its per-block norms by the plan's method."""
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
     return merge_module(
         stack,
@@ -108,10 +210,10 @@ def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleM
 
 
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:
-    """Merge the modules one at a time (only one module's tensors are in memory)."""
-    inputs = CanonicalInputs(plan)
-    for mp in plan.modules:
-        yield mp, merge_one(plan, mp, inputs)
+    """Merge the modules one at a time, reading them by groups (`CanonicalInputs.prefetched`: at most
+    two groups' inputs in memory, the one being merged and the next one being read)."""
+    for mp, (stack, norms) in CanonicalInputs(plan).prefetched(plan.modules):
+        yield mp, merge_read(plan, stack, norms)
 
 
 def merged_passthrough(plan: OftPlan, key: str, base: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ a tensor came from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,8 @@ from .validation import ensure_finite
 
 class TensorSource(Protocol):
     """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU),
-    ``read_into`` (one tensor's values into a caller's buffer, unchecked)."""
+    ``read_into`` (one tensor's values into a caller's buffer, unchecked), ``read_many_into`` (several),
+    ``positional`` (reads are positional file reads, which release the GIL while they copy)."""
 
     files: list[Path]
 
@@ -31,6 +32,9 @@ class TensorSource(Protocol):
     def file_of(self, key: str) -> Path: ...
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor: ...
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor: ...
+    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None: ...
+
+    positional: bool
 
 
 class DictSource:
@@ -64,9 +68,16 @@ class DictSource:
         tensor = tensor if self.device is None else tensor.to(self.device)
         return ensure_finite(tensor, path=self.label, name=key) if check_finite else tensor
 
+    positional = False  # tensors are copied from memory
+
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Copy one tensor's values into ``out`` (same number of elements) and return it; no finiteness check."""
         return out.copy_(self._state[key].detach().reshape(out.shape))
+
+    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """`read_into` of each ``(key, out)`` pair."""
+        for key, out in items:
+            self.read_into(key, out)
 
 
 class ParameterShapes:

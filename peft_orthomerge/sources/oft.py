@@ -112,26 +112,27 @@ class OftAdapter:
             )
         return vec, norms
 
-    def read_canonical_into(self, name: str, out: torch.Tensor) -> bool:
-        """Read the canonical vectors of module ``name`` straight into ``out`` (``(r, n)``, CPU) when
-        the stored tensor differs from them by its sign at most: current layout, ``coft`` off, the
-        stored shape and dtype equal to ``out``'s (one read into the caller's buffer, one in-place
-        negation for the exact-Cayley flag). Returns ``False``, with ``out`` untouched, otherwise
-        (then use `canonical_with_norms`). Nothing is checked: the caller's `block_norms` of ``out``
-        are the NaN / Inf check.
-        """
+    def stored_canonical_key(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+        """The key of module ``name``'s stored tensor when it can be read as it is into a ``(r, n)`` buffer of
+        ``shape`` and ``dtype`` to give the canonical vectors, negated in place where `stores_negated`
+        (current layout, ``coft`` off, the stored shape and dtype equal to the buffer's); else ``None``
+        (then use `canonical_with_norms`). Nothing is checked: the caller's `block_norms` of the values
+        read are the NaN / Inf check."""
         mod = self.modules[name]
         if (
             self.legacy
             or self.config.get("coft", False)
-            or (mod.r, mod.b * (mod.b - 1) // 2) != tuple(out.shape)
-            or self.tensors.dtype(mod.key) != out.dtype
+            or (mod.r, mod.b * (mod.b - 1) // 2) != tuple(shape)
+            or self.tensors.dtype(mod.key) != dtype
         ):
-            return False
-        self.tensors.read_into(mod.key, out)
-        if not self.use_cayley_neumann:
-            out.neg_()
-        return True
+            return None
+        return mod.key
+
+    @property
+    def stores_negated(self) -> bool:
+        """Whether a current-layout stored vector is the negated canonical one (the exact-Cayley flag;
+        `to_canonical`)."""
+        return not self.use_cayley_neumann
 
     def output_scale(self, name: str) -> torch.Tensor | None:
         """Legacy ``oft_s`` ``(out, 1)`` of module ``name`` (``None`` when absent)."""

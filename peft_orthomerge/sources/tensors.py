@@ -17,6 +17,7 @@ is used.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import operator
@@ -24,7 +25,7 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ _DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from thi
 _DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
 # Positional reads give the file's bytes as they are: right only where the machine is little-endian.
 POSITIONAL_READS = sys.byteorder == "little" and hasattr(os, "preadv")
+_IOV_MAX = 1024  # buffers per vectored read (Linux's UIO_MAXIOV)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -144,23 +146,29 @@ class _Shard:
             if key != "__metadata__"
         }
 
-    def read_into(self, out: torch.Tensor, offset: int, key: str | None) -> None:
-        """Fill the contiguous uint8 tensor ``out`` with the file's bytes from ``offset`` on."""
-        n = out.numel()
-        if not n:
-            return
-        view = memoryview((ctypes.c_char * n).from_address(out.data_ptr())).cast("B")
-        done = 0
-        while done < n:  # one call reads at most ~2 GiB on Linux; a regular file may also return short
+    def read_into(self, outs: Sequence[torch.Tensor], offset: int, keys: Sequence[str | None]) -> None:
+        """Fill the contiguous uint8 tensors ``outs``, in order, with the file's bytes from ``offset`` on:
+        one vectored read (``preadv``) for all of them, repeated from where it stopped when it returns
+        short. ``keys[i]`` names ``outs[i]``'s tensor in errors."""
+        named = [(out, key) for out, key in zip(outs, keys) if out.numel()]
+        keys = [key for _, key in named]
+        views = [memoryview((ctypes.c_char * out.numel()).from_address(out.data_ptr())).cast("B") for out, _ in named]
+        ends = list(itertools.accumulate(len(v) for v in views))
+        total, done, first = (ends[-1] if ends else 0), 0, 0
+        while done < total:  # one call reads at most ~2 GiB on Linux; a regular file may also return short
+            while ends[first] <= done:
+                first += 1
+            skip = done - (ends[first] - len(views[first]))
+            pending = [views[first][skip:], *views[first + 1 : first + _IOV_MAX]]
             try:
-                got = os.preadv(self.fd, [view[done:]], offset + done)
+                got = os.preadv(self.fd, pending, offset + done)
             except OSError as exc:
-                raise InputError(f"cannot read tensor data ({exc})", path=self.file, tensor=key) from exc
+                raise InputError(f"cannot read tensor data ({exc})", path=self.file, tensor=keys[first]) from exc
             if not got:
                 raise InputError(
-                    f"file ends {n - done} bytes short of the data its header promises (truncated?)",
+                    f"file ends {total - done} bytes short of the data its header promises (truncated?)",
                     path=self.file,
-                    tensor=key,
+                    tensor=keys[first],
                 )
             done += got
 
@@ -365,6 +373,11 @@ class TensorReader:
             ensure_finite(tensor, path=file, name=key)
         return tensor
 
+    @property
+    def positional(self) -> bool:
+        """Whether tensor data is read by positional file reads (which release the GIL while they copy)."""
+        return POSITIONAL_READS and self._pickle is None
+
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Read one tensor's stored values into ``out`` and return it; no finiteness check.
 
@@ -373,20 +386,46 @@ class TensorReader:
         bytes go straight into ``out``'s memory, so a caller that reuses one buffer reads without
         allocating; otherwise the tensor is read with `get` and copied.
         """
-        entry = None if self._pickle is not None or not POSITIONAL_READS else self._entry(key)
-        if entry is not None and entry.dtype in _DTYPES:
+        self.read_many_into([(key, out)])
+        return out
+
+    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """`read_into` of each ``(key, out)`` pair. With positional reads, each run of consecutive pairs
+        whose tensors lie back to back in one file is read by one vectored system call into all of
+        its buffers (so reading the modules of a layer in file order costs one call per file)."""
+        run: list[tuple[str, torch.Tensor]] = []
+        run_file, run_end = None, -1
+        for key, out in items:
+            entry = None if not self.positional else self._entry(key)
+            if entry is None or entry.dtype not in _DTYPES:
+                self._read_run(run_file, run)
+                run, run_file = [], None
+                out.copy_(self.get(key, check_finite=False).reshape(out.shape))
+                continue
             if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
                 raise ValueError(
                     f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}"
                 )
-            self._shard(self._where[key]).read_into(out.view(torch.uint8).view(-1), entry.begin, key)
-            return out
-        return out.copy_(self.get(key, check_finite=False).reshape(out.shape))
+            if entry.begin == entry.end:  # nothing to read: a run goes on across an empty tensor
+                continue
+            file = self._where[key]
+            if file != run_file or entry.begin != run_end:
+                self._read_run(run_file, run)
+                run, run_file = [], file
+            run.append((key, out))
+            run_end = entry.end
+        self._read_run(run_file, run)
+
+    def _read_run(self, file: Path | None, run: list[tuple[str, torch.Tensor]]) -> None:
+        """Read tensors stored back to back in ``file`` (validated by `read_many_into`) into their buffers."""
+        if run:
+            outs = [out.view(torch.uint8).view(-1) for _, out in run]
+            self._shard(file).read_into(outs, self._entry(run[0][0]).begin, [key for key, _ in run])
 
     def _read(self, key: str, entry: _Entry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Bytes ``lo:hi`` of the tensor's file, read into fresh memory and viewed as ``shape``."""
         raw = torch.empty(hi - lo, dtype=torch.uint8)
-        self._shard(self._where[key]).read_into(raw, lo, key)
+        self._shard(self._where[key]).read_into([raw], lo, [key])
         dtype = _DTYPES[entry.dtype]
         if dtype is torch.bool and raw.numel() and int(raw.max()) > 1:
             raise InputError("BOOL tensor holds bytes other than 0 and 1", path=self._where[key], tensor=key)

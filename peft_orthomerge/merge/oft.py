@@ -11,7 +11,7 @@ tensors in order, each module folded, each pass-through tensor merged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,11 +71,12 @@ class CanonicalInputs:
     `adapter_canonical` and are copied in.
 
     `prefetched` reads consecutive modules in groups of about `GROUP_BYTES` of stacks, one vectored
-    read per input file and group (`TensorReader.read_many_into`), the next group's file reads
-    running in a background thread while the caller merges this one. That thread only reads files
-    (which releases the GIL); every computation runs in the caller's thread, so results do not
-    depend on it. A stack is valid until the group after the next one is read: merge methods
-    return new tensors, never views of it. `read` reads one module, in the caller's thread.
+    read per input file and group (`TensorReader.read_plan`), the next group's file reads running
+    in a background thread while the caller merges this one. The caller's thread plans the reads
+    (buffers, offsets, checks); that thread only performs them (which releases the GIL), and every
+    computation runs in the caller's thread, so results do not depend on it. A stack is valid until
+    the group after the next one is read: merge methods return new tensors, never views of it.
+    `read` reads one module, in the caller's thread.
     """
 
     def __init__(self, plan: OftPlan) -> None:
@@ -103,9 +104,9 @@ class CanonicalInputs:
             size += nbytes
         return groups
 
-    def _fill(self, group: Sequence[ModulePlan], slot: int) -> list[_ReadRows]:
-        """The stacks of ``group``'s modules in buffer ``slot``, their directly readable rows read from
-        the files (one `read_many_into` per adapter); nothing else is computed."""
+    def _plan(self, group: Sequence[ModulePlan], slot: int) -> tuple[list[_ReadRows], list[Callable[[], None]]]:
+        """The stacks of ``group``'s modules in buffer ``slot``, and the file reads that fill their
+        directly readable rows (one `read_plan` per adapter), not yet run."""
         plan = self.plan
         dtypes = [self._dtype(mp) for mp in group]
         stacks, used = [], dict.fromkeys(dtypes, 0)
@@ -120,23 +121,21 @@ class CanonicalInputs:
             shape, start = self._shape(mp), offsets[dtype]
             offsets[dtype] += math.prod(shape)
             stacks.append(_ReadRows(mp, self.buffers[(dtype, slot)][start : offsets[dtype]].view(shape)))
+        reads = []
         for i, a in enumerate(plan.adapters):
             direct = []
             for rows in stacks:
-                src, row = rows.mp.sources[i], rows.stack[i]
-                key = (
-                    None
-                    if src is None or src.b != rows.mp.b
-                    else a.stored_canonical_key(rows.mp.name, row.shape, row.dtype)
-                )
+                mp, row = rows.mp, rows.stack[i]
+                src = mp.sources[i]
+                key = None if src is None or src.b != mp.b else a.stored_canonical_key(mp.name, row.shape, row.dtype)
                 if key is None:
                     rows.other.append(i)
                     continue
                 direct.append((key, row))
                 if a.stores_negated:
                     rows.negated.append(i)
-            a.tensors.read_many_into(direct)
-        return stacks
+            reads += a.tensors.read_plan(direct)
+        return stacks, reads
 
     def _finish(self, rows: _ReadRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Complete a filled stack (signs, zeros, converted rows), move it to the plan's device and
@@ -167,7 +166,9 @@ class CanonicalInputs:
     def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
         on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
-        return self._finish(self._fill([mp], 0)[0])
+        stacks, reads = self._plan([mp], 0)
+        _run(reads)
+        return self._finish(stacks[0])
 
     def prefetched(
         self, modules: Sequence[ModulePlan]
@@ -177,17 +178,27 @@ class CanonicalInputs:
         groups = self._groups(modules)
         if len(groups) < 2 or not all(a.tensors.positional for a in self.plan.adapters):
             for group in groups:
-                for rows in self._fill(group, 0):
+                stacks, reads = self._plan(group, 0)
+                _run(reads)
+                for rows in stacks:
                     yield rows.mp, self._finish(rows)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthomerge-read") as pool:
-            ahead = pool.submit(self._fill, groups[0], 0)
+            stacks, reads = self._plan(groups[0], 0)
+            ahead = pool.submit(_run, reads)
             for k in range(len(groups)):
-                filled = ahead.result()
+                ahead.result()
+                filled = stacks
                 if k + 1 < len(groups):
-                    ahead = pool.submit(self._fill, groups[k + 1], (k + 1) % 2)
+                    stacks, reads = self._plan(groups[k + 1], (k + 1) % 2)
+                    ahead = pool.submit(_run, reads)
                 for rows in filled:
                     yield rows.mp, self._finish(rows)
+
+
+def _run(reads: Sequence[Callable[[], None]]) -> None:
+    for read in reads:
+        read()
 
 
 def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:

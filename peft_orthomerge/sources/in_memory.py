@@ -8,7 +8,8 @@ a tensor came from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +22,8 @@ from .validation import ensure_finite
 class TensorSource(Protocol):
     """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU),
     ``read_into`` (one tensor's values into a caller's buffer, unchecked), ``read_many_into`` (several),
-    ``positional`` (reads are positional file reads, which release the GIL while they copy)."""
+    ``read_plan`` (the same reads, checked now and run later), ``positional`` (reads are positional
+    file reads, which release the GIL while they copy)."""
 
     files: list[Path]
 
@@ -33,6 +35,7 @@ class TensorSource(Protocol):
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor: ...
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor: ...
     def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None: ...
+    def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]: ...
 
     positional: bool
 
@@ -78,6 +81,10 @@ class DictSource:
         """`read_into` of each ``(key, out)`` pair."""
         for key, out in items:
             self.read_into(key, out)
+
+    def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]:
+        """`read_into` of each ``(key, out)`` pair, to be called later in order."""
+        return [partial(self.read_into, key, out) for key, out in items]
 
 
 class ParameterShapes:

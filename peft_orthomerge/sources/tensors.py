@@ -25,8 +25,9 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -390,17 +391,25 @@ class TensorReader:
         return out
 
     def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """`read_into` of each ``(key, out)`` pair. With positional reads, each run of consecutive pairs
-        whose tensors lie back to back in one file is read by one vectored system call into all of
-        its buffers (so reading the modules of a layer in file order costs one call per file)."""
+        """`read_into` of each ``(key, out)`` pair (`read_plan`, run at once)."""
+        for read in self.read_plan(items):
+            read()
+
+    def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]:
+        """The reads that fill each ``(key, out)`` pair's buffer as `read_into` does, checked now, to be
+        called later in order (by another thread, for instance: a positional read releases the GIL
+        while it copies, and the calls do little else). With positional reads, each run of
+        consecutive pairs whose tensors lie back to back in one file is one vectored system call into
+        all of its buffers (so reading the modules of a layer in file order costs one call per file)."""
+        reads: list[Callable[[], None]] = []
         run: list[tuple[str, torch.Tensor]] = []
         run_file, run_end = None, -1
         for key, out in items:
             entry = None if not self.positional else self._entry(key)
             if entry is None or entry.dtype not in _DTYPES:
-                self._read_run(run_file, run)
+                reads += self._run_read(run_file, run)
                 run, run_file = [], None
-                out.copy_(self.get(key, check_finite=False).reshape(out.shape))
+                reads.append(partial(self._copy_into, key, out))
                 continue
             if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
                 raise ValueError(
@@ -410,17 +419,21 @@ class TensorReader:
                 continue
             file = self._where[key]
             if file != run_file or entry.begin != run_end:
-                self._read_run(run_file, run)
+                reads += self._run_read(run_file, run)
                 run, run_file = [], file
             run.append((key, out))
             run_end = entry.end
-        self._read_run(run_file, run)
+        return reads + self._run_read(run_file, run)
 
-    def _read_run(self, file: Path | None, run: list[tuple[str, torch.Tensor]]) -> None:
-        """Read tensors stored back to back in ``file`` (validated by `read_many_into`) into their buffers."""
-        if run:
-            outs = [out.view(torch.uint8).view(-1) for _, out in run]
-            self._shard(file).read_into(outs, self._entry(run[0][0]).begin, [key for key, _ in run])
+    def _run_read(self, file: Path | None, run: list[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]:
+        """The one read of tensors stored back to back in ``file`` (checked by `read_plan`), if any."""
+        if not run:
+            return []
+        outs = [out.view(torch.uint8).view(-1) for _, out in run]
+        return [partial(self._shard(file).read_into, outs, self._entry(run[0][0]).begin, [key for key, _ in run])]
+
+    def _copy_into(self, key: str, out: torch.Tensor) -> None:
+        out.copy_(self.get(key, check_finite=False).reshape(out.shape))
 
     def _read(self, key: str, entry: _Entry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Bytes ``lo:hi`` of the tensor's file, read into fresh memory and viewed as ``shape``."""

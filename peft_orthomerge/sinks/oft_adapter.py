@@ -117,8 +117,8 @@ def write_adapter(
     """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` and the report JSON.
 
     The safetensors file is streamed (`StreamedSafetensorsFile`): each module is written as soon as
-    it is merged, so only one module's tensors are in memory; the file is byte-identical to
-    ``save_file`` of the merged tensors.
+    it is merged, so only one merged module is in memory (and the inputs of two groups of modules,
+    `merge.oft.CanonicalInputs`); the file is byte-identical to ``save_file`` of the merged tensors.
     """
     directory = Path(directory)
     probe = OrthogonalityProbe(plan, report)

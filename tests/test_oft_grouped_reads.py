@@ -21,7 +21,7 @@ from peft_orthomerge.merge.oft import CanonicalInputs
 from peft_orthomerge.ops.skew import skew_to_vec
 from peft_orthomerge.plan.oft import build_plan
 from peft_orthomerge.plan.options import OftOptions
-from peft_orthomerge.sources import tensors as tensors_mod
+from peft_orthomerge.sources import safetensors_file as safetensors_file_mod
 from peft_orthomerge.sources.oft import read_adapter_dir
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,13 +78,13 @@ def test_grouped_reads_equal_the_files_and_one_module_reads(mixed_inputs, monkey
     inputs = mixed_inputs if with_float64 else mixed_inputs[:4]
     plan = _plan(inputs)
     reader_threads = set()
-    real = tensors_mod.os.preadv
+    real = safetensors_file_mod.os.preadv
 
     def spy(fd, buffers, offset):
         reader_threads.add(threading.current_thread().name)
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(tensors_mod.os, "preadv", spy)
+    monkeypatch.setattr(safetensors_file_mod.os, "preadv", spy)
     single = CanonicalInputs(plan)
     groups = CanonicalInputs(plan)._groups(plan.modules)
     seen = []
@@ -118,7 +118,7 @@ def test_a_read_error_in_the_reading_thread_names_file_and_tensor_and_leaves_no_
     """The third vectored read fails (as an I/O error would): the merge raises `InputError` naming the
     file and the first tensor of that read, from the caller's thread, and writes nothing."""
     monkeypatch.setattr(merge_oft, "GROUP_BYTES", 1)
-    real, calls = tensors_mod.os.preadv, []
+    real, calls = safetensors_file_mod.os.preadv, []
 
     def failing(fd, buffers, offset):
         calls.append(fd)
@@ -126,7 +126,7 @@ def test_a_read_error_in_the_reading_thread_names_file_and_tensor_and_leaves_no_
             raise OSError(5, "Input/output error")
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(tensors_mod.os, "preadv", failing)
+    monkeypatch.setattr(safetensors_file_mod.os, "preadv", failing)
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
         merge_oft_checkpoints(mixed_inputs, out)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peft_orthomerge.errors import InputError, NumericalError
+from peft_orthomerge.sources import safetensors_file as safetensors_file_mod
 from peft_orthomerge.sources import tensors as tensors_mod
 from peft_orthomerge.sources.tensors import TensorReader
 
@@ -176,7 +177,7 @@ def test_dtype_and_shape_read_no_data(checkpoint, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("a data read")
 
-    monkeypatch.setattr(tensors_mod.os, "preadv", no_reads)
+    monkeypatch.setattr(safetensors_file_mod.os, "preadv", no_reads)
     assert {k: reader.dtype(k) for k in where} == expected
     with pytest.raises(AssertionError):  # the patch does stop data reads
         reader.get("f32")
@@ -187,7 +188,7 @@ def test_fallback_to_safe_open_reads_the_same(checkpoint, monkeypatch, mode):
     reader, where = checkpoint
     positional = {k: reader.get(k) for k in where}
     if mode == "dtype-not-mapped":
-        monkeypatch.setattr(tensors_mod, "_DTYPES", {k: v for k, v in tensors_mod._DTYPES.items() if k != "BF16"})
+        monkeypatch.setattr(tensors_mod, "DTYPES", {k: v for k, v in tensors_mod.DTYPES.items() if k != "BF16"})
     else:
         monkeypatch.setattr(tensors_mod, "POSITIONAL_READS", False)
     for key in where:
@@ -249,7 +250,7 @@ def test_own_header_checks_name_file_and_tensor(tmp_path, monkeypatch, entry, wo
     header = json.dumps({"__metadata__": {"format": "pt"}, "w": entry}).encode()
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
-    monkeypatch.setattr(tensors_mod, "safe_open", _LenientSafeOpen)
+    monkeypatch.setattr(safetensors_file_mod, "safe_open", _LenientSafeOpen)
     with pytest.raises(InputError) as info:
         TensorReader.from_file(path)
     assert str(path) in str(info.value) and ": w:" in str(info.value) and words in str(info.value)
@@ -259,7 +260,7 @@ def test_lenient_stand_in_accepts_a_good_file(tmp_path, monkeypatch):
     """The stand-in of the test above lets a correct file through (so the errors there are the reader's)."""
     path = tmp_path / "x.safetensors"
     save_file({"w": torch.arange(4.0).reshape(2, 2)}, str(path), metadata={"format": "pt"})
-    monkeypatch.setattr(tensors_mod, "safe_open", _LenientSafeOpen)
+    monkeypatch.setattr(safetensors_file_mod, "safe_open", _LenientSafeOpen)
     assert torch.equal(TensorReader.from_file(path).get_rows("w", 1, 2), torch.tensor([[2.0, 3.0]]))
 
 
@@ -344,7 +345,9 @@ def test_read_many_into_equals_get_and_coalesces_adjacent_tensors(tmp_path, monk
     reader = TensorReader.from_file(tmp_path / "t.safetensors")
     calls = []
     real = os.preadv
-    monkeypatch.setattr(tensors_mod.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    monkeypatch.setattr(
+        safetensors_file_mod.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off)
+    )
     order = _file_order(reader, state)
     assert _runs(reader.files[0], order) == 1 and _runs(reader.files[0], order[::-1]) == 6
     for keys in (order, order[::-1], order[::2], order[1:4]):
@@ -369,7 +372,7 @@ def test_read_many_into_resumes_short_reads_across_buffers(tmp_path, monkeypatch
         first = memoryview(bufs[0])[:7]
         return real(fd, [first], off)
 
-    monkeypatch.setattr(tensors_mod.os, "preadv", short)
+    monkeypatch.setattr(safetensors_file_mod.os, "preadv", short)
     items = _buffers(reader, _file_order(reader, state))
     reader.read_many_into(items)
     for key, out in items:
@@ -393,7 +396,7 @@ def test_read_many_into_falls_back_like_read_into(tmp_path, monkeypatch, mode):
     save_file(state, str(tmp_path / "t.safetensors"))
     reader = TensorReader.from_file(tmp_path / "t.safetensors")
     if mode == "dtype-not-mapped":
-        monkeypatch.setattr(tensors_mod, "_DTYPES", {k: v for k, v in tensors_mod._DTYPES.items() if k != "BF16"})
+        monkeypatch.setattr(tensors_mod, "DTYPES", {k: v for k, v in tensors_mod.DTYPES.items() if k != "BF16"})
     else:
         monkeypatch.setattr(tensors_mod, "POSITIONAL_READS", False)
     items = [(k, torch.empty(v.numel(), dtype=v.dtype)) for k, v in state.items()]

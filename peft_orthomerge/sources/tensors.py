@@ -1,8 +1,9 @@
 """Lazy, validated tensor reading from safetensors files (single or sharded).
 
 Each file is validated when opened by ``safetensors.safe_open`` (header, offsets, sizes) and its
-header is parsed once more here for the byte offsets of every tensor. Tensor data is then read
-with positional file reads (``os.preadv``) straight into a fresh tensor: no memory map is touched,
+header is parsed once more for the byte offsets of every tensor (`safetensors_file.SafetensorsFile`).
+Tensor data is then read with positional file reads (``os.preadv``) straight into a fresh tensor
+(or the caller's buffer: `TensorReader.read_into`, `TensorReader.read_plan`): no memory map is touched,
 so a tensor read and released leaves nothing resident. (Reading through ``safe_open``'s memory
 map keeps every page touched counted in this process's RSS for as long as the file is open, so
 streaming several checkpoints would grow RSS to the size of all of them.) ``get_rows`` reads a
@@ -16,39 +17,20 @@ is used.
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import json
 import math
 import operator
-import os
-import struct
-import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import InputError, UnsafeInputError
+from .safetensors_file import DTYPES, PACKED_DTYPES, POSITIONAL_READS, HeaderEntry, SafetensorsFile
 from .validation import ensure_finite, load_pickle_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # safetensors dtypes of less than one byte per value
-_DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from this torch are left out)
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
-}  # fmt: skip
-_DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
-# Positional reads give the file's bytes as they are: right only where the machine is little-endian.
-POSITIONAL_READS = sys.byteorder == "little" and hasattr(os, "preadv")
-_IOV_MAX = 1024  # buffers per vectored read (Linux's UIO_MAXIOV)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -69,111 +51,6 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor's header entry; ``begin``/``end`` are absolute byte offsets in the file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def _parse_entry(file: Path, key: str, info: object, data_start: int, size: int) -> _Entry:
-    """Validate one header entry: well formed, inside the file, as many bytes as dtype and shape need."""
-    try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
-        ok = (
-            isinstance(dtype, str)
-            and isinstance(shape, list)
-            and all(type(d) is int and d >= 0 for d in shape)
-            and type(begin) is int
-            and type(end) is int
-        )
-    except (TypeError, KeyError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError("malformed header entry: needs dtype, shape and data_offsets", path=file, tensor=key)
-    if not 0 <= begin <= end or data_start + end > size:
-        raise InputError(
-            f"data_offsets [{begin}, {end}] fall outside the file's {size - data_start} data bytes",
-            path=file,
-            tensor=key,
-        )
-    torch_dtype = _DTYPES.get(dtype)
-    if torch_dtype is not None and end - begin != math.prod(shape) * torch_dtype.itemsize:
-        raise InputError(
-            f"a {dtype} tensor of shape {shape} needs {math.prod(shape) * torch_dtype.itemsize} bytes, "
-            f"its data_offsets give {end - begin}",
-            path=file,
-            tensor=key,
-        )
-    return _Entry(dtype, tuple(shape), data_start + begin, data_start + end)
-
-
-class _Shard:
-    """One open safetensors file.
-
-    ``handle`` is its ``safe_open`` handle (validation at open, keys, fallback reads; its memory map
-    is never touched by positional reads); ``entries`` its parsed header; ``fd`` (where positional
-    reads are used) a plain read-only descriptor, closed when the shard is garbage-collected.
-    """
-
-    def __init__(self, file: Path) -> None:
-        self.file = file
-        try:
-            size = file.stat().st_size
-            if size == 0:
-                raise InputError("file is empty", path=file)
-            self.handle = safe_open(str(file), framework="pt", device="cpu")
-            with open(file, "rb") as fh:
-                prefix = fh.read(8)
-                (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
-                if length > size - 8:
-                    raise InputError(f"header length {length} runs past the end of the file", path=file)
-                header = json.loads(fh.read(length))
-            if POSITIONAL_READS:
-                self.fd = os.open(file, os.O_RDONLY)
-                weakref.finalize(self, os.close, self.fd)
-        except InputError:
-            raise
-        except Exception as exc:  # SafetensorError, OSError, ValueError (JSON), ...
-            raise InputError(f"not a readable safetensors file ({type(exc).__name__}: {exc})", path=file) from exc
-        if not isinstance(header, dict):
-            raise InputError("header is not a JSON object", path=file)
-        self.entries = {
-            key: _parse_entry(file, key, info, 8 + length, size)
-            for key, info in header.items()
-            if key != "__metadata__"
-        }
-
-    def read_into(self, outs: Sequence[torch.Tensor], offset: int, keys: Sequence[str | None]) -> None:
-        """Fill the contiguous uint8 tensors ``outs``, in order, with the file's bytes from ``offset`` on:
-        one vectored read (``preadv``) for all of them, repeated from where it stopped when it returns
-        short. ``keys[i]`` names ``outs[i]``'s tensor in errors."""
-        named = [(out, key) for out, key in zip(outs, keys) if out.numel()]
-        keys = [key for _, key in named]
-        views = [memoryview((ctypes.c_char * out.numel()).from_address(out.data_ptr())).cast("B") for out, _ in named]
-        ends = list(itertools.accumulate(len(v) for v in views))
-        total, done, first = (ends[-1] if ends else 0), 0, 0
-        while done < total:  # one call reads at most ~2 GiB on Linux; a regular file may also return short
-            while ends[first] <= done:
-                first += 1
-            skip = done - (ends[first] - len(views[first]))
-            pending = [views[first][skip:], *views[first + 1 : first + _IOV_MAX]]
-            try:
-                got = os.preadv(self.fd, pending, offset + done)
-            except OSError as exc:
-                raise InputError(f"cannot read tensor data ({exc})", path=self.file, tensor=keys[first]) from exc
-            if not got:
-                raise InputError(
-                    f"file ends {total - done} bytes short of the data its header promises (truncated?)",
-                    path=self.file,
-                    tensor=keys[first],
-                )
-            done += got
-
-
 class TensorReader:
     """Read-only, lazy view of the tensors in a set of safetensors files (or an opted-in pickle).
 
@@ -186,7 +63,7 @@ class TensorReader:
     def __init__(self, files: list[Path], *, pickle_state: dict[str, torch.Tensor] | None = None) -> None:
         self.files = list(files)
         self._pickle = pickle_state
-        self._shards: dict[Path, _Shard] = {}
+        self._shards: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = {}
         if pickle_state is not None:
             for key in pickle_state:
@@ -253,10 +130,10 @@ class TensorReader:
                 return cls.from_file(candidate, allow_pickle=allow_pickle)
         raise InputError(f"no {stem}.safetensors (or shards) found", path=directory)
 
-    def _shard(self, file: Path) -> _Shard:
+    def _shard(self, file: Path) -> SafetensorsFile:
         shard = self._shards.get(file)
         if shard is None:
-            shard = self._shards[file] = _Shard(file)
+            shard = self._shards[file] = SafetensorsFile(file)
         return shard
 
     def _open(self, file: Path):
@@ -268,10 +145,10 @@ class TensorReader:
             raise InputError("tensor not found", path=self.files[0] if self.files else None, tensor=key)
         return self._where[key]
 
-    def _entry(self, key: str) -> _Entry:
+    def _entry(self, key: str) -> HeaderEntry:
         file = self._locate(key)
         entry = self._shard(file).entries[key]
-        if entry.dtype in _PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
+        if entry.dtype in PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
             raise InputError(f"unsupported sub-byte dtype {entry.dtype}", path=file, tensor=key)
         return entry
 
@@ -304,9 +181,9 @@ class TensorReader:
             self._locate(key)
             return self._pickle[key].dtype
         entry = self._entry(key)
-        if entry.dtype not in _DTYPES:  # left to safetensors, which knows it: one read
+        if entry.dtype not in DTYPES:  # left to safetensors, which knows it: one read
             return self.get(key, check_finite=False).dtype
-        return _DTYPES[entry.dtype]
+        return DTYPES[entry.dtype]
 
     def storage_dtype(self, key: str) -> str:
         """The dtype as stored: the safetensors header's name (``"BF16"``, ``"F8_E4M3"``, ...), or the
@@ -323,7 +200,7 @@ class TensorReader:
             tensor = self._pickle[key]
         else:
             entry = self._entry(key)
-            if POSITIONAL_READS and entry.dtype in _DTYPES:
+            if POSITIONAL_READS and entry.dtype in DTYPES:
                 tensor = self._read(key, entry, entry.begin, entry.end, entry.shape)
             else:
                 try:
@@ -361,8 +238,8 @@ class TensorReader:
             tensor = self._pickle[key][start:stop].clone(memory_format=torch.contiguous_format)
         else:
             entry = self._entry(key)
-            if POSITIONAL_READS and entry.dtype in _DTYPES:
-                row_bytes = math.prod(shape[1:]) * _DTYPES[entry.dtype].itemsize
+            if POSITIONAL_READS and entry.dtype in DTYPES:
+                row_bytes = math.prod(shape[1:]) * DTYPES[entry.dtype].itemsize
                 lo, hi = entry.begin + start * row_bytes, entry.begin + stop * row_bytes
                 tensor = self._read(key, entry, lo, hi, (stop - start, *shape[1:]))
             else:
@@ -406,12 +283,12 @@ class TensorReader:
         run_file, run_end = None, -1
         for key, out in items:
             entry = None if not self.positional else self._entry(key)
-            if entry is None or entry.dtype not in _DTYPES:
+            if entry is None or entry.dtype not in DTYPES:
                 reads += self._run_read(run_file, run)
                 run, run_file = [], None
                 reads.append(partial(self._copy_into, key, out))
                 continue
-            if out.dtype != _DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
+            if out.dtype != DTYPES[entry.dtype] or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
                 raise ValueError(
                     f"read_into: {key} is {entry.dtype} {entry.shape}, out is {out.dtype} {tuple(out.shape)}"
                 )
@@ -435,11 +312,11 @@ class TensorReader:
     def _copy_into(self, key: str, out: torch.Tensor) -> None:
         out.copy_(self.get(key, check_finite=False).reshape(out.shape))
 
-    def _read(self, key: str, entry: _Entry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, key: str, entry: HeaderEntry, lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Bytes ``lo:hi`` of the tensor's file, read into fresh memory and viewed as ``shape``."""
         raw = torch.empty(hi - lo, dtype=torch.uint8)
         self._shard(self._where[key]).read_into([raw], lo, [key])
-        dtype = _DTYPES[entry.dtype]
+        dtype = DTYPES[entry.dtype]
         if dtype is torch.bool and raw.numel() and int(raw.max()) > 1:
             raise InputError("BOOL tensor holds bytes other than 0 and 1", path=self._where[key], tensor=key)
         return raw.view(dtype).reshape(shape)

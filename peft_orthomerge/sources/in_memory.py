@@ -21,9 +21,9 @@ from .validation import ensure_finite
 
 class TensorSource(Protocol):
     """Named tensors read lazily: ``keys``, ``shape`` (no data read), ``get`` (one tensor, on CPU),
-    ``read_into`` (one tensor's values into a caller's buffer, unchecked), ``read_many_into`` (several),
-    ``read_plan`` (the same reads, checked now and run later), ``positional`` (reads are positional
-    file reads, which release the GIL while they copy)."""
+    ``read_into`` (one tensor's values into a caller's buffer, unchecked), ``read_plan`` (such reads
+    of several tensors, checked now and run later), ``positional`` (reads are positional file reads,
+    which release the GIL while they copy)."""
 
     files: list[Path]
 
@@ -34,7 +34,6 @@ class TensorSource(Protocol):
     def file_of(self, key: str) -> Path: ...
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor: ...
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor: ...
-    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None: ...
     def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]: ...
 
     positional: bool
@@ -76,11 +75,6 @@ class DictSource:
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Copy one tensor's values into ``out`` (same number of elements) and return it; no finiteness check."""
         return out.copy_(self._state[key].detach().reshape(out.shape))
-
-    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """`read_into` of each ``(key, out)`` pair."""
-        for key, out in items:
-            self.read_into(key, out)
 
     def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]:
         """`read_into` of each ``(key, out)`` pair, to be called later in order."""

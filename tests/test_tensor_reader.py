@@ -332,11 +332,16 @@ def _runs(path: Path, keys) -> int:
     return runs
 
 
+def _read_all(reader: TensorReader, items) -> None:
+    for read in reader.read_plan(items):
+        read()
+
+
 def _buffers(reader, keys):
     return [(k, torch.empty(math.prod(reader.shape(k)), dtype=reader.dtype(k))) for k in keys]
 
 
-def test_read_many_into_equals_get_and_coalesces_adjacent_tensors(tmp_path, monkeypatch):
+def test_read_plan_equals_get_and_coalesces_adjacent_tensors(tmp_path, monkeypatch):
     """Tensors back to back in the file are read by one ``preadv`` into all their buffers; the values
     equal `get` bit for bit, in any order of the request (a gap or a reversal starts a new call)."""
     state = {f"t{i}": torch.randn(3 + i, 5, dtype=torch.float64 if i % 2 else torch.float32) for i in range(6)}
@@ -354,13 +359,16 @@ def test_read_many_into_equals_get_and_coalesces_adjacent_tensors(tmp_path, monk
         expected_calls = _runs(reader.files[0], keys)
         calls.clear()
         items = _buffers(reader, keys)
-        reader.read_many_into(items)
+        reads = reader.read_plan(items)
+        assert not calls  # planned, not yet read
+        for read in reads:
+            read()
         for key, out in items:
             assert _same(out, state[key].reshape(-1)), key
         assert len(calls) == expected_calls, (keys, calls)
 
 
-def test_read_many_into_resumes_short_reads_across_buffers(tmp_path, monkeypatch):
+def test_read_plan_resumes_short_reads_across_buffers(tmp_path, monkeypatch):
     """A vectored read that returns short (here: 7 bytes at a time) is resumed at the exact byte, also in
     the middle of a buffer."""
     state = {f"t{i}": torch.randn(4, 3) for i in range(4)}
@@ -374,24 +382,24 @@ def test_read_many_into_resumes_short_reads_across_buffers(tmp_path, monkeypatch
 
     monkeypatch.setattr(safetensors_file_mod.os, "preadv", short)
     items = _buffers(reader, _file_order(reader, state))
-    reader.read_many_into(items)
+    _read_all(reader, items)
     for key, out in items:
         assert _same(out, state[key].reshape(-1)), key
 
 
-def test_read_many_into_of_a_truncated_file_names_the_tensor_cut_short(tmp_path):
+def test_read_plan_of_a_truncated_file_names_the_tensor_cut_short(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"a": torch.ones(4, 4), "b": torch.ones(64, 64)}, str(path))
     reader = TensorReader.from_file(path)
     os.truncate(path, path.stat().st_size - 100)
     items = _buffers(reader, _file_order(reader, ["a", "b"]))
     with pytest.raises(InputError) as info:
-        reader.read_many_into(items)
+        _read_all(reader, items)
     assert str(info.value) == f"{path}: b: file ends 100 bytes short of the data its header promises (truncated?)"
 
 
 @pytest.mark.parametrize("mode", ["no-positional-reads", "dtype-not-mapped"])
-def test_read_many_into_falls_back_like_read_into(tmp_path, monkeypatch, mode):
+def test_read_plan_falls_back_like_read_into(tmp_path, monkeypatch, mode):
     state = {"a": torch.randn(3, 2), "b": torch.randn(2, 2).bfloat16(), "c": torch.arange(5)}
     save_file(state, str(tmp_path / "t.safetensors"))
     reader = TensorReader.from_file(tmp_path / "t.safetensors")
@@ -400,7 +408,7 @@ def test_read_many_into_falls_back_like_read_into(tmp_path, monkeypatch, mode):
     else:
         monkeypatch.setattr(tensors_mod, "POSITIONAL_READS", False)
     items = [(k, torch.empty(v.numel(), dtype=v.dtype)) for k, v in state.items()]
-    reader.read_many_into(items)
+    _read_all(reader, items)
     for key, out in items:
         assert _same(out, state[key].reshape(-1)), key
     assert reader.positional is (mode != "no-positional-reads")

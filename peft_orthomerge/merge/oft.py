@@ -10,9 +10,10 @@ tensors in order, each module folded, each pass-through tensor merged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -91,33 +92,36 @@ class CanonicalInputs:
     def _shape(self, mp: ModulePlan) -> tuple[int, int, int]:
         return len(self.plan.adapters), mp.r, mp.b * (mp.b - 1) // 2
 
-    def _groups(self, modules: Sequence[ModulePlan]) -> list[list[ModulePlan]]:
-        """Consecutive modules in groups of at most `GROUP_BYTES` of stacks (a larger module alone)."""
-        groups: list[list[ModulePlan]] = []
+    def _groups(self, modules: Sequence[ModulePlan]) -> list[list[tuple[ModulePlan, torch.dtype]]]:
+        """Consecutive modules, each with its stack's dtype, in groups of at most `GROUP_BYTES` of
+        stacks (a larger module alone)."""
+        groups: list[list[tuple[ModulePlan, torch.dtype]]] = []
         size = GROUP_BYTES
         for mp in modules:
-            nbytes = math.prod(self._shape(mp)) * self._dtype(mp).itemsize
+            dtype = self._dtype(mp)
+            nbytes = math.prod(self._shape(mp)) * dtype.itemsize
             if size + nbytes > GROUP_BYTES:
                 groups.append([])
                 size = 0
-            groups[-1].append(mp)
+            groups[-1].append((mp, dtype))
             size += nbytes
         return groups
 
-    def _plan(self, group: Sequence[ModulePlan], slot: int) -> tuple[list[_ReadRows], list[Callable[[], None]]]:
+    def _plan(
+        self, group: Sequence[tuple[ModulePlan, torch.dtype]], slot: int
+    ) -> tuple[list[_ReadRows], list[Callable[[], None]]]:
         """The stacks of ``group``'s modules in buffer ``slot``, and the file reads that fill their
         directly readable rows (one `read_plan` per adapter), not yet run."""
         plan = self.plan
-        dtypes = [self._dtype(mp) for mp in group]
-        stacks, used = [], dict.fromkeys(dtypes, 0)
-        for mp, dtype in zip(group, dtypes):
-            used[dtype] += math.prod(self._shape(mp))
+        used: dict[torch.dtype, int] = {}
+        for mp, dtype in group:
+            used[dtype] = used.get(dtype, 0) + math.prod(self._shape(mp))
         for dtype, numel in used.items():
             flat = self.buffers.get((dtype, slot))
             if flat is None or flat.numel() < numel:
                 self.buffers[(dtype, slot)] = torch.empty(numel, dtype=dtype)
-        offsets = dict.fromkeys(dtypes, 0)
-        for mp, dtype in zip(group, dtypes):
+        stacks, offsets = [], dict.fromkeys(used, 0)
+        for mp, dtype in group:
             shape, start = self._shape(mp), offsets[dtype]
             offsets[dtype] += math.prod(shape)
             stacks.append(_ReadRows(mp, self.buffers[(dtype, slot)][start : offsets[dtype]].view(shape)))
@@ -166,33 +170,35 @@ class CanonicalInputs:
     def read(self, mp: ModulePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``mp``'s stack ``(N, r, n)`` and its per-block norms (float64 ``(N, r)``, `block_norms`),
         on the plan's device; `NumericalError` naming the file and tensor if an input holds NaN / Inf."""
-        stacks, reads = self._plan([mp], 0)
+        stacks, reads = self._plan([(mp, self._dtype(mp))], 0)
         _run(reads)
         return self._finish(stacks[0])
 
     def prefetched(
         self, modules: Sequence[ModulePlan]
     ) -> Iterator[tuple[ModulePlan, tuple[torch.Tensor, torch.Tensor]]]:
-        """`read` of each module in turn, by groups, the next group's file reads running in a
-        background thread (when every input is read from files; else in this thread)."""
+        """`read` of each module in turn, by groups, each group read while the one before is merged:
+        by a background thread when every input is read from files, else in this thread, up front."""
         groups = self._groups(modules)
-        if len(groups) < 2 or not all(a.tensors.positional for a in self.plan.adapters):
-            for group in groups:
-                stacks, reads = self._plan(group, 0)
+        threaded = len(groups) > 1 and all(a.tensors.positional for a in self.plan.adapters)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthomerge-read") if threaded else None
+        with pool or contextlib.nullcontext():
+
+            def start(k: int) -> tuple[list[_ReadRows], Future | None]:
+                stacks, reads = self._plan(groups[k], k % 2)
+                if pool is not None:
+                    return stacks, pool.submit(_run, reads)
                 _run(reads)
-                for rows in stacks:
-                    yield rows.mp, self._finish(rows)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthomerge-read") as pool:
-            stacks, reads = self._plan(groups[0], 0)
-            ahead = pool.submit(_run, reads)
+                return stacks, None
+
+            ahead = start(0)
             for k in range(len(groups)):
-                ahead.result()
-                filled = stacks
+                stacks, reading = ahead
+                if reading is not None:
+                    reading.result()
                 if k + 1 < len(groups):
-                    stacks, reads = self._plan(groups[k + 1], (k + 1) % 2)
-                    ahead = pool.submit(_run, reads)
-                for rows in filled:
+                    ahead = start(k + 1)
+                for rows in stacks:
                     yield rows.mp, self._finish(rows)
 
 

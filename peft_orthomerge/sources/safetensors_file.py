@@ -27,14 +27,14 @@ from safetensors import safe_open
 from ..errors import InputError
 
 PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # safetensors dtypes of less than one byte per value
-DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from this torch are left out)
+_DTYPE_NAMES = {  # safetensors dtype -> torch attribute (those missing from this torch are left out)
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
-DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in DTYPE_NAMES.items() if hasattr(torch, v)}
+DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
 # Positional reads give the file's bytes as they are: right only where the machine is little-endian.
 POSITIONAL_READS = sys.byteorder == "little" and hasattr(os, "preadv")
 IOV_MAX = 1024  # buffers per vectored read (Linux's UIO_MAXIOV)
@@ -118,7 +118,7 @@ class SafetensorsFile:
             if key != "__metadata__"
         }
 
-    def read_into(self, outs: Sequence[torch.Tensor], offset: int, keys: Sequence[str | None]) -> None:
+    def read_into(self, outs: Sequence[torch.Tensor], offset: int, keys: Sequence[str]) -> None:
         """Fill the contiguous uint8 tensors ``outs``, in order, with the file's bytes from ``offset`` on:
         one vectored read (``preadv``) for all of them, repeated from where it stopped when it returns
         short. ``keys[i]`` names ``outs[i]``'s tensor in errors."""

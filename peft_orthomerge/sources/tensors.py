@@ -264,13 +264,9 @@ class TensorReader:
         bytes go straight into ``out``'s memory, so a caller that reuses one buffer reads without
         allocating; otherwise the tensor is read with `get` and copied.
         """
-        self.read_many_into([(key, out)])
-        return out
-
-    def read_many_into(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """`read_into` of each ``(key, out)`` pair (`read_plan`, run at once)."""
-        for read in self.read_plan(items):
+        for read in self.read_plan([(key, out)]):
             read()
+        return out
 
     def read_plan(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[Callable[[], None]]:
         """The reads that fill each ``(key, out)`` pair's buffer as `read_into` does, checked now, to be

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 REPORT_FILE = "orthomerge_report.json"
+_MODULES_SLOT = "\x00modules\x00"  # where `MergeReport.to_json` puts the module lines
 
 
 @dataclass
@@ -68,10 +70,19 @@ class MergeReport:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report as plain containers (new ones: changing them leaves the report as it is)."""
+        data = {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
+        data["modules"] = [{f.name: copy.copy(getattr(m, f.name)) for f in fields(m)} for m in self.modules]
+        return data
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default, allow_nan=False)
+        """The report as JSON text (and written to ``path``): indented, one line per module."""
+        data = self.to_dict()
+        modules = data["modules"]
+        data["modules"] = _MODULES_SLOT
+        lines = ",\n    ".join(json.dumps(m, default=_json_default, allow_nan=False) for m in modules)
+        text = json.dumps(data, indent=2, default=_json_default, allow_nan=False)
+        text = text.replace(json.dumps(_MODULES_SLOT), f"[\n    {lines}\n  ]" if modules else "[]", 1)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text

@@ -37,6 +37,7 @@ Modules that define methods (`PROVIDERS`) are imported on first lookup.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
@@ -282,7 +283,9 @@ def register_euclidean(name: str, *, linear: bool = False) -> Callable[[Euclidea
     return register_method(name, family="euclidean", space="tensor", linear=linear)
 
 
+@functools.cache
 def _load_providers() -> None:
+    """Import the modules that define methods, once (every lookup calls this)."""
     for module in PROVIDERS:
         try:
             importlib.import_module(module)

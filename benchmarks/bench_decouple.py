@@ -13,7 +13,7 @@ Rows:
   defines it: per task the SVD polar factor ``U V^T`` of ``W0^T W_i`` (no rank rule: on a
   rank-deficient ``M`` its null-space rotation is arbitrary), inverse Cayley and Cayley by linear
   solves, magnitude-corrected mean, TA. Ours: `decouple_merge` with its defaults (``solver="auto"``:
-  the certified ``eigh`` polar factors in float64 on the CPU; reduced basis for ``2 out < in``
+  the certified ``eigh`` polar factors in float64 on the CPU; reduced basis for ``2 out <= in``
   with the skew sums kept in the base's frame, factored cores, LU solves), with ``solver="svd"``
   (the default before the eigh route), and with ``dtype=float32``. Projections whose baseline
   runs under 8 s are timed 3 times, interleaved, and the medians summed. ``ratio`` = baseline /

@@ -6,7 +6,12 @@ Messages follow one pattern so that the CLI can print them as a single line:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from os import PathLike
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
 
 
 class OrthoMergeError(Exception):
@@ -32,6 +37,10 @@ class OrthoMergeError(Exception):
         self.tensor = tensor
         self.hint = hint
         super().__init__(self._format())
+
+    def naming(self, tensor: str) -> OrthoMergeError:
+        """The same error (type, file, message, hint) naming ``tensor``."""
+        return type(self)(self.message, path=self.path, tensor=tensor, hint=self.hint)
 
     def _format(self) -> str:
         parts = [p for p in (self.path, self.tensor) if p]
@@ -63,3 +72,20 @@ class ConfigError(OrthoMergeError):
 
 class OutputError(OrthoMergeError):
     """The output location cannot be used (exists, inside an input, not writable, write failed)."""
+
+
+def names_tensor(fn: F) -> F:
+    """Decorate a function whose first argument is the name of the tensor it merges: an
+    `OrthoMergeError` raised inside it that names no tensor (the math it calls does not know which
+    tensor it works on) is raised again naming that one."""
+
+    @functools.wraps(fn)
+    def named(name: str, *args, **kwargs):
+        try:
+            return fn(name, *args, **kwargs)
+        except OrthoMergeError as exc:
+            if exc.tensor is not None:
+                raise
+            raise exc.naming(name) from exc
+
+    return named  # type: ignore[return-value]

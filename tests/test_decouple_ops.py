@@ -85,8 +85,8 @@ def _pair(out, n, noise, seed):
     return w0, w0 + noise * torch.randn(out, n, generator=gen, dtype=F64) / n**0.5
 
 
-# shapes of the tiny Llama: k/v (16, 64), q/o (64, 64), gate/up (160, 64), down (64, 160)
-SHAPES = [(16, 64), (40, 64), (64, 64), (160, 64), (64, 160)]
+# shapes of the tiny Llama: k/v (16, 64), q/o (64, 64), gate/up (160, 64), down (64, 160); (32, 64): 2 out = in, (40, 64): in/2 < out < in
+SHAPES = [(16, 64), (32, 64), (40, 64), (64, 64), (160, 64), (64, 160)]
 
 
 @pytest.mark.parametrize("solver", ["svd", "newton_schulz"])

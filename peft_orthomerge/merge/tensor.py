@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..device import to_output
-from ..errors import NumericalError
+from ..errors import NumericalError, names_tensor
 from ..ops.decouple import (
     BlockRotation,
     DecoupleStats,
@@ -53,6 +53,7 @@ def decoupled_stats(name: str, stats: DecoupleStats, merged_delta_norm: float) -
     )
 
 
+@names_tensor
 def merge_tensor(
     name: str,
     w0: torch.Tensor,
@@ -114,6 +115,7 @@ def merge_tensor(
     return merged.to(dtype).add_(base), stats
 
 
+@names_tensor
 def merge_rows(
     name: str,
     base: RowSource,

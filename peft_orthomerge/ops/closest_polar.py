@@ -23,6 +23,7 @@ import torch
 
 from .orthogonality import probe_orthogonality_error
 from .procrustes import PolarResult, default_tol, eigh_tol, newton_schulz, polar_by_eigh
+from .svd import svd
 
 RANK_RTOL = 1e-11  # float64: singular values of M below this fraction of the largest count as zero
 
@@ -39,7 +40,7 @@ def rank_rtol(dtype: torch.dtype) -> float:
 def closest_polar_svd(m: torch.Tensor, rtol: float) -> torch.Tensor:
     """Closest-to-identity optimal orthogonal factor of one square ``m``, in SO(n) (see module doc)."""
     n = m.shape[-1]
-    u, s, vh = torch.linalg.svd(m)
+    u, s, vh = svd(m)
     smax = float(s[0]) if n else 0.0
     k = int((s > rtol * smax).sum()) if smax > 0 else 0
     v = vh.T
@@ -52,7 +53,7 @@ def closest_polar_svd(m: torch.Tensor, rtol: float) -> torch.Tensor:
             p = u @ vh
         return p
     u2, v2 = u[:, k:], v[:, k:]
-    uz, _, vzh = torch.linalg.svd(u2.T @ v2)
+    uz, _, vzh = svd(u2.T @ v2)
     p = u1v1 + u2 @ (uz @ vzh) @ v2.T
     if float(torch.linalg.det(p)) < 0:
         uz = uz.clone()
@@ -94,13 +95,13 @@ def thin_closest_polar_svd(
     qa, ra = torch.linalg.qr(a.T, mode="complete") if base_qr is None else base_qr
     qb, rb = torch.linalg.qr(b.T, mode="complete")
     core = ra[:out] @ rb[:out].T  # Q_a^T (a^T b) Q_b
-    uc, sc, vch = torch.linalg.svd(core)
+    uc, sc, vch = svd(core)
     if not float(sc[-1]) > rtol * float(sc[0]):
         return None
     u1 = qa[:, :out] @ uc
     v1 = qb[:, :out] @ vch.T
     u2, v2 = qa[:, out:], qb[:, out:]
-    uz, _, vzh = torch.linalg.svd(u2.T @ v2)
+    uz, _, vzh = svd(u2.T @ v2)
     p = u1 @ v1.T + u2 @ (uz @ vzh) @ v2.T
     if float(torch.linalg.det(p)) < 0:
         uz = uz.clone()
@@ -145,7 +146,7 @@ def reduced_closest_polar(
     if pc is None or not float(err) <= eigh_tol(core.dtype):
         if info is not None and solver == "eigh":
             info.fallback = 1
-        uc, sc, vch = torch.linalg.svd(core)
+        uc, sc, vch = svd(core)
         if not float(sc[-1]) > rtol * float(sc[0]):
             return None
         pc = uc @ vch
@@ -156,7 +157,7 @@ def reduced_closest_polar(
     if z is not None and sign * float(torch.linalg.det(z)) > 0:
         return pc, z, y
     # not certified, or det P = -1: the SVD (the det fix needs Z's weakest direction)
-    uz, _, vzh = torch.linalg.svd(y[k:, k:])
+    uz, _, vzh = svd(y[k:, k:])
     z = uz @ vzh
     if sign * float(torch.linalg.det(z)) < 0:
         z = z - 2 * uz[:, -1:] @ vzh[-1:]

@@ -49,6 +49,7 @@ import torch
 from ..errors import ConfigError
 from .procrustes import polar_svd
 from .registry import Fraction, register_euclidean
+from .svd import svd
 
 DENSITY = Fraction(low_open=True)  # TIES: the kept fraction, (0, 1]
 DROP = Fraction(high_open=True)  # DARE: the drop probability, [0, 1)
@@ -318,7 +319,7 @@ def tsvm(task_vectors, weights, *, base=None, generator=None, lam: float = 1.0):
         return float(lam) * (stack * (_relative(weights, stack) / len(weights))).sum(0)
     count, rows, cols = stack.shape
     k = max(1, min(rows, cols) // count)
-    u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    u, s, vh = svd(stack, full_matrices=False)
     rel = _relative(weights, s[:, :1]).view(-1, 1)
     u_cat = torch.cat(list(u[:, :, :k].unbind(0)), dim=1)  # (m, N k)
     v_cat = torch.cat(list(vh[:, :k, :].transpose(-2, -1).unbind(0)), dim=1)  # (n, N k)

@@ -28,7 +28,7 @@ class Frame:
 
     @classmethod
     def of(cls, w0: torch.Tensor) -> tuple[Frame, torch.Tensor]:
-        """The frame of ``w0`` (``(out, in)``, ``2 out < in``) and ``R0`` (``(out, out)``, upper triangular)."""
+        """The frame of ``w0`` (``(out, in)``, ``2 out <= in``) and ``R0`` (``(out, out)``, upper triangular)."""
         h, tau = torch.geqrf(w0.T)
         return cls(h, tau), torch.triu(h[: w0.shape[0]])
 

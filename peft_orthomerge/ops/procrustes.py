@@ -43,6 +43,7 @@ import torch
 
 from ..errors import ConfigError
 from .orthogonality import orthogonality_errors
+from .svd import svd
 
 SOLVERS = ("auto", "svd", "eigh", "newton_schulz")
 
@@ -137,7 +138,7 @@ def polar_by_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def polar_svd(a: torch.Tensor) -> torch.Tensor:
     """Exact polar factor ``U V^T`` of each matrix of the batch (orthogonal, det may be -1)."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = svd(a, full_matrices=False)
     return u @ vh
 
 

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from . import streamed_fisher
 from .euclidean import DENSITY, DROP, dare_drop, dare_seed, relative_weights, trim_magnitude, trim_magnitude_
 from .procrustes import polar_svd
+from .svd import svd
 
 TaskSource = Callable[[], Iterable[torch.Tensor]]
 Transform = Callable[[int, torch.Tensor], torch.Tensor]
@@ -163,7 +164,7 @@ def tsvm(task_vectors: TaskSource, weights, *, base=None, generator=None, lam: f
             del term, tau
             continue
         k = max(1, min(tau.shape) // count)
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau, full_matrices=False)
         del tau
         us.append(u[:, :k].clone())
         ss.append(s[:k] * rel[i])

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, names_tensor
 from ..memory import large_blocks_returned, release_free_memory
+from ..ops.svd import svd
 from ..plan.lora import LoraTarget
 from ..progress import progress
 from ..report import MergeReport
@@ -45,7 +46,7 @@ FACTOR_KEYS = {
 def truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A, B, relative error)`` with ``B @ A`` the best rank-``rank`` approximation of ``delta``
     (zero-padded to ``rank`` when the matrix is smaller)."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = svd(delta, full_matrices=False)
     k = min(rank, s.numel())
     b = torch.zeros(delta.shape[0], rank, dtype=delta.dtype, device=delta.device)
     a = torch.zeros(rank, delta.shape[1], dtype=delta.dtype, device=delta.device)
@@ -132,6 +133,7 @@ class LoraExport:
     task_type: str | None
 
 
+@names_tensor
 def export_factors(
     name: str, merged: torch.Tensor, export: LoraExport
 ) -> tuple[dict[str, torch.Tensor], float] | None:

@@ -16,7 +16,7 @@ For expert weights ``W_i`` and the base ``W0``:
    itself gives ``P = I``, and a rank-deficient layer (``out < in``: GQA k/v, ``down_proj``) gets
    no arbitrary rotation on its null space. If ``det P = -1`` the sign of ``Z``'s weakest
    direction is flipped (free when ``k < in``), else of ``M``'s weakest (Kabsch), so ``P`` is in SO(in).
-2. Reduced basis: when ``2 out < in`` the problem lives in the ``m = out + r`` dimensional span
+2. Reduced basis: when ``2 out <= in`` the problem lives in the ``m = out + r`` dimensional span
    ``B_i = [Q0, Q_i] = F blockdiag(I, G_i)`` of the rows of ``W0`` (``Q0``) and of ``T_i``
    (``Q_i = Q0c G_i``, a QR inside the complement of ``Q0``: ``r = out``; or, where a randomized
    probe certifies that ``T_i`` adds only ``r < out`` directions, as a LoRA expert ``W0 + B A``

@@ -1,4 +1,4 @@
-"""Decoupled task arithmetic in the reduced basis (``2 out < in``): no residual is ever formed.
+"""Decoupled task arithmetic in the reduced basis (``2 out <= in``): no residual is ever formed.
 
 Conventions: torch layout, ``W`` is ``(out, in)``; ``P_i`` (``in x in``) acts on the input side,
 ``W0 @ P_i = X_i B_i^T`` with ``B_i = F blockdiag(I, G_i)`` (`frame.Rotation`, shared `frame.Frame`
@@ -93,7 +93,7 @@ def merge_ta_reduced(
     rtol: float,
     name: str | None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
-    """Task arithmetic (``rho = sum_i c_i rho_i``) in the reduced basis (``2 out < in``), no residual
+    """Task arithmetic (``rho = sum_i c_i rho_i``) in the reduced basis (``2 out <= in``), no residual
     formed (see the module docstring). ``full(i)`` is expert ``i`` in the working dtype; ``stats``
     already holds the task-vector norms."""
     out, n = base.shape

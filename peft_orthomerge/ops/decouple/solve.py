@@ -1,4 +1,4 @@
-"""Procrustes rotations of one base weight against many targets (the reduced basis when ``2 out < in``).
+"""Procrustes rotations of one base weight against many targets (the reduced basis when ``2 out <= in``).
 
 Conventions: torch layout, ``W`` is ``(out, in)``; ``P_i`` (``in x in``, in SO(in)) acts on the
 input side and minimises ``||T_i - W0 @ P_i||_F`` (the paper's ``R = P^T``), closest to the identity
@@ -25,6 +25,7 @@ from ..closest_polar import (
 )
 from ..frame import Frame, Rotation
 from ..procrustes import PolarResult, check_solver, default_tol, demoted, newton_schulz, resolve_solver
+from ..svd import svd
 
 PROBE_COLUMNS = 128  # at most this many random probes of a target's new rows (a LoRA rank up to ~100)
 
@@ -54,7 +55,7 @@ def _low_rank_rows(x: torch.Tensor, width: int, rtol: float, scale: float) -> tu
     z = x @ q
     if not float(torch.linalg.matrix_norm(torch.addmm(x, z, q.T, alpha=-1))) <= rtol * scale:
         return False
-    u, sv, vh = torch.linalg.svd(z, full_matrices=False)
+    u, sv, vh = svd(z, full_matrices=False)
     rank = int((sv > rtol * scale).sum())
     if rank >= width:
         return False
@@ -136,7 +137,7 @@ def iter_procrustes(
     solver = requested
     rtol = rank_rtol(w0.dtype) if rtol is None else rtol
     out, n = w0.shape
-    reduced = 2 * out < n
+    reduced = 2 * out <= n
     if reduced:
         # B_i = [Q0, Q_i] = F blockdiag(I, G_i) with the frame F = [Q0, Q0c] (one complete QR of
         # W0^T shared by all tasks): Q0 spans the rows of W0, Q_i the part of the rows of T_i

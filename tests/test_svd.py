@@ -1,0 +1,132 @@
+"""`ops.svd.svd`: torch's SVD where it converges, the float64 SVD where LAPACK's float32 one does
+not, and an error naming the tensor where neither does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _lora_utils import single_thread  # noqa: F401  (autouse fixture)
+from test_merge_models import experts  # noqa: F401  (module fixture: a tiny Llama base and 3 fine-tunes)
+
+from peft_orthomerge import merge_models
+from peft_orthomerge.errors import NumericalError
+from peft_orthomerge.ops.decouple import decouple_merge, decoupling_path
+from peft_orthomerge.ops.svd import svd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_decouple import _experts, _weight  # noqa: E402  (the benchmark's weights: where oneMKL failed)
+
+TORCH_SVD = torch.linalg.svd
+
+
+def _complement_block(out: int, n: int, noise: float, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """``U_2^T V_2`` for the complements of the rows of a weight and of a nearby one: a block of an
+    orthogonal matrix, singular values clustered at 1 (what the decoupling's thin route factors)."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, n, generator=gen, dtype=torch.float64)
+    w1 = w0 + noise * torch.randn(out, n, generator=gen, dtype=torch.float64)
+    u2 = torch.linalg.qr(w0.T, mode="complete").Q[:, out:]
+    v2 = torch.linalg.qr(w1.T, mode="complete").Q[:, out:]
+    return (u2.T @ v2).to(dtype)
+
+
+def _float32_fails(monkeypatch) -> list[torch.dtype]:
+    """Make every float32 SVD fail as LAPACK's can; returns the dtypes of the calls that failed."""
+    failed: list[torch.dtype] = []
+
+    def flaky(x, *args, **kwargs):
+        if x.dtype == torch.float32:
+            failed.append(x.dtype)
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
+        return TORCH_SVD(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    return failed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("full", [True, False])
+def test_equals_torch_where_it_converges(dtype, full):
+    x = torch.randn(3, 12, 7, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for got, want in zip(svd(x, full_matrices=full), TORCH_SVD(x, full_matrices=full)):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_a_failed_float32_svd_is_the_float64_one(monkeypatch):
+    x = _complement_block(24, 64, 0.05, 1)
+    failed = _float32_fails(monkeypatch)
+    u, s, vh = svd(x)
+    assert failed == [torch.float32]
+    want = TORCH_SVD(x.double())
+    for got, ref in zip((u, s, vh), want):
+        assert got.dtype == torch.float32 and torch.equal(got, ref.float())
+    assert torch.allclose((u * s) @ vh, x, atol=1e-6)  # a factorization of x, to float32 rounding
+    assert float(s.max()) == pytest.approx(1.0, abs=1e-6)  # clustered at 1, as the docstring says
+
+
+def test_no_convergence_in_float64_is_a_numerical_error(monkeypatch):
+    def never(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "svd", never)
+    with pytest.raises(NumericalError, match=r"\(5, 5\) matrix did not converge, even in float64") as info:
+        svd(torch.eye(5, dtype=torch.float32))
+    assert info.value.tensor is None and "extreme values" in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (32, 64), (16, 64)])  # thin SVD route; reduced basis (2 out = in, 2 out < in)
+def test_float32_decoupling_survives_failed_svds(monkeypatch, shape):
+    """Every float32 SVD of a float32 merge fails: the merge still completes, with the float64 SVDs'
+    factors, within float32 accuracy of the float64 merge."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[1] ** 0.5
+    experts_ = [w0 + 0.05 * torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[1] ** 0.5 for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    want, _ = decouple_merge(w0, experts_, weights, residual="ties")
+    failed = _float32_fails(monkeypatch)
+    got, _ = decouple_merge(w0.float(), [e.float() for e in experts_], weights, residual="ties", dtype=torch.float32)
+    assert failed  # the retry ran
+    assert float(torch.linalg.matrix_norm(got.double() - want) / torch.linalg.matrix_norm(want)) < 1e-5
+
+
+def test_the_benchmark_weight_where_onemkl_failed_merges_in_float32():
+    """The benchmark's 512 x 1024 embedding with 5 experts: oneMKL's float32 ``gesdd`` does not
+    converge on one of its complement blocks (torch 2.13 CPU wheel), which used to end the merge
+    in torch's ``LinAlgError``. Now float32 agrees with float64 to float32 accuracy. (With another
+    LAPACK the SVD may converge at once: the agreement is checked either way. TIES and TSV-M select
+    entries and triplets, so their float32 and float64 merges may differ by more than rounding.)"""
+    gen = torch.Generator().manual_seed(0)
+    w0 = _weight(512, 1024, gen)
+    experts_ = _experts(w0, 5, gen)
+    weights = [0.2] * 5
+    for residual in ("ta", "dare_ta"):  # the reduced basis (2 out = in), the dense driver's thin route
+        kwargs = {"residual": residual, "residual_kwargs": {"p": 0.3} if residual == "dare_ta" else None}
+        want, _ = decouple_merge(w0, experts_, weights, generator=torch.Generator().manual_seed(1), **kwargs)
+        got, _ = decouple_merge(
+            w0, experts_, weights, generator=torch.Generator().manual_seed(1), dtype=torch.float32, **kwargs
+        )
+        assert float(torch.linalg.matrix_norm(got.double() - want) / torch.linalg.matrix_norm(want)) < 1e-5
+
+
+def test_two_out_equal_to_in_takes_the_reduced_basis():
+    assert decoupling_path((32, 64), "global", "ta") == "reduced"
+    assert decoupling_path((33, 64), "global", "ta") == "dense"
+    assert decoupling_path((32, 64), "global", "ties") == "dense"
+
+
+def test_merge_models_names_the_tensor_whose_svd_failed(monkeypatch, experts, tmp_path):  # noqa: F811
+    base, paths = experts
+
+    def never(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "svd", never)
+    out = tmp_path / "merged"
+    with pytest.raises(NumericalError, match="did not converge, even in float64") as info:
+        merge_models(base, paths, out, target="global", residual="tsvm")
+    assert info.value.tensor is not None and info.value.tensor in str(info.value)
+    assert info.value.tensor.endswith(".weight")
+    assert not out.exists()

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from .lapack import svd
 from .orthogonality import probe_orthogonality_error
 from .procrustes import PolarResult, default_tol, eigh_tol, newton_schulz, polar_by_eigh
-from .svd import svd
 
 RANK_RTOL = 1e-11  # float64: singular values of M below this fraction of the largest count as zero
 

@@ -47,9 +47,9 @@ from typing import Annotated
 import torch
 
 from ..errors import ConfigError
+from .lapack import svd
 from .procrustes import polar_svd
 from .registry import Fraction, register_euclidean
-from .svd import svd
 
 DENSITY = Fraction(low_open=True)  # TIES: the kept fraction, (0, 1]
 DROP = Fraction(high_open=True)  # DARE: the drop probability, [0, 1)

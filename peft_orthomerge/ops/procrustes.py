@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .lapack import svd
 from .orthogonality import orthogonality_errors
-from .svd import svd
 
 SOLVERS = ("auto", "svd", "eigh", "newton_schulz")
 

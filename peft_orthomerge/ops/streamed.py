@@ -36,8 +36,8 @@ import torch
 from ..errors import ConfigError
 from . import streamed_fisher
 from .euclidean import DENSITY, DROP, dare_drop, dare_seed, relative_weights, trim_magnitude, trim_magnitude_
+from .lapack import svd
 from .procrustes import polar_svd
-from .svd import svd
 
 TaskSource = Callable[[], Iterable[torch.Tensor]]
 Transform = Callable[[int, torch.Tensor], torch.Tensor]

@@ -54,6 +54,7 @@ from .euclidean import (
     top_k_count,
     trim_to_threshold_,
 )
+from .lapack import eigh
 from .procrustes import polar_svd
 from .row_tasks import MergedRows, RowTasks, row_blocks, row_numel
 
@@ -214,7 +215,7 @@ def dare_ta(
 def _top_triplets(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(V, s)``: the top ``k`` eigenvectors of the Gram matrix ``gram`` and the singular values
     ``sqrt(eigenvalue)``, without those at or below ``sqrt(n eps) s_max`` (module docstring)."""
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = eigh(gram)
     s = evals.flip(0)[:k].clamp(min=0).sqrt()
     keep = s > (gram.shape[0] * torch.finfo(gram.dtype).eps) ** 0.5 * float(s[0])
     return evecs.flip(1)[:, :k][:, keep], s[keep]
@@ -222,7 +223,7 @@ def _top_triplets(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _inverse_sqrt(k: torch.Tensor) -> torch.Tensor:
     """``K^{-1/2}`` of the symmetric positive semi-definite ``k`` on its eigenvalues above ``n eps`` of the largest."""
-    evals, evecs = torch.linalg.eigh(k)
+    evals, evecs = eigh(k)
     keep = evals > k.shape[0] * torch.finfo(k.dtype).eps * float(evals[-1].clamp(min=0))
     vecs = evecs[:, keep]
     return (vecs * evals[keep].rsqrt()) @ vecs.T

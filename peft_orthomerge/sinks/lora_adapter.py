@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError, names_tensor
 from ..memory import large_blocks_returned, release_free_memory
-from ..ops.svd import svd
+from ..ops.lapack import svd
 from ..plan.lora import LoraTarget
 from ..progress import progress
 from ..report import MergeReport

@@ -24,8 +24,8 @@ from ..closest_polar import (
     thin_closest_polar_svd,
 )
 from ..frame import Frame, Rotation
+from ..lapack import svd
 from ..procrustes import PolarResult, check_solver, default_tol, demoted, newton_schulz, resolve_solver
-from ..svd import svd
 
 PROBE_COLUMNS = 128  # at most this many random probes of a target's new rows (a LoRA rank up to ~100)
 

@@ -1,5 +1,5 @@
-"""`ops.svd.svd`: torch's SVD where it converges, the float64 SVD where LAPACK's float32 one does
-not, and an error naming the tensor where neither does."""
+"""`ops.lapack`: torch's SVD and eigendecomposition where they converge, the float64 ones where
+LAPACK's float32 ones do not, and an error naming the tensor where neither does."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from peft_orthomerge import merge_models
 from peft_orthomerge.errors import NumericalError
 from peft_orthomerge.ops.closest_polar import rank_rtol, thin_closest_polar_svd
 from peft_orthomerge.ops.decouple import decouple_merge, decoupling_path
-from peft_orthomerge.ops.svd import svd
+from peft_orthomerge.ops.lapack import eigh, svd
 
 TORCH_SVD = torch.linalg.svd
 
@@ -69,6 +69,27 @@ def test_a_failed_float32_svd_is_the_float64_one(monkeypatch):
         assert got.dtype == torch.float32 and torch.equal(got, ref.float())
     assert torch.allclose((u * s) @ vh, x, atol=1e-6)  # a factorization of x, to float32 rounding
     assert float(s.max()) == pytest.approx(1.0, abs=1e-6)  # clustered at 1, as the docstring says
+
+
+def test_a_failed_float32_eigh_is_the_float64_one(monkeypatch):
+    a = torch.randn(9, 9, generator=torch.Generator().manual_seed(2))
+    x = a @ a.T
+    torch_eigh = torch.linalg.eigh
+    assert all(torch.equal(g, w) for g, w in zip(eigh(x), torch_eigh(x)))  # as torch's where it converges
+
+    def flaky(m, *args, **kwargs):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+        return torch_eigh(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    evals, evecs = eigh(x)
+    want = torch_eigh(x.double())
+    assert evals.dtype == evecs.dtype == torch.float32
+    assert torch.equal(evals, want[0].float()) and torch.equal(evecs, want[1].float())
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: flaky(m.float()))
+    with pytest.raises(NumericalError, match=r"eigendecomposition of a \(9, 9\) matrix did not converge"):
+        eigh(x)
 
 
 def test_no_convergence_in_float64_is_a_numerical_error(monkeypatch):

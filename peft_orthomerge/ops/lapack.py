@@ -1,7 +1,7 @@
-"""The singular value decomposition every merge uses: `torch.linalg.svd`, retried in float64 where it fails.
+"""The SVD and symmetric eigendecomposition every merge uses: torch's, retried in float64 where they fail.
 
-LAPACK's divide-and-conquer driver (``gesdd``, torch's CPU default) can fail to converge on a
-float32 matrix with many nearly equal singular values. Merging meets such matrices all the time:
+LAPACK's divide-and-conquer drivers (``gesdd``, ``syevd``: torch's CPU defaults) can fail to
+converge on a float32 matrix with many nearly equal singular values. Merging meets such matrices all the time:
 ``U_2^T V_2`` for the orthogonal complements of a base and an expert close to it is a block of an
 orthogonal matrix whose singular values cluster at 1 (measured: a 512 x 512 one with 112 of them
 within 1e-4 of 1 fails in float32 with oneMKL, every time, and converges in float64). Without
@@ -32,8 +32,23 @@ def svd(x: torch.Tensor, *, full_matrices: bool = True) -> tuple[torch.Tensor, t
     return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
 
 
-def _not_converged(x: torch.Tensor, exc: Exception) -> NumericalError:
+def eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(x)`` (eigenvalues ascending, eigenvectors in the columns), retried in
+    float64 as `svd` is; `NumericalError` when float64 does not converge either."""
+    try:
+        return torch.linalg.eigh(x)
+    except torch.linalg.LinAlgError as exc:
+        if x.dtype == torch.float64:
+            raise _not_converged(x, exc, "eigendecomposition") from exc
+    try:
+        evals, evecs = torch.linalg.eigh(x.to(torch.float64))
+    except torch.linalg.LinAlgError as exc:
+        raise _not_converged(x, exc, "eigendecomposition") from exc
+    return evals.to(x.dtype), evecs.to(x.dtype)
+
+
+def _not_converged(x: torch.Tensor, exc: Exception, what: str = "singular value decomposition") -> NumericalError:
     return NumericalError(
-        f"the singular value decomposition of a {tuple(x.shape)} matrix did not converge, even in float64 ({exc})",
+        f"the {what} of a {tuple(x.shape)} matrix did not converge, even in float64 ({exc})",
         hint="check the base and expert weights for extreme values",
     )

@@ -65,6 +65,7 @@ class TensorReader:
         self._pickle = pickle_state
         self._shards: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = {}
+        self._entries: dict[str, HeaderEntry] = {}  # every safetensors key's header entry
         if pickle_state is not None:
             for key in pickle_state:
                 self._where[key] = self.files[0]
@@ -78,6 +79,7 @@ class TensorReader:
                 if key in self._where:
                     raise InputError(f"tensor appears in two files ({self._where[key].name})", path=file, tensor=key)
                 self._where[key] = file
+                self._entries[key] = shard.entries[key]
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -146,10 +148,11 @@ class TensorReader:
         return self._where[key]
 
     def _entry(self, key: str) -> HeaderEntry:
-        file = self._locate(key)
-        entry = self._shard(file).entries[key]
+        entry = self._entries.get(key)
+        if entry is None:
+            self._locate(key)  # a key of no file: "tensor not found"
         if entry.dtype in PACKED_DTYPES:  # torch packs these: its tensor's shape differs from the header's
-            raise InputError(f"unsupported sub-byte dtype {entry.dtype}", path=file, tensor=key)
+            raise InputError(f"unsupported sub-byte dtype {entry.dtype}", path=self._where[key], tensor=key)
         return entry
 
     # -- queries ------------------------------------------------------------------------------

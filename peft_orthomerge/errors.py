@@ -6,8 +6,9 @@ Messages follow one pattern so that the CLI can print them as a single line:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from os import PathLike
 from typing import TypeVar
 
@@ -74,18 +75,25 @@ class OutputError(OrthoMergeError):
     """The output location cannot be used (exists, inside an input, not writable, write failed)."""
 
 
+@contextlib.contextmanager
+def tensor_named(name: str) -> Iterator[None]:
+    """Inside this block, an `OrthoMergeError` that names no tensor (the math raising it does not
+    know which tensor it works on) is raised again naming ``name``."""
+    try:
+        yield
+    except OrthoMergeError as exc:
+        if exc.tensor is not None:
+            raise
+        raise exc.naming(name) from exc
+
+
 def names_tensor(fn: F) -> F:
-    """Decorate a function whose first argument is the name of the tensor it merges: an
-    `OrthoMergeError` raised inside it that names no tensor (the math it calls does not know which
-    tensor it works on) is raised again naming that one."""
+    """Decorate a function whose first argument is the name of the tensor it merges: its body runs
+    in `tensor_named` of that name."""
 
     @functools.wraps(fn)
     def named(name: str, *args, **kwargs):
-        try:
+        with tensor_named(name):
             return fn(name, *args, **kwargs)
-        except OrthoMergeError as exc:
-            if exc.tensor is not None:
-                raise
-            raise exc.naming(name) from exc
 
     return named  # type: ignore[return-value]

@@ -498,8 +498,9 @@ def test_huge_rotations_folded_never_give_nan(lab, tmp_path, flag, magnitude):
 
 @pytest.mark.parametrize("method", ["product_r", "mean_r"])
 def test_half_turn_rotations_in_rotation_space_methods(lab, tmp_path, out, method):
-    """A block rotated by (nearly) pi in one plane makes the inverse Cayley map undefined for
-    product_r: a NumericalError naming the module, never NaN in the output."""
+    """Blocks rotated by nearly pi in one plane (1e7: 2e-7 short of it) give finite outputs, or an
+    error that writes nothing; never NaN in the output. (Where the map is undefined to rounding:
+    `test_an_undefined_inverse_cayley_map_names_the_module`.)"""
 
     def half_turn(t):
         res = {}
@@ -525,6 +526,28 @@ def test_half_turn_rotations_in_rotation_space_methods(lab, tmp_path, out, metho
     for file in files:
         for key, value in load_file(file).items():
             assert torch.isfinite(value).all(), key
+
+
+def test_an_undefined_inverse_cayley_map_names_the_module(lab, tmp_path, out):
+    """product_r of a half turn (in one plane of every block) and the identity is a half turn:
+    its inverse Cayley map is undefined. The error names the module (the map itself does not
+    know it) and nothing is written."""
+
+    def half_turn(t):
+        res = {}
+        for k, v in t.items():
+            w = torch.zeros_like(v)
+            w[:, 0] = 1e12  # Q's (0, 1) entry: Cayley angle pi - 2e-12, a half turn to rounding
+            res[k] = w
+        return res
+
+    ht = rewrite(lab["e3"], tmp_path / "half", half_turn)
+    identity = rewrite(lab["e3"], tmp_path / "identity", lambda t: {k: torch.zeros_like(v) for k, v in t.items()})
+    with pytest.raises(NumericalError, match="inverse Cayley map undefined") as info:
+        merge_oft_checkpoints([ht, identity], out, method="product_r")
+    assert info.value.tensor is not None and info.value.tensor.startswith("model.")
+    assert_names(info.value, info.value.tensor)
+    assert_nothing_written(out)
 
 
 # --------------------------------------------------------------------------------------------

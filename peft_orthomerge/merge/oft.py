@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from ..errors import IncompatibleInputsError, NumericalError
+from ..errors import IncompatibleInputsError, NumericalError, tensor_named
 from ..ops.block_lift import lift_blocks
 from ..ops.oft_fold import fold_weight
 from ..ops.registry import get_euclidean
@@ -209,28 +209,30 @@ def _run(reads: Sequence[Callable[[], None]]) -> None:
 
 def merge_one(plan: OftPlan, mp: ModulePlan, inputs: CanonicalInputs) -> ModuleMerge:
     """Merge module ``mp`` with the plan's method, its inputs read by ``inputs``."""
-    return merge_read(plan, *inputs.read(mp))
+    return merge_read(plan, mp, *inputs.read(mp))
 
 
-def merge_read(plan: OftPlan, stack: torch.Tensor, norms: torch.Tensor) -> ModuleMerge:
-    """Merge one module's stack ``(N, r, n)`` with its per-block norms by the plan's method."""
+def merge_read(plan: OftPlan, mp: ModulePlan, stack: torch.Tensor, norms: torch.Tensor) -> ModuleMerge:
+    """Merge module ``mp``'s stack ``(N, r, n)`` with its per-block norms by the plan's method; an
+    error of the math (an inverse Cayley map undefined at a block, ...) names the module."""
     applied = [partial(peft_rotation, use_cayley_neumann=a.use_cayley_neumann, terms=a.terms) for a in plan.adapters]
-    return merge_module(
-        stack,
-        plan.weights,
-        method=plan.options.method,
-        granularity=plan.options.granularity,
-        scale=plan.options.scale,
-        norms=norms,
-        applied=applied,
-    )
+    with tensor_named(mp.name):
+        return merge_module(
+            stack,
+            plan.weights,
+            method=plan.options.method,
+            granularity=plan.options.granularity,
+            scale=plan.options.scale,
+            norms=norms,
+            applied=applied,
+        )
 
 
 def iter_merged_modules(plan: OftPlan) -> Iterator[tuple[ModulePlan, ModuleMerge]]:
     """Merge the modules one at a time, reading them by groups (`CanonicalInputs.prefetched`: at most
     two groups' inputs in memory, the one being merged and the next one being read)."""
     for mp, (stack, norms) in CanonicalInputs(plan).prefetched(plan.modules):
-        yield mp, merge_read(plan, stack, norms)
+        yield mp, merge_read(plan, mp, stack, norms)
 
 
 def merged_passthrough(plan: OftPlan, key: str, base: torch.Tensor | None = None) -> torch.Tensor:

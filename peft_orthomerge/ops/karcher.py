@@ -35,6 +35,7 @@ import torch
 
 from ..errors import ConfigError, IncompatibleInputsError, NumericalError
 from .finite import all_finite
+from .lapack import eigh
 from .weights import normalize_weights
 
 _ZERO_FACTOR = 10.0  # magnitude correction: logs below _ZERO_FACTOR * tol count as zero
@@ -86,7 +87,7 @@ def log_so(R: torch.Tensor, *, angle_tol: float = 1e-6, orth_tol: float = 1e-6) 
         )
     sym = (R + R.mT) / 2
     skew = (R - R.mT) / 2
-    cos, vecs = torch.linalg.eigh(sym)
+    cos, vecs = eigh(sym)
     angles = torch.acos(cos.clamp(-1.0, 1.0))
     worst = angles.amax(dim=-1).reshape(-1)
     if worst.numel() and float(worst.max()) > math.pi - angle_tol:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from os import PathLike
 from typing import TypeVar
 
-F = TypeVar("F", bound=Callable)
+_Fn = TypeVar("_Fn", bound=Callable)
 
 
 class OrthoMergeError(Exception):
@@ -87,7 +87,7 @@ def tensor_named(name: str) -> Iterator[None]:
         raise exc.naming(name) from exc
 
 
-def names_tensor(fn: F) -> F:
+def names_tensor(fn: _Fn) -> _Fn:
     """Decorate a function whose first argument is the name of the tensor it merges: its body runs
     in `tensor_named` of that name."""
 

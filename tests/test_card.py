@@ -70,3 +70,26 @@ def test_long_tables_are_capped(tmp_path):
     assert f"model.layers.{n - 1}." in card  # the tail is shown
     path = write_model_card(tmp_path, _report(), library_name="peft")
     assert path.name == "README.md" and path.read_text().startswith("---\n")
+
+
+def test_report_json_has_one_line_per_module_and_round_trips(tmp_path):
+    """The report file: the standard JSON of `dataclasses.asdict` (same keys, same order), indented,
+    each module entry on one line; `to_dict` returns copies."""
+    import json
+    from dataclasses import asdict
+
+    report = _report(n_modules=4)
+    report.params["nested"] = {"density": 0.2}
+    report.modules[1].extra = {"c_block_min": 1.0}
+    text = report.to_json(tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == text + "\n"
+    assert json.loads(text) == asdict(report)
+    assert list(json.loads(text)) == list(asdict(report))  # key order kept, modules in place
+    module_lines = [line for line in text.splitlines() if line.lstrip().startswith('{"name"')]
+    assert [json.loads(line.rstrip(","))["name"] for line in module_lines] == [m.name for m in report.modules]
+    assert MergeReport.from_json(tmp_path / "r.json") == report
+    assert json.loads(MergeReport(kind="oft", method="m", inputs=[], weights=[]).to_json())["modules"] == []
+    data = report.to_dict()
+    data["params"]["nested"]["density"] = 0.9
+    data["modules"][0]["input_norms"].append(7.0)
+    assert report.params["nested"]["density"] == 0.2 and report.modules[0].input_norms == [1.0, 3.0]

@@ -1,11 +1,12 @@
 """The SVD and symmetric eigendecomposition every merge uses: torch's, retried in float64 where they fail.
 
 LAPACK's divide-and-conquer drivers (``gesdd``, ``syevd``: torch's CPU defaults) can fail to
-converge on a float32 matrix with many nearly equal singular values. Merging meets such matrices all the time:
-``U_2^T V_2`` for the orthogonal complements of a base and an expert close to it is a block of an
-orthogonal matrix whose singular values cluster at 1 (measured: a 512 x 512 one with 112 of them
-within 1e-4 of 1 fails in float32 with oneMKL, every time, and converges in float64). Without
-the retry, such a merge would end in torch's bare ``LinAlgError``.
+converge on a float32 matrix with many nearly equal singular values. Merging meets such matrices
+all the time: ``U_2^T V_2`` for the orthogonal complements of a base and an expert close to it is
+a block of an orthogonal matrix whose singular values cluster at 1 (measured: a 512 x 512 one with
+112 of them within 1e-4 of 1 fails in float32 with oneMKL, every time, and converges in float64).
+Without the retry, such a merge would end in torch's bare ``LinAlgError``. The eigensolver has not
+been seen failing here; a failure would end the same way, so it gets the same retry.
 """
 
 from __future__ import annotations

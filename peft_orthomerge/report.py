@@ -73,9 +73,8 @@ class MergeReport:
         """The report as plain containers, new ones: changing them leaves the report as it is (its
         fields are copied deeply; a module's are numbers and flat lists or dicts of numbers, copied
         one level: 6x faster than `dataclasses.asdict` on a 224-module report)."""
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "modules"}
-        data["modules"] = [{f.name: copy.copy(getattr(m, f.name)) for f in fields(m)} for m in self.modules]
-        return data
+        modules = [{f.name: copy.copy(getattr(m, f.name)) for f in fields(m)} for m in self.modules]
+        return {f.name: modules if f.name == "modules" else copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text (and written to ``path``): indented, one line per module."""

@@ -11,6 +11,9 @@ been seen failing here; a failure would end the same way, so it gets the same re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from ..errors import NumericalError
@@ -21,35 +24,28 @@ def svd(x: torch.Tensor, *, full_matrices: bool = True) -> tuple[torch.Tensor, t
     dimensions); where it does not converge, the SVD of ``x`` in float64, its factors returned in
     ``x``'s dtype (as accurate as ``x``'s dtype allows, or more). `NumericalError` when float64 does
     not converge either (no tensor named: the caller knows which one it was working on)."""
-    try:
-        return torch.linalg.svd(x, full_matrices=full_matrices)
-    except torch.linalg.LinAlgError as exc:
-        if x.dtype == torch.float64:
-            raise _not_converged(x, exc) from exc
-    try:
-        u, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=full_matrices)
-    except torch.linalg.LinAlgError as exc:
-        raise _not_converged(x, exc) from exc
-    return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+    return _retried_in_float64(
+        partial(torch.linalg.svd, full_matrices=full_matrices), x, "singular value decomposition"
+    )
 
 
 def eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh(x)`` (eigenvalues ascending, eigenvectors in the columns), retried in
     float64 as `svd` is; `NumericalError` when float64 does not converge either."""
-    try:
-        return torch.linalg.eigh(x)
-    except torch.linalg.LinAlgError as exc:
-        if x.dtype == torch.float64:
-            raise _not_converged(x, exc, "eigendecomposition") from exc
-    try:
-        evals, evecs = torch.linalg.eigh(x.to(torch.float64))
-    except torch.linalg.LinAlgError as exc:
-        raise _not_converged(x, exc, "eigendecomposition") from exc
-    return evals.to(x.dtype), evecs.to(x.dtype)
+    return _retried_in_float64(torch.linalg.eigh, x, "eigendecomposition")
 
 
-def _not_converged(x: torch.Tensor, exc: Exception, what: str = "singular value decomposition") -> NumericalError:
-    return NumericalError(
-        f"the {what} of a {tuple(x.shape)} matrix did not converge, even in float64 ({exc})",
+def _retried_in_float64(decompose: Callable, x: torch.Tensor, what: str) -> tuple[torch.Tensor, ...]:
+    try:
+        return decompose(x)
+    except torch.linalg.LinAlgError as exc:
+        failure = exc
+    if x.dtype != torch.float64:
+        try:
+            return tuple(t.to(x.dtype) for t in decompose(x.to(torch.float64)))
+        except torch.linalg.LinAlgError as exc:
+            failure = exc
+    raise NumericalError(
+        f"the {what} of a {tuple(x.shape)} matrix did not converge, even in float64 ({failure})",
         hint="check the base and expert weights for extreme values",
-    )
+    ) from failure

@@ -10,6 +10,7 @@ its task vectors ``W_i - W0``. The result is the merged full tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from ..ops.decouple import (
     task_arithmetic_rows,
 )
 from ..ops.finite import all_finite
+from ..ops.precision import base_condition, decoupling_dtype, rows_condition
 from ..ops.registry import get_euclidean, merge_iter
 from ..ops.streamed import FreshTasks, streamed_method
 from ..plan.options import DecoupleOptions
@@ -66,8 +68,9 @@ def merge_tensor(
     dtype: torch.dtype | None = None,
     given: Sequence[BlockRotation | None] | None = None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
-    """Merge one tensor on ``device`` in ``dtype`` (default: the options' precision); returns the
-    merged full tensor (in that dtype) and statistics. ``given``: per expert, the rotation it
+    """Merge one tensor on ``device`` in ``dtype`` (default: the options' precision, except that a
+    decoupled weight is computed in float64 where float32 is not accurate enough for it,
+    `ops.precision`); returns the merged full tensor (in that dtype) and statistics. ``given``: per expert, the rotation it
     brings for this weight (an OFT adapter's, `ops.decouple.BlockRotation`) or ``None``; used on
     the decoupled path only (`ops.decouple.decouple_merge`).
 
@@ -77,11 +80,15 @@ def merge_tensor(
     vector are alive in the compute dtype; a method with a streamed form (`ops.streamed`) makes
     several passes over ``experts`` (each expert converted again, one at a time).
     """
-    dtype = options.dtype if dtype is None else dtype
+    estimate = None
+    if dtype is None:  # the options' precision, float64 where float32 is not accurate enough (`ops.precision`)
+        dtype, estimate = decoupling_dtype(
+            options.dtype, partial(base_condition, w0) if decoupled and w0.dim() == 2 else None
+        )
     gen = options.generator(name, device)
     rkw = options.method_kwargs
     if decoupled:
-        return decouple_merge(
+        merged, stats = decouple_merge(
             w0.to(device=device),
             experts,
             weights,
@@ -94,6 +101,8 @@ def merge_tensor(
             dtype=dtype,
             given=given,
         )
+        stats.float32_estimate = estimate
+        return merged, stats
     base = w0.to(device=device, dtype=dtype)
     stats = DecoupleStats(solver="none")
 
@@ -130,8 +139,10 @@ def merge_rows(
     """Task arithmetic, or a residual method with a row-block form (`ops.streamed_rows`), on one
     tensor read by blocks of rows (``base`` and ``experts`` give ``rows(start, stop)``): only
     ``in x in`` matrices and a few row blocks per expert are alive besides the output, which is in
-    the ``storage`` dtype. Returns it and, when decoupled, its report entry."""
+    the ``storage`` dtype. Returns it and, when decoupled, its report entry. A decoupled weight is
+    computed in float64 where float32 is not accurate enough (`ops.precision`)."""
     rkw = options.method_kwargs
+    dtype, estimate = decoupling_dtype(options.dtype, partial(rows_condition, base) if decoupled else None)
     if options.residual != "ta":
         out, stats = decouple_merge_rows(
             base,
@@ -143,15 +154,16 @@ def merge_rows(
             options.solver,
             generator=options.generator(name, device),
             name=name,
-            dtype=options.dtype,
+            dtype=dtype,
             out_dtype=storage,
             device=device,
         )
+        stats.float32_estimate = estimate
         entry = decoupled_stats(name, stats, stats.merged_delta_norm) if decoupled else None
         return to_output(out, storage), entry
     if not decoupled:
         out, _ = task_arithmetic_rows(
-            base, experts, weights, rkw, name=name, dtype=options.dtype, out_dtype=storage, device=device
+            base, experts, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device
         )
         return to_output(out, storage), None
     out, stats = decouple_merge_ta_rows(
@@ -162,8 +174,9 @@ def merge_rows(
         rkw,
         options.solver,
         name=name,
-        dtype=options.dtype,
+        dtype=dtype,
         out_dtype=storage,
         device=device,
     )
+    stats.float32_estimate = estimate
     return to_output(out, storage), decoupled_stats(name, stats, stats.merged_delta_norm)

@@ -32,9 +32,12 @@ class DecoupleStats:
     solver_fallback: int = 0
     rows_kept: list[int] = field(default_factory=list)  # conflict target only
     merged_delta_norm: float | None = None  # ||out - W0||_F, set by the row-block path (`decouple.rows`)
+    float32_estimate: float | None = None  # under precision="float32": `ops.precision.float32_error_estimate`
 
     def as_extra(self) -> dict[str, float]:
         out: dict[str, float] = {"solver_error": self.solver_error, "solver_fallback": float(self.solver_fallback)}
+        if self.float32_estimate is not None:  # computed in float32 only where it is at most FLOAT32_TOL
+            out["float32_error_estimate"] = self.float32_estimate
         names = {
             "task_vector_norms": "task_vector_norm",
             "orth_part_norms": "orth_part_norm",

@@ -109,7 +109,8 @@ class DecoupleOptions:
     rows only) or ``None`` (no rotation: the plain Euclidean merge); ``residual``: the Euclidean
     method for residuals (and for every tensor that is not decoupled); ``residual_kwargs``: its
     parameters, plus ``seed`` (seeds stochastic methods per tensor); ``solver``: the polar solver;
-    ``precision``: the compute dtype (``float64``, the reference, or ``float32``).
+    ``precision``: the compute dtype (``float64``, the reference, or ``float32``: decoupled weights
+    too ill-conditioned for it are computed in float64, `ops.precision`).
     """
 
     target: str | None = "global"

@@ -25,7 +25,7 @@ Method keys per kind (defaults in brackets):
   ``residual`` [ta] (a Euclidean method, ``method_names("euclidean")``), ``residual_kwargs``
   [none] (the method's declared parameters, checked by `check_params` when the recipe is parsed,
   plus ``seed``), ``solver`` [auto], ``precision`` [float64] (float64 | float32: the compute
-  dtype); ``lora`` also ``rank`` (required for ``format: lora``); ``full`` also ``include`` /
+  dtype; float64 for a decoupled weight too ill-conditioned for float32); ``lora`` also ``rank`` (required for ``format: lora``); ``full`` also ``include`` /
   ``exclude`` (regexes).
 
 Paths: relative paths resolve against the recipe file's directory. Inputs and ``base_model`` may

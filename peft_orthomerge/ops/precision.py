@@ -19,7 +19,8 @@ ratio measured); a weight is decoupled in float32 where the estimate is at most 
 (1e-4: ``kappa(W0)`` up to about 210), in float64 elsewhere (`decoupling_dtype`). It is an estimate
 calibrated on these weights, not a proven bound. ``kappa(W0)`` is the ratio of the extreme
 nonzero singular values (``out < in``: of the ``out`` of them), from the eigenvalues of the
-smaller Gram matrix in float64 (``inf`` for a singular ``W0``).
+smaller Gram matrix in float64 (``inf`` for a singular ``W0``); on the row-block path that costs one
+more pass over the base's rows.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ For expert weights ``W_i`` and the base ``W0``:
    reduced basis `reduced.merge_ta_reduced` sums ``c_i rho_i F`` in frame coordinates from the small
    per-task matrices and applies ``(W0 P F + sum_i c_i rho_i F) F^T`` once.
 
-Everything is computed in float64 by default (``dtype``); results come back in that dtype.
+Everything is computed in float64 by default (``dtype``); results come back in that dtype. A
+float32 ``dtype`` is used as given: the merges of `merge_models` and the LoRA functions choose it
+per weight (`ops.precision`: float64 where float32 is not accurate enough).
 
 Experts that bring their own rotation (OFT adapters) skip step 1 for that weight: `given`
 (`BlockRotation`) holds the exact ``P_i`` and its block-diagonal ``Q_i``; such a weight always takes

@@ -65,12 +65,11 @@ def merge_tensor(
     *,
     decoupled: bool,
     device: torch.device,
-    dtype: torch.dtype | None = None,
     given: Sequence[BlockRotation | None] | None = None,
 ) -> tuple[torch.Tensor, DecoupleStats]:
-    """Merge one tensor on ``device`` in ``dtype`` (default: the options' precision, except that a
-    decoupled weight is computed in float64 where float32 is not accurate enough for it,
-    `ops.precision`); returns the merged full tensor (in that dtype) and statistics. ``given``: per expert, the rotation it
+    """Merge one tensor on ``device`` in the options' precision (except that a decoupled weight is
+    computed in float64 where float32 is not accurate enough for it, `ops.precision`); returns the
+    merged full tensor (in that dtype) and statistics. ``given``: per expert, the rotation it
     brings for this weight (an OFT adapter's, `ops.decouple.BlockRotation`) or ``None``; used on
     the decoupled path only (`ops.decouple.decouple_merge`).
 
@@ -80,11 +79,8 @@ def merge_tensor(
     vector are alive in the compute dtype; a method with a streamed form (`ops.streamed`) makes
     several passes over ``experts`` (each expert converted again, one at a time).
     """
-    estimate = None
-    if dtype is None:  # the options' precision, float64 where float32 is not accurate enough (`ops.precision`)
-        dtype, estimate = decoupling_dtype(
-            options.dtype, partial(base_condition, w0) if decoupled and w0.dim() == 2 else None
-        )
+    two_d = decoupled and w0.dim() == 2  # else decouple_merge refuses it with its own error
+    dtype, estimate = decoupling_dtype(options.dtype, partial(base_condition, w0) if two_d else None)
     gen = options.generator(name, device)
     rkw = options.method_kwargs
     if decoupled:
@@ -158,25 +154,24 @@ def merge_rows(
             out_dtype=storage,
             device=device,
         )
-        stats.float32_estimate = estimate
-        entry = decoupled_stats(name, stats, stats.merged_delta_norm) if decoupled else None
-        return to_output(out, storage), entry
-    if not decoupled:
+    elif not decoupled:
         out, _ = task_arithmetic_rows(
             base, experts, weights, rkw, name=name, dtype=dtype, out_dtype=storage, device=device
         )
+    else:
+        out, stats = decouple_merge_ta_rows(
+            base,
+            experts,
+            weights,
+            options.target,
+            rkw,
+            options.solver,
+            name=name,
+            dtype=dtype,
+            out_dtype=storage,
+            device=device,
+        )
+    if not decoupled:
         return to_output(out, storage), None
-    out, stats = decouple_merge_ta_rows(
-        base,
-        experts,
-        weights,
-        options.target,
-        rkw,
-        options.solver,
-        name=name,
-        dtype=dtype,
-        out_dtype=storage,
-        device=device,
-    )
     stats.float32_estimate = estimate
     return to_output(out, storage), decoupled_stats(name, stats, stats.merged_delta_norm)

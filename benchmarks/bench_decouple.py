@@ -23,7 +23,9 @@ Rows:
   GQA, vocabulary 512, float32; quick: hidden 256, vocabulary 128) and 5 dense fine-tunes of it;
   every 2-D weight (the embeddings too) is decoupled. ``merge_models`` (read, merge, write,
   report) in float64 and in float32 against the baseline on the same tensors already in memory,
-  alternating, medians of 2; the error of each written weight against ``solver="svd"`` in float64.
+  alternating, medians of 2; the error of each written weight against ``solver="svd"`` in float64;
+  and per weight (the embeddings too) the ratio of the baseline's median to one in-memory
+  `decouple_merge` in that precision.
 - *merge_models peak RSS*: a fresh child process merges bf16 checkpoints (quick: 2 layers, vocab
   4000, 2 experts; full: 8 layers, vocab 32000, 5 experts) with `merge_models` (defaults, and
   ``residual="ties"`` in the full run); ``baseline`` = one checkpoint's size (MB), ``ours`` = the
@@ -259,9 +261,11 @@ def bench_file_to_file(quick: bool, repeats: int = 2) -> list[dict]:
         wss = [_load_dir(e) for e in experts]
         names = [k for k, v in w0s.items() if v.dim() == 2]
 
+        per_tensor: dict[str, list[float]] = {k: [] for k in names}  # baseline seconds of each weight, every run
+
         def baseline() -> None:
             for k in names:
-                baseline_merge(w0s[k], [ws[k] for ws in wss], weights)
+                per_tensor[k].append(_timed(baseline_merge, w0s[k], [ws[k] for ws in wss], weights)[0])
 
         ref_dir = Path(tmp) / "ref"
         merge_models(str(base), [str(e) for e in experts], str(ref_dir), solver="svd")
@@ -279,6 +283,7 @@ def bench_file_to_file(quick: bool, repeats: int = 2) -> list[dict]:
             got = _load_dir(out)
             err = max(_rel(got[k], exact[k].double()) for k in names)
             med = {k: statistics.median(v) for k, v in times.items()}
+            split, in_memory = _per_tensor(w0s, wss, weights, per_tensor, getattr(torch, precision))
             rows.append(
                 dict(
                     name=f"merge_models file to file, precision {precision} (1 layer, hidden {hidden}, {count} experts)",
@@ -287,10 +292,31 @@ def bench_file_to_file(quick: bool, repeats: int = 2) -> list[dict]:
                     ratio=med["baseline"] / med["ours"],
                     unit="s",
                     notes=f"baseline: plain fp32 Algorithm 2 on the {len(names)} 2-D weights in memory; ours reads, "
-                    f"merges and writes; max rel. error vs the float64 SVD answer {err:.1e}; medians of {repeats}",
+                    f"merges and writes; max rel. error vs the float64 SVD answer {err:.1e}; medians of {repeats}; "
+                    f"per tensor in memory (`decouple_merge` in {precision}, one run, against the baseline's median): "
+                    f"{split} (their sum {in_memory:.1f} s)",
                 )
             )
     return rows
+
+
+def _per_tensor(
+    w0s: dict[str, torch.Tensor],
+    wss: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    baseline_s: dict[str, list[float]],
+    dtype: torch.dtype,
+) -> tuple[str, float]:
+    """Each weight's ratio, the baseline's median over ``baseline_s`` against one in-memory
+    `decouple_merge` in ``dtype``, as ``"name ratio"`` items; and the sum of those `decouple_merge`
+    seconds (to set against `merge_models` file to file)."""
+    items, total = [], 0.0
+    for k, runs in baseline_s.items():
+        seconds = _timed(decouple_merge, w0s[k], [ws[k] for ws in wss], weights, "global", "ta", dtype=dtype)[0]
+        total += seconds
+        label = k.removesuffix(".weight").split(".")[-1]
+        items.append(f"{label} {statistics.median(runs) / seconds:.1f}x")
+    return ", ".join(items), total
 
 
 # -- merge_models memory (child process) ----------------------------------------------------------

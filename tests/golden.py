@@ -9,6 +9,17 @@ Each case returns ``{tensor name: sha256 of dtype, shape and bytes}``: of every 
 in an output directory, or of an in-memory model's ``state_dict``. Hashes are bit-exact, so they
 hold for the machine type they were recorded on (the CPU capability and torch version are
 recorded too; the test skips with that reason elsewhere).
+
+The same torch and CPU capability are not enough: oneMKL picks its kernels by CPU model, and two
+AVX-512 machines gave different bits in 12 of the cases (session 11). So each recording also
+carries `kernel_fingerprint`, the bits a few BLAS / LAPACK calls return on fixed inputs, and lives
+in its own file ``tests/golden/hashes-<fingerprint>.json``. The test replays the recording whose
+environment equals this machine's; ``tests/golden/hashes.json``, recorded before fingerprints were,
+serves a machine with its torch and capability that has no recording of its own.
+
+``--record`` (an intended change of result) writes this machine's recording and deletes the others,
+which no longer describe the code. ``--record-machine`` adds this machine's recording beside the
+others, for unchanged code on another machine type (say so in the commit).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-GOLDEN_FILE = HERE / "golden" / "hashes.json"
+GOLDEN_DIR = HERE / "golden"
 sys.path.insert(0, str(HERE))
 
 from conftest import build_tiny_llama
@@ -50,8 +61,67 @@ TARGETS = ("global", "conflict")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def kernel_fingerprint() -> str:
+    """The first 12 hex digits of a sha256 of what matrix products and LAPACK factorizations (the
+    calls the merges make: SVD, eigh, QR and Householder products, LU and solves, Cholesky) return
+    on fixed float32 and float64 inputs on one thread: machines whose math libraries run other
+    kernels give other bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        digest = hashlib.sha256()
+        for dtype in (torch.float32, torch.float64):
+            tall = torch.randn(384, 192, generator=gen, dtype=dtype)
+            square = torch.randn(192, 192, generator=gen, dtype=dtype)
+            gram = tall.T @ tall
+            h, tau = torch.geqrf(tall)
+            outputs = [
+                tall @ square,
+                gram,
+                *torch.linalg.svd(square),
+                torch.linalg.svd(tall, full_matrices=False).U,
+                *torch.linalg.eigh(gram),
+                torch.linalg.qr(tall).Q,
+                torch.linalg.householder_product(h, tau),
+                torch.ormqr(h, tau, square.T.contiguous().repeat(2, 1), left=True),
+                *torch.linalg.lu_factor(square),
+                torch.linalg.solve(square, tall.T),
+                torch.linalg.cholesky(gram),
+            ]
+            for t in outputs:
+                digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:12]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def environment() -> dict[str, str]:
-    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernels": kernel_fingerprint(),
+    }
+
+
+def recording_file(env: dict[str, str]) -> Path:
+    return GOLDEN_DIR / f"hashes-{env['kernels']}.json"
+
+
+def recordings() -> list[dict]:
+    """Every recording: ``{"environment": ..., "cases": {case: hashes}}``."""
+    return [json.loads(p.read_text()) for p in sorted(GOLDEN_DIR.glob("hashes*.json"))]
+
+
+def matching_recording(env: dict[str, str]) -> dict | None:
+    """The recording made on this machine type (``env`` equal), else the one recorded before kernel
+    fingerprints with ``env``'s torch and CPU capability, else ``None``."""
+    found = recordings()
+    for rec in found:
+        if rec["environment"] == env:
+            return rec
+    legacy = {k: v for k, v in env.items() if k != "kernels"}
+    return next((rec for rec in found if rec["environment"] == legacy), None)
 
 
 def tensor_hash(tensor: torch.Tensor) -> str:
@@ -310,18 +380,28 @@ def run_all(selected: list[str] | None = None) -> dict[str, Hashes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--record", action="store_true", help="rewrite tests/golden/hashes.json")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--record", action="store_true", help="record this machine, delete the other recordings")
+    mode.add_argument("--record-machine", action="store_true", help="add this machine's recording (unchanged code)")
     parser.add_argument("cases", nargs="*")
     args = parser.parse_args()
+    env = environment()
+    if (args.record or args.record_machine) and args.cases:
+        parser.error("a recording holds every case: name none")
     results = run_all(args.cases or None)
-    if args.record:
-        GOLDEN_FILE.parent.mkdir(exist_ok=True)
-        data = {"environment": environment(), "cases": results}
-        GOLDEN_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(results)} cases, {sum(map(len, results.values()))} tensors -> {GOLDEN_FILE}")
+    if args.record or args.record_machine:
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        target = recording_file(env)
+        if args.record:
+            for stale in GOLDEN_DIR.glob("hashes*.json"):
+                stale.unlink()
+        target.write_text(json.dumps({"environment": env, "cases": results}, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(results)} cases, {sum(map(len, results.values()))} tensors -> {target}")
         return
-    golden = json.loads(GOLDEN_FILE.read_text())["cases"]
-    bad = [name for name, hashes in results.items() if golden.get(name) != hashes]
+    rec = matching_recording(env)
+    if rec is None:
+        sys.exit(f"no recording for this machine ({env}); see --record-machine")
+    bad = [name for name, hashes in results.items() if rec["cases"].get(name) != hashes]
     print(f"{len(results) - len(bad)} of {len(results)} cases match" + (f"; differ: {', '.join(bad)}" if bad else ""))
     sys.exit(1 if bad else 0)
 

@@ -6,27 +6,33 @@ comparison runs on the machine type they were recorded on and skips, with that r
 
 from __future__ import annotations
 
-import json
-
 import golden
 import pytest
 
-RECORD = json.loads(golden.GOLDEN_FILE.read_text())
+ENV = golden.environment()
+RECORD = golden.matching_recording(ENV)
 
 
 @pytest.fixture(scope="module")
 def results():
-    if RECORD["environment"] != golden.environment():
-        pytest.skip(f"golden hashes were recorded on {RECORD['environment']}, this is {golden.environment()}")
+    if RECORD is None:
+        pytest.skip(
+            f"no golden recording for this machine {ENV}; recorded: {[r['environment'] for r in golden.recordings()]}"
+        )
     return golden.run_all()
 
 
 def test_every_case_is_recorded():
-    assert set(golden.cases()) == set(RECORD["cases"])
-    assert all(RECORD["cases"].values()), "a case recorded no tensor"
+    for rec in golden.recordings():
+        assert set(golden.cases()) == set(rec["cases"]), rec["environment"]
+        assert all(rec["cases"].values()), f"a case recorded no tensor: {rec['environment']}"
 
 
-@pytest.mark.parametrize("case", sorted(RECORD["cases"]))
+def test_the_kernel_fingerprint_is_stable():
+    assert golden.kernel_fingerprint() == ENV["kernels"]
+
+
+@pytest.mark.parametrize("case", sorted(golden.cases()))
 def test_case_matches_golden(results, case):
     expected, got = RECORD["cases"][case], results[case]
     assert got.keys() == expected.keys()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import runpy
@@ -63,17 +64,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def kernel_fingerprint() -> str:
     """The first 12 hex digits of a sha256 of what matrix products and LAPACK factorizations (the
-    calls the merges make: SVD, eigh, QR and Householder products, LU and solves, Cholesky) return
-    on fixed float32 and float64 inputs on one thread: machines whose math libraries run other
-    kernels give other bits."""
+    calls the merges make: SVD, eigh, QR and Householder products, LU and solves, Cholesky; and the
+    Bernoulli draws of DARE) return on fixed float32 and float64 inputs of three sizes, on one
+    thread: machines whose math libraries run other kernels give other bits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         gen = torch.Generator().manual_seed(0)
         digest = hashlib.sha256()
-        for dtype in (torch.float32, torch.float64):
-            tall = torch.randn(384, 192, generator=gen, dtype=dtype)
-            square = torch.randn(192, 192, generator=gen, dtype=dtype)
+        for dtype, n in itertools.product((torch.float32, torch.float64), (24, 192, 520)):
+            tall = torch.randn(2 * n, n, generator=gen, dtype=dtype)
+            square = torch.randn(n, n, generator=gen, dtype=dtype)
             gram = tall.T @ tall
             h, tau = torch.geqrf(tall)
             outputs = [
@@ -88,6 +89,7 @@ def kernel_fingerprint() -> str:
                 *torch.linalg.lu_factor(square),
                 torch.linalg.solve(square, tall.T),
                 torch.linalg.cholesky(gram),
+                torch.bernoulli(torch.full((n, n), 0.3, dtype=dtype), generator=gen),  # DARE's masks
             ]
             for t in outputs:
                 digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())

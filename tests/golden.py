@@ -7,10 +7,9 @@ every case and compares.
 
 Each case returns ``{tensor name: sha256 of dtype, shape and bytes}``: of every safetensors file
 in an output directory, or of an in-memory model's ``state_dict``. Hashes are bit-exact, so they
-hold for the machine type they were recorded on (the CPU capability and torch version are
-recorded too; the test skips with that reason elsewhere).
+hold for the machine type they were recorded on, and the test skips where no recording matches.
 
-The same torch and CPU capability are not enough: oneMKL picks its kernels by CPU model, and two
+The same torch and CPU capability are not enough to name a machine type: oneMKL picks its kernels by CPU model, and two
 AVX-512 machines gave different bits in 12 of the cases (session 11). So each recording also
 carries `kernel_fingerprint`, the bits a few BLAS / LAPACK calls return on fixed inputs, and lives
 in its own file ``tests/golden/hashes-<fingerprint>.json``. The test replays the recording whose
